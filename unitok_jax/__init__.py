@@ -1,0 +1,1 @@
+"""unitok_jax: Ming-UniAudio in JAX/Flax."""

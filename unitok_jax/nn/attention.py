@@ -1,0 +1,90 @@
+"""Multi-head attention with GQA, rotary embeddings, masks and an explicit fixed-size KV cache.
+
+Cache layout (one layer): ``{"k": [B, S, K, d], "v": [B, S, K, d]}``; the shared bookkeeping that all layers of a
+stack use lives in :mod:`unitok_jax.nn.cache`. A token with absolute position ``p`` is written to slot ``p % S``:
+for a full-length cache that is slot ``p``; with a sliding window the cache can be a ring of ``W + chunk - 1`` slots.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from unitok_jax.nn.norms import RMSNorm
+from unitok_jax.nn.rotary import apply_rotary
+
+
+def _proj(features, axis, use_bias, kernel_axes, bias_axes, name, dtype, param_dtype):
+    return nn.DenseGeneral(
+        features=features,
+        axis=axis,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), kernel_axes),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, bias_axes),
+        name=name,
+    )
+
+
+def write_kv(cache_kv: dict, k: jax.Array, v: jax.Array, slots: jax.Array) -> dict:
+    """Scatter k/v [B, T, K, d] into the cache at ``slots`` [B, T] (functional update)."""
+    b = jnp.arange(k.shape[0])[:, None]
+    return {
+        "k": cache_kv["k"].at[b, slots].set(k.astype(cache_kv["k"].dtype)),
+        "v": cache_kv["v"].at[b, slots].set(v.astype(cache_kv["v"].dtype)),
+    }
+
+
+class Attention(nn.Module):
+    """Self-attention over ``x`` [B, T, D].
+
+    Params: ``q`` [D, N, d], ``k``/``v`` [D, K, d], ``o`` [N, d, D] (DenseGeneral kernels), biases optional per
+    projection, optional per-head RMSNorm on q and k (``qk_norm``, applied before the rotary embedding).
+
+    Call with a boolean ``mask`` [B, 1, T, S] (or None for "attend to everything"), rotary ``angles`` [B, T, d/2]
+    (or None for no rotary), and optionally one layer's cache plus the ``slots`` [B, T] to write this chunk to; with
+    a cache the queries attend to the whole cache after the write.
+    """
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    q_bias: bool = True
+    k_bias: bool = True
+    v_bias: bool = True
+    o_bias: bool = False
+    rope: Optional[str] = "half"
+    rope_heads: Optional[int] = None
+    qk_norm: bool = False
+    qk_norm_eps: float = 1e-6
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, mask=None, angles=None, cache_kv=None, slots=None):
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+        n, kh, d = self.num_heads, self.num_kv_heads, self.head_dim
+        p = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        q = _proj((n, d), -1, self.q_bias, ("embed", "heads", "kv"), ("heads", "kv"), "q", **p)(x)
+        k = _proj((kh, d), -1, self.k_bias, ("embed", "kv_heads", "kv"), ("kv_heads", "kv"), "k", **p)(x)
+        v = _proj((kh, d), -1, self.v_bias, ("embed", "kv_heads", "kv"), ("kv_heads", "kv"), "v", **p)(x)
+        if self.qk_norm:
+            q = RMSNorm(self.qk_norm_eps, param_dtype=self.param_dtype, axis_name="kv", name="q_norm")(q)
+            k = RMSNorm(self.qk_norm_eps, param_dtype=self.param_dtype, axis_name="kv", name="k_norm")(k)
+        if self.rope is not None and angles is not None:
+            q = apply_rotary(q, angles, self.rope, self.rope_heads)
+            k = apply_rotary(k, angles, self.rope, self.rope_heads)
+        q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
+        new_cache = None
+        if cache_kv is not None:
+            if slots is None:
+                raise ValueError("a KV cache needs the slots to write the new keys to")
+            new_cache = write_kv(cache_kv, k, v, slots)
+            k, v = new_cache["k"].astype(q.dtype), new_cache["v"].astype(q.dtype)
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=d**-0.5)
+        out = _proj(x.shape[-1], (-2, -1), self.o_bias, ("heads", "kv", "embed"), ("embed",), "o", **p)(out)
+        return out, new_cache
