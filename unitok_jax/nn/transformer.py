@@ -78,7 +78,8 @@ class Block(nn.Module):
     emit_hidden: bool = False
 
     @nn.compact
-    def __call__(self, x, masks, angles, cache_kv, slots, windowed):
+    def __call__(self, x, masks, angles, cache_kv, slots, windowed, extra=None):
+        del extra  # model-specific per-call inputs (see Stack); the plain block has none
         cfg = self.cfg
         dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         mask = masks[0] if windowed is None else jnp.where(windowed, masks[1], masks[0])
@@ -110,8 +111,14 @@ class Stack(nn.Module):
 
     Call: ``x`` [B, T, D]; ``positions`` [B, T] (default ``0..T-1`` or continuing the cache); ``valid`` [B, T] bool
     (tokens that exist; default all); ``cache`` from :func:`init_cache` or None; ``angles`` [B, T, d/2] to override
-    the rotary angles (e.g. multi-component rotary). Returns ``(y, new_cache, layer_outputs)`` where
-    ``layer_outputs`` is [L, B, T, D] (the residual stream after each block) when ``emit_hidden`` else None.
+    the rotary angles (e.g. multi-component rotary); ``extra``: any pytree handed unchanged to every block (e.g. a
+    per-token modality mask for a custom block). Returns ``(y, new_cache, layer_outputs)`` where ``layer_outputs``
+    is whatever the blocks emit as their second output, stacked over layers: for :class:`Block`, [L, B, T, D] (the
+    residual stream after each block) when ``emit_hidden`` else None.
+
+    Custom blocks (``block_cls``) are constructed as ``block_cls(cfg, emit_hidden=..., name=...)`` and called as
+    ``block(x, masks, angles, cache_kv, slots, windowed, extra) -> (x, (new_cache_kv, layer_output))``; ``cfg``
+    may be any frozen dataclass with the :class:`TransformerConfig` fields (e.g. a subclass adding MoE fields).
     """
 
     cfg: TransformerConfig
@@ -119,7 +126,7 @@ class Stack(nn.Module):
     emit_hidden: bool = False
 
     @nn.compact
-    def __call__(self, x, positions=None, valid=None, cache=None, angles=None):
+    def __call__(self, x, positions=None, valid=None, cache=None, angles=None, extra=None):
         cfg = self.cfg
         b, t = x.shape[:2]
         if positions is None:
@@ -154,12 +161,14 @@ class Stack(nn.Module):
             block,
             variable_axes={"params": 0, "intermediates": 0},
             split_rngs={"params": True, "dropout": True},
-            in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast, 0 if windowed is not None else nn.broadcast),
+            in_axes=(
+                nn.broadcast, nn.broadcast, 0, nn.broadcast, 0 if windowed is not None else nn.broadcast, nn.broadcast
+            ),
             length=cfg.num_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )
         x, (kv, layer_outputs) = scanned(cfg, emit_hidden=self.emit_hidden, name="layers")(
-            x, masks, angles, cache_kv, slots, windowed
+            x, masks, angles, cache_kv, slots, windowed, extra
         )
         if cache is not None:
             new_cache = {**new_cache, "k": kv["k"], "v": kv["v"]}
