@@ -1,0 +1,126 @@
+"""Reference AudioVAE (MingTok-Audio) state dict -> our VAE params.
+
+Reference names (relative to the VAE root, ``audio.`` in a full Ming-UniAudio checkpoint, nothing in a standalone
+MingTok-Audio one): ``encoder.{fc1,fc2,fc3}``, ``encoder.encoder.*`` (Qwen2), ``decoder.{fc1,fc2,fc3}``,
+``decoder.decoder.*`` (Qwen2), ``decoder.semantic_model.*`` (Whisper blocks), ``decoder.head.out``,
+``decoder.head.istft.window``.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from unitok_jax.convert.common import ConversionError, WeightReader, stack_layers
+from unitok_jax.nn import TransformerConfig
+from unitok_jax.vae import VAEConfig, hann_window
+
+# Keys the reference saves but never uses (spec 2.2, 6.2).
+VAE_UNUSED = (
+    r"encoder\.norm\.(weight|bias)",
+    r"encoder\.encoder\.embed_tokens\.weight",
+    r"decoder\.decoder\.embed_tokens\.weight",
+)
+
+
+def heads_in(r: WeightReader, name: str, d_in: int, n: int, d: int, bias: bool) -> dict:
+    """torch Linear [n*d, d_in] -> DenseGeneral kernel [d_in, n, d] (+ bias [n, d])."""
+    p = {"kernel": r.get(f"{name}.weight", (n * d, d_in)).T.reshape(d_in, n, d)}
+    if bias:
+        p["bias"] = r.get(f"{name}.bias", (n * d,)).reshape(n, d)
+    return p
+
+
+def heads_out(r: WeightReader, name: str, n: int, d: int, d_out: int, bias: bool) -> dict:
+    """torch Linear [d_out, n*d] -> DenseGeneral kernel [n, d, d_out] (+ bias [d_out])."""
+    p = {"kernel": r.get(f"{name}.weight", (d_out, n * d)).T.reshape(n, d, d_out)}
+    if bias:
+        p["bias"] = r.get(f"{name}.bias", (d_out,))
+    return p
+
+
+def qwen2_stack(r: WeightReader, root: str, c: TransformerConfig) -> dict:
+    """A transformers Qwen2Model (``root.layers.{i}...``, ``root.norm``) -> our Stack params."""
+    D, N, K, d = c.width, c.num_heads, c.num_kv_heads, c.head_dim
+    layers = []
+    for i in range(c.num_layers):
+        p = f"{root}.layers.{i}."
+        layers.append(
+            {
+                "attn_norm": {"scale": r.get(p + "input_layernorm.weight", (D,))},
+                "attn": {
+                    "q": heads_in(r, p + "self_attn.q_proj", D, N, d, True),
+                    "k": heads_in(r, p + "self_attn.k_proj", D, K, d, True),
+                    "v": heads_in(r, p + "self_attn.v_proj", D, K, d, True),
+                    "o": heads_out(r, p + "self_attn.o_proj", N, d, D, False),
+                },
+                "mlp_norm": {"scale": r.get(p + "post_attention_layernorm.weight", (D,))},
+                "mlp": {
+                    "gate": r.linear(p + "mlp.gate_proj", D, c.mlp_dim, False),
+                    "up": r.linear(p + "mlp.up_proj", D, c.mlp_dim, False),
+                    "down": r.linear(p + "mlp.down_proj", c.mlp_dim, D, False),
+                },
+            }
+        )
+    return {"layers": stack_layers(layers), "final_norm": {"scale": r.get(f"{root}.norm.weight", (D,))}}
+
+
+def whisper_stack(r: WeightReader, root: str, c: TransformerConfig) -> dict:
+    """The semantic module (``root.blocks.{i}...``, ``root.ln_post``) -> our Stack params."""
+    U, N, d, F = c.width, c.num_heads, c.head_dim, c.mlp_dim
+    ln = lambda name: {"scale": r.get(f"{name}.weight", (U,)), "bias": r.get(f"{name}.bias", (U,))}  # noqa: E731
+    layers = []
+    for i in range(c.num_layers):
+        p = f"{root}.blocks.{i}."
+        layers.append(
+            {
+                "attn_norm": ln(p + "attn_ln"),
+                "attn": {
+                    "q": heads_in(r, p + "attn.query", U, N, d, True),
+                    "k": heads_in(r, p + "attn.key", U, N, d, False),
+                    "v": heads_in(r, p + "attn.value", U, N, d, True),
+                    "o": heads_out(r, p + "attn.out", N, d, U, True),
+                },
+                "mlp_norm": ln(p + "mlp_ln"),
+                "mlp": {"fc1": r.linear(p + "mlp.0", U, F, True), "fc2": r.linear(p + "mlp.2", F, U, True)},
+            }
+        )
+    return {"layers": stack_layers(layers), "final_norm": ln(f"{root}.ln_post")}
+
+
+def convert_vae(weights, vae_kwargs: dict, prefix: str = "", source: str = "checkpoint", strict: bool = True):
+    """(our VAEConfig, params) from a reference state dict and its ``AudioVAEconfig`` kwargs.
+
+    ``prefix``: where the VAE lives in ``weights`` (``"audio."`` in a full checkpoint). Raises
+    :class:`ConversionError` naming the key for missing, mis-shaped or (``strict``) unexpected tensors.
+    """
+    try:
+        cfg = VAEConfig.from_reference(vae_kwargs)
+    except (ValueError, TypeError, KeyError) as e:
+        raise ConversionError(f"{source}: invalid AudioVAE config: {e}") from e
+    r = WeightReader(weights, prefix, source)
+    e, dcfg = cfg.encoder, cfg.decoder
+    C, U = cfg.latent_dim, cfg.unified_dim
+    params = {
+        "encoder": {
+            "fc1": r.linear("encoder.fc1", cfg.input_dim, e.width, False),
+            "fc2": r.linear("encoder.fc2", e.width, e.width, True),
+            "backbone": qwen2_stack(r, "encoder.encoder", e),
+            "fc3": r.linear("encoder.fc3", e.width, 2 * C, True),
+        },
+        "decoder": {
+            "fc1": r.linear("decoder.fc1", C, dcfg.width, True),
+            "fc2": r.linear("decoder.fc2", dcfg.width, U, True),
+            "fc3": r.linear("decoder.fc3", U, dcfg.width, True),
+            "semantic": whisper_stack(r, "decoder.semantic_model", cfg.semantic),
+            "backbone": qwen2_stack(r, "decoder.decoder", dcfg),
+            "head": r.linear("decoder.head.out", dcfg.width, cfg.n_fft + 2, True),
+        },
+    }
+    if r.has("decoder.head.istft.window"):
+        window = r.get("decoder.head.istft.window", (cfg.n_fft,))
+        if not np.allclose(window, hann_window(cfg.n_fft), atol=1e-6):
+            raise ConversionError(
+                f"{source}: {prefix}decoder.head.istft.window is not a periodic Hann window of length {cfg.n_fft}"
+            )
+    if strict:
+        r.finish(VAE_UNUSED)
+    return cfg, params
