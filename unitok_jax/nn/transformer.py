@@ -55,6 +55,10 @@ class TransformerConfig:
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
     remat: bool = False
+    # Dropout on the attention output (after ``o``) and on the MLP hidden activation (the DiT's placement). It is
+    # only applied when ``deterministic`` is False (training); the defaults keep every stack dropout-free.
+    dropout: float = 0.0
+    deterministic: bool = True
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -99,9 +103,14 @@ class Block(nn.Module):
             param_dtype=pdtype,
             name="attn",
         )(h, mask=mask, angles=angles, cache_kv=cache_kv, slots=slots)
+        rate = getattr(cfg, "dropout", 0.0)
+        deterministic = getattr(cfg, "deterministic", True) or rate == 0.0
+        if not deterministic:
+            h = nn.Dropout(rate)(h, deterministic=False)
         x = x + h
         h = make_norm(cfg.norm, cfg.norm_eps, "mlp_norm", pdtype)(x)
-        x = x + MLP(cfg.mlp_dim, cfg.mlp_kind, cfg.mlp_bias, dtype=dtype, param_dtype=pdtype, name="mlp")(h)
+        mlp = MLP(cfg.mlp_dim, cfg.mlp_kind, cfg.mlp_bias, dtype=dtype, param_dtype=pdtype, dropout=rate, name="mlp")
+        x = x + mlp(h, deterministic=deterministic)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
         return x, (new_kv, x if self.emit_hidden else None)
 
