@@ -166,3 +166,14 @@ def test_kl_divergence_formula():
     std = jnp.array([[[1.0, 2.0]]])
     want = (1 + 1 - 0 - 1) + (0 + 4 - np.log(4) - 1)
     np.testing.assert_allclose(float(vae.kl_divergence(vae.Posterior(mean, std))), want, rtol=1e-6)
+
+
+def test_chunked_encode_and_decode_equal_whole(model):
+    cfg, params = model
+    wave = 0.1 * jax.random.normal(jax.random.key(7), (1, 23 * 320 + 17))
+    whole = vae.encode(params, cfg, wave, key=jax.random.key(1))
+    chunked = vae.encode_chunked(params, cfg, wave, chunk_frames=5, key=jax.random.key(1))
+    _close(chunked.posterior, whole.posterior)
+    _close(chunked.latent, whole.latent)
+    np.testing.assert_array_equal(np.asarray(chunked.frame_num), np.asarray(whole.frame_num))
+    _close(vae.decode_chunked(params, cfg, whole.mean, chunk_frames=7), vae.decode(params, cfg, whole.mean))

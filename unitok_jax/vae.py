@@ -273,14 +273,15 @@ class Encoder(nn.Module):
     cfg: VAEConfig
 
     @nn.compact
-    def __call__(self, frames: jax.Array) -> jax.Array:
+    def __call__(self, frames: jax.Array, cache: Optional[dict] = None):
+        """Frames [B, T, input_dim] -> (posterior params [B, T, 2C], new encoder cache or None)."""
         c = self.cfg.encoder
         dt, pdt = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
         h = dense(c.width, False, ("frame", "embed"), "fc1", dt, pdt)(frames.astype(dt))
         h = dense(c.width, True, ("embed_in", "embed"), "fc2", dt, pdt)(h)
-        h, _, _ = Stack(c, name="backbone")(h)
+        h, cache, _ = Stack(c, name="backbone")(h, cache=cache)
         self.sow("intermediates", "backbone_out", h)
-        return dense(2 * self.cfg.latent_dim, True, ("embed", "latent2"), "fc3", dt, pdt)(h)
+        return dense(2 * self.cfg.latent_dim, True, ("embed", "latent2"), "fc3", dt, pdt)(h), cache
 
 
 class Decoder(nn.Module):
@@ -334,11 +335,11 @@ class AudioVAE(nn.Module):
         self.decoder = Decoder(self.cfg, self.capture_layers)
 
     def __call__(self, frames):
-        h = self.encoder(frames)
+        h, _ = self.encoder(frames)
         return self.decoder(h[..., : self.cfg.latent_dim])
 
-    def encode_frames(self, frames):
-        return self.encoder(frames)
+    def encode_frames(self, frames, cache=None):
+        return self.encoder(frames, cache)
 
     def unified(self, z, cache=None, valid=None):
         return self.decoder.unified(z, cache, valid)
@@ -408,7 +409,11 @@ def encode(
     if lengths is None:
         lengths = jnp.full((b,), L, jnp.int32)
     frames = frame_waveform(wave.astype(jnp.float32), lengths, cfg.input_dim, cfg.hop)
-    h = _apply(params, cfg, AudioVAE.encode_frames, frames).astype(jnp.float32)
+    h = _apply(params, cfg, AudioVAE.encode_frames, frames)[0].astype(jnp.float32)
+    return _finish_encode(h, lengths, cfg, key, noise, sample)
+
+
+def _finish_encode(h, lengths, cfg, key, noise, sample) -> "Encoded":
     post = posterior(h)
     if sample:
         if noise is None:
@@ -520,3 +525,56 @@ def decode_stream(params, cfg: VAEConfig, chunk: jax.Array, state: StreamState, 
     empty: earlier (prompt) latents are not pre-filled.
     """
     return _stream_step(params, cfg, chunk, state, last)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Long inputs: bounded attention memory by running the causal stacks chunk by chunk with their KV caches
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _encode_chunk(params, cfg: VAEConfig, frames, cache):
+    return _apply(params, cfg, AudioVAE.encode_frames, frames, cache)
+
+
+def encode_chunked(params, cfg: VAEConfig, wave, lengths=None, *, chunk_frames: int = 1500, key=None,
+                   noise=None, sample: bool = True) -> Encoded:
+    """Same result as :func:`encode` (the encoder is causal), computed ``chunk_frames`` frames at a time with the
+    encoder KV cache, so attention memory grows linearly rather than quadratically with the input length."""
+    wave = jnp.asarray(wave, jnp.float32)
+    b, L = wave.shape
+    if lengths is None:
+        lengths = jnp.full((b,), L, jnp.int32)
+    frames = frame_waveform(wave, jnp.asarray(lengths), cfg.input_dim, cfg.hop)
+    t = frames.shape[1]
+    n_chunks = -(-t // chunk_frames)
+    frames = jnp.pad(frames, ((0, 0), (0, n_chunks * chunk_frames - t), (0, 0)))
+    size = cache_size_for(n_chunks * chunk_frames, cfg.encoder.sliding_window, chunk_frames)
+    if cfg.encoder.window_from_layer > 0:
+        size = n_chunks * chunk_frames
+    cache = init_cache(cfg.encoder, b, size)
+    outs = []
+    for i in range(n_chunks):
+        h, cache = _encode_chunk(params, cfg, frames[:, i * chunk_frames : (i + 1) * chunk_frames], cache)
+        outs.append(h)
+    h = jnp.concatenate(outs, axis=1)[:, :t].astype(jnp.float32)
+    if sample and noise is None:
+        if key is None:
+            raise ValueError("encode_chunked(sample=True) needs a PRNG `key` or explicit `noise`")
+        noise = jax.random.normal(key, (b, t, cfg.latent_dim), jnp.float32)
+    return _finish_encode(h, jnp.asarray(lengths), cfg, None, noise, sample)
+
+
+def decode_chunked(params, cfg: VAEConfig, latent, *, chunk_frames: int = 1500) -> jax.Array:
+    """Same result as :func:`decode` for [B, T, C] latents (all T frames valid), computed with
+    :func:`decode_stream` ``chunk_frames`` frames at a time (bounded attention memory)."""
+    b, t = latent.shape[:2]
+    if t <= chunk_frames:
+        return decode(params, cfg, latent)
+    state = init_stream_state(cfg, b, t, chunk_frames)
+    outs, start = [], 0
+    while start < t:
+        end = min(start + chunk_frames, t)
+        y, state = decode_stream(params, cfg, latent[:, start:end], state, last=end == t)
+        outs.append(y)
+        start = end
+    return jnp.concatenate(outs, axis=1)
