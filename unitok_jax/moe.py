@@ -1,0 +1,268 @@
+"""Token routing and dropless expert compute for the BailingMoE LLM.
+
+Routing (spec §3.5): router logits in float32, softmax in float32, top-k, weights renormalised to sum 1 when
+``norm_topk_prob`` and k > 1; optional per-modality gates (``multi_gate``): tokens flagged by ``audio_mask`` /
+``image_mask`` take their logits from ``audio_gate`` / ``image_gate``.
+
+Expert compute is dropless (no capacity factor): the N*k token-slots are sorted by expert and each expert's
+contiguous group goes through a grouped matmul. Implementations (``impl``):
+
+* ``"ragged"``: :func:`jax.lax.ragged_dot` (one grouped matmul per projection). On TPU/GPU this lowers to a real
+  grouped GEMM. On CPU, XLA lowers it to a masked dense product over *all* groups (cost ~ E x the useful work).
+* ``"tiled"``: a portable grouped matmul: every expert group is padded to a multiple of a row tile, each tile
+  gathers its expert's weights and one batched matmul runs over the tiles. Cost ~ (N*k + E*(tile-1)) rows, i.e.
+  it scales with top-k, not with the number of experts, on any backend.
+* ``"auto"`` (default): ``"ragged"`` on TPU/GPU, ``"tiled"`` elsewhere.
+* ``"dense"``: the reference path (every expert on every token, combined with a masked weight matrix). Only for
+  tests and benchmarks.
+
+Training aids (off by default, the release used none): the Switch-style load-balancing loss
+``E * sum_e f_e * P_e`` and the router z-loss ``mean(logsumexp(logits)^2)``, plus per-expert slot counts. They are
+returned as metrics; the model weighs them with its config coefficients (0 by default).
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from unitok_jax.nn.mlp import MLP
+
+IMPLS = ("auto", "ragged", "tiled", "dense")
+
+
+def resolve_impl(impl: str) -> str:
+    if impl not in IMPLS:
+        raise ValueError(f"unknown MoE impl {impl!r}; expected one of {IMPLS}")
+    if impl == "auto":
+        return "ragged" if jax.default_backend() in ("tpu", "gpu", "cuda", "rocm") else "tiled"
+    return impl
+
+
+# ----------------------------------------------------------------------------------------------------- routing
+
+
+def route(logits: jax.Array, top_k: int, norm_topk_prob: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """logits [..., E] -> (probs [..., E] fp32, idx [..., k] int32 by descending score, weights [..., k] fp32)."""
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    weights, idx = jax.lax.top_k(probs, top_k)
+    if top_k > 1 and norm_topk_prob:
+        weights = weights / (jnp.sum(weights, axis=-1, keepdims=True) + 1e-20)
+    return probs, idx.astype(jnp.int32), weights
+
+
+def expert_counts(idx: jax.Array, num_experts: int, valid: Optional[jax.Array] = None) -> jax.Array:
+    """Token-slots per expert [E] int32 from idx [..., k] (invalid tokens, ``valid`` [...] false, not counted)."""
+    onehot = jax.nn.one_hot(idx, num_experts, dtype=jnp.int32)  # [..., k, E]
+    if valid is not None:
+        onehot = onehot * valid[..., None, None].astype(jnp.int32)
+    return jnp.sum(onehot.reshape(-1, num_experts), axis=0)
+
+
+def load_balance_loss(
+    probs: jax.Array, idx: jax.Array, valid: Optional[jax.Array] = None
+) -> jax.Array:
+    """Switch-Transformer auxiliary loss E * sum_e f_e * P_e over valid tokens.
+
+    f_e = fraction of token-slots routed to e, P_e = mean router probability of e. Equals 1 for perfectly uniform
+    routing. probs [..., E] fp32, idx [..., k]."""
+    e = probs.shape[-1]
+    k = idx.shape[-1]
+    probs = probs.reshape(-1, e)
+    vf = jnp.ones((probs.shape[0],), jnp.float32) if valid is None else valid.reshape(-1).astype(jnp.float32)
+    n = jnp.maximum(jnp.sum(vf), 1.0)
+    counts = expert_counts(idx.reshape(-1, k), e, vf > 0).astype(jnp.float32)
+    f = counts / (n * k)
+    p = jnp.sum(probs * vf[:, None], axis=0) / n
+    return e * jnp.sum(f * p)
+
+
+def router_z_loss(logits: jax.Array, valid: Optional[jax.Array] = None) -> jax.Array:
+    """mean over valid tokens of logsumexp(logits)^2 (ST-MoE)."""
+    z = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)
+    if valid is None:
+        return jnp.mean(z * z)
+    vf = valid.astype(jnp.float32)
+    return jnp.sum(z * z * vf) / jnp.maximum(jnp.sum(vf), 1.0)
+
+
+# ------------------------------------------------------------------------------------------ sorting by expert
+
+
+def sort_slots(idx: jax.Array, num_experts: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Sort the N*k token-slots of idx [N, k] by expert (stable).
+
+    Returns ``order`` [N*k] (slot ids in sorted order; slot s = token s // k, choice s % k), ``token`` [N*k] (the
+    token each sorted row reads) and ``group_sizes`` [E] int32. Experts ``>= num_experts`` (a sentinel for slots
+    that must not be computed) sort last and belong to no group.
+    """
+    n, k = idx.shape
+    flat = idx.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    token = order // k
+    group_sizes = jnp.sum(jax.nn.one_hot(flat, num_experts, dtype=jnp.int32), axis=0)
+    return order, token, group_sizes
+
+
+def default_tile(rows: int, num_experts: int) -> int:
+    """Row tile for the tiled grouped matmul: a power of two near rows / (4 E), in [1, 128].
+
+    Padding costs at most E * (tile - 1) rows, i.e. about a quarter of the useful rows."""
+    t = max(1, rows // (4 * num_experts))
+    t = 1 << (t.bit_length() - 1)
+    return int(min(t, 128))
+
+
+def _tiled_layout(group_sizes: jax.Array, rows: int, tile: int):
+    """Where each sorted row goes in the tile-padded buffer and which expert each tile belongs to."""
+    e = group_sizes.shape[0]
+    n_tiles = (rows + e * (tile - 1)) // tile  # >= sum_e ceil(n_e / tile) for any split of `rows`
+    ends = jnp.cumsum(group_sizes)
+    starts = ends - group_sizes
+    tiles_per = (group_sizes + tile - 1) // tile
+    tile_ends = jnp.cumsum(tiles_per)
+    tile_starts = tile_ends - tiles_per
+    row = jnp.arange(rows, dtype=jnp.int32)
+    g = jnp.searchsorted(ends, row, side="right")  # == e for rows past every group
+    in_group = g < e
+    gc = jnp.minimum(g, e - 1)
+    dest = jnp.where(in_group, tile_starts[gc] * tile + row - starts[gc], n_tiles * tile)
+    tile_group = jnp.minimum(jnp.searchsorted(tile_ends, jnp.arange(n_tiles), side="right"), e - 1)
+    return dest, tile_group, n_tiles
+
+
+def _swiglu(g, u):
+    return jax.nn.silu(g) * u
+
+
+def grouped_ffn_ragged(xs, group_sizes, w_gate, w_up, w_down):
+    """SwiGLU experts on rows xs [M, D] sorted by expert; w_gate/w_up [E, D, F], w_down [E, F, D] -> [M, D].
+    Rows past sum(group_sizes) come out as zeros."""
+    g = jax.lax.ragged_dot(xs, w_gate, group_sizes)
+    u = jax.lax.ragged_dot(xs, w_up, group_sizes)
+    return jax.lax.ragged_dot(_swiglu(g, u), w_down, group_sizes)
+
+
+def grouped_ffn_tiled(xs, group_sizes, w_gate, w_up, w_down, tile: Optional[int] = None):
+    """Same contract as :func:`grouped_ffn_ragged`, computed as a batched matmul over row tiles (each tile gathers
+    its expert's weights); cost scales with the number of rows, not with the number of experts."""
+    rows, d = xs.shape
+    e = w_gate.shape[0]
+    tile = tile or default_tile(rows, e)
+    dest, tile_group, n_tiles = _tiled_layout(group_sizes, rows, tile)
+    xp = jnp.zeros((n_tiles * tile, d), xs.dtype).at[dest].set(xs, mode="drop").reshape(n_tiles, tile, d)
+    g = jnp.einsum("tmd,tdf->tmf", xp, w_gate[tile_group])
+    u = jnp.einsum("tmd,tdf->tmf", xp, w_up[tile_group])
+    o = jnp.einsum("tmf,tfd->tmd", _swiglu(g, u), w_down[tile_group]).reshape(n_tiles * tile, d)
+    return o.at[dest].get(mode="fill", fill_value=0)
+
+
+def sorted_moe_ffn(x, idx, weights, w_gate, w_up, w_down, impl: str = "auto", tile: Optional[int] = None):
+    """Dropless MoE over tokens x [N, D] with choices idx [N, k] and weights [N, k]: sum_j w_j E_{idx_j}(x),
+    returned in float32 [N, D]."""
+    impl = resolve_impl(impl)
+    if impl == "dense":
+        return dense_moe_ffn(x, idx, weights, w_gate, w_up, w_down)
+    n, k = idx.shape
+    e = w_gate.shape[0]
+    order, token, group_sizes = sort_slots(idx, e)
+    xs = x[token]
+    if impl == "ragged":
+        ys = grouped_ffn_ragged(xs, group_sizes, w_gate, w_up, w_down)
+    else:
+        ys = grouped_ffn_tiled(xs, group_sizes, w_gate, w_up, w_down, tile)
+    y_slots = jnp.zeros_like(ys).at[order].set(ys).reshape(n, k, -1)
+    return jnp.einsum("nkd,nk->nd", y_slots.astype(jnp.float32), weights.astype(jnp.float32))
+
+
+def dense_moe_ffn(x, idx, weights, w_gate, w_up, w_down):
+    """Reference path: every expert on every token [E, N, ...], combined with a [N, E] weight matrix that is zero
+    for the experts not chosen. float32 [N, D]."""
+    e = w_gate.shape[0]
+    g = jnp.einsum("nd,edf->enf", x, w_gate)
+    u = jnp.einsum("nd,edf->enf", x, w_up)
+    y = jnp.einsum("enf,efd->end", _swiglu(g, u), w_down)
+    combine = jnp.sum(jax.nn.one_hot(idx, e, dtype=jnp.float32) * weights[..., None].astype(jnp.float32), axis=1)
+    return jnp.einsum("end,ne->nd", y.astype(jnp.float32), combine)
+
+
+# ---------------------------------------------------------------------------------------------------- module
+
+
+class MoE(nn.Module):
+    """BailingMoE sparse MLP over x [B, T, D].
+
+    Params: ``gate`` (and ``audio_gate``/``image_gate`` when ``multi_gate``) kernels [D, E]; expert weights
+    ``wi_gate``/``wi_up`` [E, D, F] and ``wo`` [E, F, D]; ``shared`` (an :class:`~unitok_jax.nn.MLP` of width
+    ``shared_dim``) when ``shared_dim``.
+
+    Returns ``(y [B, T, D], info)`` with ``info``: ``router_logits`` [B, T, E] (the effective ones, after the
+    modality selection), ``topk_idx`` [B, T, k] int32, ``topk_weight`` [B, T, k] fp32, ``counts`` [E] int32 (valid
+    token-slots per expert), ``aux_loss`` and ``z_loss`` (float32 scalars over valid tokens).
+    """
+
+    num_experts: int
+    top_k: int
+    expert_dim: int
+    shared_dim: Optional[int] = None
+    norm_topk_prob: bool = True
+    multi_gate: bool = False
+    impl: str = "auto"
+    tile: Optional[int] = None
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    def _router(self, name, d):
+        return self.param(
+            name,
+            nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("embed", None)),
+            (d, self.num_experts),
+            self.param_dtype,
+        )
+
+    @nn.compact
+    def __call__(self, x, audio_mask=None, image_mask=None, valid=None):
+        b, t, d = x.shape
+        e, k, f = self.num_experts, self.top_k, self.expert_dim
+        if k > e:
+            raise ValueError(f"top_k={k} exceeds num_experts={e}")
+        xf = x.astype(jnp.float32)
+        logits = xf @ self._router("gate", d).astype(jnp.float32)
+        if self.multi_gate:
+            # Both extra gates always exist (so the param tree matches the checkpoint), used where flagged.
+            img = xf @ self._router("image_gate", d).astype(jnp.float32)
+            aud = xf @ self._router("audio_gate", d).astype(jnp.float32)
+            if image_mask is not None:
+                logits = jnp.where(image_mask[..., None], img, logits)
+            if audio_mask is not None:
+                logits = jnp.where(audio_mask[..., None], aud, logits)
+        elif audio_mask is not None or image_mask is not None:
+            raise ValueError("audio_mask/image_mask given but the MoE has no multi_gate")
+        probs, idx, weights = route(logits, k, self.norm_topk_prob)
+
+        init = nn.initializers.lecun_normal(in_axis=-2, out_axis=-1, batch_axis=(0,))
+        w_gate = self.param("wi_gate", nn.with_logical_partitioning(init, ("expert", "embed", "mlp")), (e, d, f),
+                            self.param_dtype)
+        w_up = self.param("wi_up", nn.with_logical_partitioning(init, ("expert", "embed", "mlp")), (e, d, f),
+                          self.param_dtype)
+        w_down = self.param("wo", nn.with_logical_partitioning(init, ("expert", "mlp", "embed")), (e, f, d),
+                            self.param_dtype)
+        cast = lambda w: w.astype(self.dtype)  # noqa: E731
+        y = sorted_moe_ffn(
+            x.reshape(b * t, d).astype(self.dtype), idx.reshape(b * t, k), weights.reshape(b * t, k),
+            cast(w_gate), cast(w_up), cast(w_down), self.impl, self.tile,
+        ).reshape(b, t, d).astype(x.dtype)
+        if self.shared_dim:
+            y = y + MLP(self.shared_dim, "swiglu", False, dtype=self.dtype, param_dtype=self.param_dtype,
+                        name="shared")(x)
+        info = {
+            "router_logits": logits,
+            "topk_idx": idx,
+            "topk_weight": weights,
+            "counts": expert_counts(idx, e, valid),
+            "aux_loss": load_balance_loss(probs, idx, valid),
+            "z_loss": router_z_loss(logits, valid),
+        }
+        return y, info
