@@ -370,19 +370,21 @@ def dit_loss(
     history: jax.Array,
     mask=None,
     deterministic: bool = False,
+    t: Optional[jax.Array] = None,
+    noise: Optional[jax.Array] = None,
 ) -> tuple[jax.Array, dict]:
     """The flow head's training loss (spec §4.6): :func:`flow_matching_loss` with the DiT as velocity model.
 
     cond [N, 1, D] (or [N, D]), target / history [N, p, C], mask [N] or [N, p]. In training mode
     (``deterministic=False``) the block dropout and the CFG condition dropout (``config.cfg_dropout_prob``) are
-    drawn from ``key`` as well.
+    drawn from ``key`` as well. ``t`` [N] / ``noise`` [N, p, C] replace the random draws (tests, evaluation).
     """
     k_loss, k_drop = jax.random.split(key)
 
     def velocity(x_t, t):
         return dit_apply(params, config, x_t, t, cond, history, deterministic=deterministic, rngs={"dropout": k_drop})
 
-    return flow_matching_loss(velocity, k_loss, target, mask, config)
+    return flow_matching_loss(velocity, k_loss, target, mask, config, t=t, noise=noise)
 
 
 # --------------------------------------------------------------------------------------------------------------
