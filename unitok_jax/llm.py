@@ -23,6 +23,7 @@ The KV cache is ``nn.cache``'s dict with ``k``/``v`` [L, B, S, K, d] over all L 
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any, Mapping, Optional, Sequence
 
 import flax.linen as nn
@@ -158,13 +159,13 @@ class LLMConfig(TransformerConfig):
 
     @classmethod
     def from_hf(cls, llm_config: Mapping[str, Any], **overrides) -> "LLMConfig":
-        """Parse a reference ``llm_config`` (``BailingMoeConfig`` kwargs / config.json). Unknown keys raise;
-        ``overrides`` set our own fields (e.g. ``dtype="bfloat16"``, ``moe_impl="ragged"``)."""
+        """Parse a reference ``llm_config`` (``BailingMoeConfig`` kwargs / config.json). Unknown keys are ignored with a warning; ``overrides`` set our own fields (e.g. ``dtype="bfloat16"``,
+        ``moe_impl="ragged"``)."""
         c = dict(llm_config)
         known = set(OFFICIAL_LLM_CONFIG) | _IGNORED_KEYS
         unknown = sorted(k for k in c if k not in known)
         if unknown:
-            raise ValueError(f"llm_config has keys this implementation does not know: {unknown}")
+            warnings.warn(f"llm_config keys ignored (unknown to this implementation): {unknown}", stacklevel=2)
         act = c.get("hidden_act", "silu")
         if act != "silu":
             raise ValueError(f"llm_config hidden_act={act!r}; only 'silu' (SwiGLU) is implemented")
@@ -470,6 +471,34 @@ def init_cache(cfg: LLMConfig, batch: int, size: int, dtype: Any = None) -> dict
 def init_params(cfg: LLMConfig, rng: jax.Array, batch: int = 1, length: int = 4) -> dict:
     """Unsharded random params (boxed with logical axis names; see :mod:`unitok_jax.sharding` for sharded init)."""
     return BailingMoeLM(cfg).init(rng, jnp.zeros((batch, length), jnp.int32))
+
+
+def random_params(cfg: LLMConfig, seed: int = 0, dtype=np.float32) -> dict:
+    """Random host (numpy) params of the model's exact tree, without compiling anything (tests, benchmarks).
+
+    Matrices ~ N(0, 1/fan_in), norm scales ~ 1 + N(0, 0.1^2), biases ~ N(0, 0.1^2), embeddings ~ N(0, 1)."""
+    from unitok_jax.sharding import abstract_init
+
+    boxed = abstract_init(BailingMoeLM(cfg), np.zeros((1, 1), np.int32))
+    rng = np.random.default_rng(seed)
+    fan_in = {"o": cfg.num_heads * cfg.head_dim, "wo": cfg.moe_intermediate_size}
+
+    def make(path, leaf):
+        shape = leaf.value.shape if hasattr(leaf, "value") else leaf.shape
+        names = [getattr(k, "key", str(k)) for k in path]
+        if names[-1] == "scale":
+            return (1.0 + 0.1 * rng.standard_normal(shape)).astype(dtype)
+        if names[-1] == "bias":
+            return (0.1 * rng.standard_normal(shape)).astype(dtype)
+        if names[-1] == "embedding":
+            return rng.standard_normal(shape).astype(dtype)
+        fi = fan_in.get(names[-2] if names[-1] == "kernel" else names[-1])
+        if names[-2:] == ["down", "kernel"]:
+            fi = shape[-2]
+        fi = fi or cfg.width
+        return (rng.standard_normal(shape) / np.sqrt(fi)).astype(dtype)
+
+    return jax.tree_util.tree_map_with_path(make, boxed, is_leaf=lambda x: hasattr(x, "value"))
 
 
 def prefill(
