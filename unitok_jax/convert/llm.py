@@ -435,6 +435,67 @@ def load_llm(weights, llm_config: Optional[Mapping] = None, *, mesh=None, rules=
     return cfg, {"params": _nest(flat)}
 
 
+def export_llm(cfg, variables, *, grouped: bool = False, prefix: str = "") -> dict[str, np.ndarray]:
+    """The inverse of :func:`convert_llm`: params -> a reference state dict (torch layout, numpy float32).
+
+    ``grouped``: stacked expert weights (``mlp.experts.{gate,up,down}_proj.weight`` [E, out, in]) instead of one
+    tensor per expert. ``prefix``: e.g. ``"model."`` for the full-checkpoint names. ``lm_head`` is written as held
+    (with ``norm_head`` already folded in, so write the result with ``norm_head: false``)."""
+    p = variables["params"] if "params" in variables else variables
+    a = lambda x: np.asarray(x, np.float32)  # noqa: E731
+    out = {}
+    m = f"{prefix}model."
+    N, K, hd, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.width
+    out[f"{m}word_embeddings.weight"] = a(p["embed"]["embedding"])
+    out[f"{m}norm.weight"] = a(p["final_norm"]["scale"])
+    if not cfg.tie_word_embeddings:
+        out[f"{prefix}lm_head.weight"] = a(p["lm_head"]).T
+    stacks = [("dense", i, i) for i in range(cfg.num_dense_layers)]
+    stacks += [("moe", cfg.num_dense_layers + i, i) for i in range(cfg.num_moe_layers)]
+    for kind, l, j in stacks:
+        lp = jax_tree_index(p[kind]["layers"], j)
+        pre = f"{m}layers.{l}."
+        att = lp["attn"]
+        out[f"{pre}attention.query_key_value.weight"] = np.concatenate(
+            [a(att[n]["kernel"]).transpose(1, 2, 0).reshape(-1, D) for n in ("q", "k", "v")], 0
+        )
+        if cfg.q_bias:
+            out[f"{pre}attention.query_key_value.bias"] = np.concatenate(
+                [a(att[n]["bias"]).reshape(-1) for n in ("q", "k", "v")], 0
+            )
+        out[f"{pre}attention.dense.weight"] = a(att["o"]["kernel"]).transpose(2, 0, 1).reshape(D, N * hd)
+        if cfg.o_bias:
+            out[f"{pre}attention.dense.bias"] = a(att["o"]["bias"])
+        out[f"{pre}input_layernorm.weight"] = a(lp["attn_norm"]["scale"])
+        out[f"{pre}post_attention_layernorm.weight"] = a(lp["mlp_norm"]["scale"])
+        if kind == "dense":
+            for n in ("gate", "up", "down"):
+                out[f"{pre}mlp.{n}_proj.weight"] = a(lp["mlp"][n]["kernel"]).T
+            continue
+        mo = lp["moe"]
+        for g in ("gate", "image_gate", "audio_gate"):
+            if g in mo:
+                out[f"{pre}mlp.{g}.weight"] = a(mo[g]).T
+        for ours, name in (("wi_gate", "gate"), ("wi_up", "up"), ("wo", "down")):
+            w = a(mo[ours]).transpose(0, 2, 1)  # [E, out, in]
+            if grouped:
+                out[f"{pre}mlp.experts.{name}_proj.weight"] = w
+            else:
+                for e in range(w.shape[0]):
+                    out[f"{pre}mlp.experts.{e}.{name}_proj.weight"] = w[e]
+        if "shared" in mo:
+            for n in ("gate", "up", "down"):
+                out[f"{pre}mlp.shared_experts.{n}_proj.weight"] = a(mo["shared"][n]["kernel"]).T
+    return out
+
+
+def jax_tree_index(tree, i):
+    """Layer ``i`` of a scanned (stacked) param tree."""
+    if isinstance(tree, Mapping):
+        return {k: jax_tree_index(v, i) for k, v in tree.items()}
+    return np.asarray(tree)[i]
+
+
 def _is_box(x):
     from flax.core import meta
 
