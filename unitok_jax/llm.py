@@ -1,14 +1,14 @@
 """The BailingMoE language model (spec §3): embeddings, causal GQA attention with RoPE (1-D or "3D"), MoE blocks
 (optionally preceded by ``first_k_dense_replace`` dense layers), final RMSNorm and an LM head with float32 logits.
 
-Layers run through :class:`unitok_jax.nn.Stack` (scanned, params with a leading ``layers`` axis), with the shared
-:class:`~unitok_jax.nn.Attention` and the fixed-size KV cache of :mod:`unitok_jax.nn.cache`, so masks, positions
-and caches behave as everywhere else in the package.
+Layers run through :class:`unitok_jax.nn.Stack` (scanned, params with a leading ``layers`` axis) with the shared
+attention math (:class:`LLMAttention` = :class:`~unitok_jax.nn.Attention` with mesh-safe projections) and the
+fixed-size KV cache of :mod:`unitok_jax.nn.cache`, so masks, positions and caches behave as everywhere else.
 
 Params (under ``params``)::
 
     embed/embedding                 [V, D]
-    dense/layers/...                [Ld, ...]  (only if first_k_dense_replace > 0: a plain nn.Block)
+    dense/layers/...                [Ld, ...]  (only if first_k_dense_replace > 0: attention + mlp/{gate,up,down})
     moe/layers/attn_norm/scale      [Lm, D]
     moe/layers/attn/{q,k,v,o}       q kernel [Lm, D, N, d], k/v [Lm, D, K, d], o [Lm, N, d, D] (+ biases)
     moe/layers/mlp_norm/scale       [Lm, D]
@@ -33,10 +33,11 @@ import numpy as np
 
 from unitok_jax.moe import MoE
 from unitok_jax.nn import cache as kvcache
-from unitok_jax.nn.attention import Attention
+from unitok_jax.nn.attention import Attention, write_kv
+from unitok_jax.nn.mlp import MLP
 from unitok_jax.nn.norms import RMSNorm
-from unitok_jax.nn.rotary import rope_angles
-from unitok_jax.nn.transformer import Block, Stack, TransformerConfig
+from unitok_jax.nn.rotary import apply_rotary, rope_angles
+from unitok_jax.nn.transformer import Stack, TransformerConfig
 
 # The Ming-UniAudio LLM (spec §3.1; Ling-lite layout). Every value is overridden by the checkpoint's llm_config.
 OFFICIAL_LLM_CONFIG: dict = {
@@ -248,15 +249,84 @@ def get_rope_index(attention_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
 # ----------------------------------------------------------------------------------------------------- blocks
 
 
-class MoEBlock(nn.Module):
-    """Pre-norm residual block with an MoE MLP: x + attn(norm(x)); x + moe(norm(x)). Scanned by :class:`Stack`.
+class Projection(nn.Module):
+    """A DenseGeneral over the last ``n_in`` input axes whose kernel is created in its full shape.
 
-    ``extra`` = {"audio_mask", "image_mask", "valid"} (any may be None). Emits per layer: ``counts`` [E],
-    ``aux_loss``, ``z_loss``; with ``emit_hidden`` also ``hidden`` [B, T, D], ``router_logits``, ``topk_idx``,
-    ``topk_weight``."""
+    Same params and math as ``nn.DenseGeneral`` (kernel ``in_shape + features``, optional bias ``features``), but
+    flax's DenseGeneral initialises a *flattened* 2-D kernel and unboxes it; under a mesh context that applies the
+    kernel's N-D logical sharding constraint to the 2-D value and fails, and flax re-runs the initialiser (abstractly)
+    at every ``apply`` to check shapes, so sharded *apply* fails too. This class avoids the flattening."""
+
+    features: tuple
+    n_in: int
+    use_bias: bool
+    kernel_axes: tuple
+    bias_axes: tuple
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        n_in, feats = self.n_in, tuple(self.features)
+        in_shape = x.shape[x.ndim - n_in :]
+        init = nn.initializers.lecun_normal(
+            in_axis=tuple(range(n_in)), out_axis=tuple(range(n_in, n_in + len(feats)))
+        )
+        kernel = self.param(
+            "kernel", nn.with_logical_partitioning(init, self.kernel_axes), in_shape + feats, self.param_dtype
+        )
+        contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+        y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
+        if self.use_bias:
+            bias = self.param(
+                "bias", nn.with_logical_partitioning(nn.initializers.zeros, self.bias_axes), feats, self.param_dtype
+            )
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+class LLMAttention(Attention):
+    """:class:`unitok_jax.nn.Attention` (same fields, params, cache and math) with :class:`Projection` for q/k/v/o,
+    so that it can be applied under a mesh context (see :class:`Projection`)."""
+
+    @nn.compact
+    def __call__(self, x, mask=None, angles=None, cache_kv=None, slots=None):
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+        n, kh, d = self.num_heads, self.num_kv_heads, self.head_dim
+        p = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        q = Projection((n, d), 1, self.q_bias, ("embed", "heads", "kv"), ("heads", "kv"), name="q", **p)(x)
+        k = Projection((kh, d), 1, self.k_bias, ("embed", "kv_heads", "kv"), ("kv_heads", "kv"), name="k", **p)(x)
+        v = Projection((kh, d), 1, self.v_bias, ("embed", "kv_heads", "kv"), ("kv_heads", "kv"), name="v", **p)(x)
+        if self.qk_norm:
+            q = RMSNorm(self.qk_norm_eps, param_dtype=self.param_dtype, axis_name="kv", name="q_norm")(q)
+            k = RMSNorm(self.qk_norm_eps, param_dtype=self.param_dtype, axis_name="kv", name="k_norm")(k)
+        if self.rope is not None and angles is not None:
+            q = apply_rotary(q, angles, self.rope, self.rope_heads)
+            k = apply_rotary(k, angles, self.rope, self.rope_heads)
+        q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
+        new_cache = None
+        if cache_kv is not None:
+            if slots is None:
+                raise ValueError("a KV cache needs the slots to write the new keys to")
+            new_cache = write_kv(cache_kv, k, v, slots)
+            k, v = new_cache["k"].astype(q.dtype), new_cache["v"].astype(q.dtype)
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=d**-0.5)
+        out = Projection((x.shape[-1],), 2, self.o_bias, ("heads", "kv", "embed"), ("embed",), name="o", **p)(out)
+        return out, new_cache
+
+
+class LLMBlock(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)); x + mlp(norm(x)), the MLP being the MoE (``use_moe``) or, for the
+    first ``first_k_dense_replace`` layers, a SwiGLU MLP of width ``mlp_dim``. Scanned by :class:`Stack`.
+
+    ``extra`` = {"audio_mask", "image_mask", "valid"} (any may be None). MoE layers emit per layer: ``counts``
+    [E], ``aux_loss``, ``z_loss``, and with ``emit_hidden`` also ``hidden`` [B, T, D], ``router_logits``,
+    ``topk_idx``, ``topk_weight``; dense layers emit ``hidden`` [B, T, D] (or None)."""
 
     cfg: LLMConfig
     emit_hidden: bool = False
+    use_moe: bool = True
 
     @nn.compact
     def __call__(self, x, masks, angles, cache_kv, slots, windowed, extra=None):
@@ -264,7 +334,7 @@ class MoEBlock(nn.Module):
         extra = extra or {}
         dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         h = RMSNorm(cfg.norm_eps, param_dtype=pdtype, name="attn_norm")(x)
-        h, new_kv = Attention(
+        h, new_kv = LLMAttention(
             num_heads=cfg.num_heads,
             num_kv_heads=cfg.num_kv_heads,
             head_dim=cfg.head_dim,
@@ -279,6 +349,10 @@ class MoEBlock(nn.Module):
         )(h, mask=masks[0], angles=angles, cache_kv=cache_kv, slots=slots)
         x = x + h
         h = RMSNorm(cfg.norm_eps, param_dtype=pdtype, name="mlp_norm")(x)
+        if not self.use_moe:
+            x = x + MLP(cfg.mlp_dim, "swiglu", False, dtype=dtype, param_dtype=pdtype, name="mlp")(h)
+            x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+            return x, (new_kv, x if self.emit_hidden else None)
         y, info = MoE(
             num_experts=cfg.num_experts,
             top_k=cfg.num_experts_per_tok,
@@ -298,6 +372,12 @@ class MoEBlock(nn.Module):
         if self.emit_hidden:
             out.update(hidden=x, **{k: info[k] for k in ("router_logits", "topk_idx", "topk_weight")})
         return x, (new_kv, out)
+
+
+class DenseLLMBlock(LLMBlock):
+    """The first ``first_k_dense_replace`` layers: :class:`LLMBlock` with a dense SwiGLU MLP."""
+
+    use_moe: bool = False
 
 
 # ------------------------------------------------------------------------------------------------------ model
@@ -342,10 +422,10 @@ class BailingMoeLM(nn.Module):
         # removed as dead code, so asking for them costs nothing when they are not returned.
         if cfg.num_dense_layers:
             dcfg = dataclasses.replace(cfg, num_layers=cfg.num_dense_layers, first_k_dense_replace=0, final_norm=False)
-            self.dense = Stack(dcfg, Block, emit_hidden=True)
+            self.dense = Stack(dcfg, DenseLLMBlock, emit_hidden=True)
         if cfg.num_moe_layers:
             mcfg = dataclasses.replace(cfg, num_layers=cfg.num_moe_layers, first_k_dense_replace=0, final_norm=False)
-            self.moe = Stack(mcfg, MoEBlock, emit_hidden=True)
+            self.moe = Stack(mcfg, LLMBlock, emit_hidden=True)
         self.final_norm = RMSNorm(cfg.norm_eps, param_dtype=pdtype)
         if not cfg.tie_word_embeddings:
             self.lm_head = self.param(

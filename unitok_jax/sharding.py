@@ -137,11 +137,12 @@ def init_sharded(module: nn.Module, rng: jax.Array, *args, mesh: Mesh, rules: Se
     shardings = shardings_for(boxed, mesh, rules)
 
     def init(rng):
-        with nn.logical_axis_rules(tuple(rules)):
-            return nn.unbox(module.init(rng, *args, **kwargs))
+        return nn.unbox(module.init(rng, *args, **kwargs))
 
-    with use_sharding(mesh, rules):
-        return jax.jit(init, out_shardings=shardings)(rng)
+    # Traced without the mesh in context on purpose: flax's DenseGeneral initialises a flattened kernel and unboxes
+    # it, which under a global mesh applies the (3-axis) logical constraint to a 2-D value and fails. The output
+    # shardings alone make XLA compute every param shard on its own device.
+    return jax.jit(init, out_shardings=shardings)(rng)
 
 
 def put_sharded(tree, abstract_boxed, mesh: Mesh, rules: Sequence):

@@ -1,0 +1,198 @@
+"""Sharding on 8 simulated CPU devices: meshes from config, params born sharded as the logical rules say, sharded
+forward / decode == single-device, and streaming a checkpoint straight into sharded params.
+
+XLA's device count is fixed when jax initialises, and other test modules initialise it first in the same pytest
+process, so the 8-device part runs in a subprocess (this file, run as a script) and reports JSON.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+MESHES = {
+    "data2_fsdp2_expert2": {"data": 2, "fsdp": 2, "expert": 2},
+    "fsdp4_tensor2": {"fsdp": 4, "tensor": 2},
+}
+
+# (param path, logical names) -> mesh spec expected under DEFAULT_RULES, written out by hand.
+EXPECTED_SPECS = {
+    "embed/embedding": ["tensor", "fsdp"],
+    "lm_head": ["fsdp", "tensor"],
+    "final_norm/scale": [None],
+    "moe/layers/attn/q/kernel": [None, "fsdp", "tensor", None],
+    "moe/layers/attn/q/bias": [None, "tensor", None],
+    "moe/layers/attn/k/kernel": [None, "fsdp", "tensor", None],
+    "moe/layers/attn/o/kernel": [None, "tensor", None, "fsdp"],
+    "moe/layers/attn_norm/scale": [None, None],
+    "moe/layers/moe/gate": [None, "fsdp", None],
+    "moe/layers/moe/audio_gate": [None, "fsdp", None],
+    "moe/layers/moe/wi_gate": [None, "expert", "fsdp", "tensor"],
+    "moe/layers/moe/wi_up": [None, "expert", "fsdp", "tensor"],
+    "moe/layers/moe/wo": [None, "expert", "tensor", "fsdp"],
+    "moe/layers/moe/shared/gate/kernel": [None, "fsdp", "tensor"],
+    "moe/layers/moe/shared/down/kernel": [None, "tensor", "fsdp"],
+}
+
+
+# ------------------------------------------------------------------------------------------ subprocess side
+
+
+def _worker(fixtures: str) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    jax.config.update("jax_default_matmul_precision", "highest")
+    from unitok_jax import sharding as shd
+    from unitok_jax.convert.llm import convert_llm, load_llm
+    from unitok_jax.llm import BailingMoeLM, decode_step, init_cache, prefill
+
+    assert jax.device_count() == 8, jax.devices()
+    fx = pathlib.Path(fixtures)
+    cfg_json = json.loads((fx / "llm.config.json").read_text())
+    ref = dict(np.load(fx / "llm.npz"))
+    cfg, host = convert_llm(fx / "llm.safetensors", cfg_json)
+    model = BailingMoeLM(cfg)
+    ids = np.concatenate([ref["input_ids"], ref["input_ids"][::-1]], 0)  # batch 4
+
+    def run(params, ids):
+        out = model.apply(params, ids)
+        cache = init_cache(cfg, ids.shape[0], ids.shape[1])
+        _, _, cache = prefill(model, params, cache, input_ids=ids[:, :8])
+        steps = []
+        for s in range(8, ids.shape[1]):
+            lg, _, cache = decode_step(model, params, cache, input_ids=ids[:, s])
+            steps.append(lg)
+        return out["logits"], out["hidden"], jnp.stack(steps, 1)
+
+    single = jax.jit(run)(jax.tree.map(jnp.asarray, host), ids)
+    res: dict = {"mesh_shapes": {}, "meshes": {}}
+    for name, axes in {**MESHES, "data2_rest": {"data": 2, "fsdp": -1}}.items():
+        res["mesh_shapes"][name] = list(shd.make_mesh({"mesh": axes}).devices.shape)
+
+    rules = shd.DEFAULT_RULES
+    for name, axes in MESHES.items():
+        mesh = shd.make_mesh({"mesh": axes})
+        r: dict = {}
+        init = shd.init_sharded(model, jax.random.PRNGKey(0), ids, mesh=mesh, rules=rules)
+        _, loaded = load_llm(fx / "llm.safetensors", cfg_json, mesh=mesh, rules=rules)
+
+        def describe(tree):
+            out = {}
+            for path, leaf in jax.tree_util.tree_leaves_with_path(tree["params"]):
+                key = "/".join(p.key for p in path)
+                devs = {s.device for s in leaf.addressable_shards}
+                out[key] = {
+                    "spec": [x if not isinstance(x, tuple) else list(x) for x in leaf.sharding.spec]
+                    + [None] * (leaf.ndim - len(leaf.sharding.spec)),
+                    "shape": list(leaf.shape),
+                    "shard": list(leaf.addressable_shards[0].data.shape),
+                    "devices": len(devs),
+                }
+            return out
+
+        r["init"] = describe(init)
+        r["loaded"] = describe(loaded)
+        r["load_max_abs_diff"] = max(
+            float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+            for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(host))
+        )
+        with shd.use_sharding(mesh, rules):
+            sharded = jax.jit(run)(loaded, ids)
+        r["fwd_vs_single"] = [float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in zip(sharded, single)]
+        lg = np.asarray(sharded[0][:2], np.float64)
+        r["fwd_vs_fixture_rel"] = float(np.linalg.norm(lg - ref["logits"]) / np.linalg.norm(ref["logits"]))
+        r["logits_sharding"] = str(sharded[0].sharding)
+        res["meshes"][name] = r
+
+    # Rules come from the config: dropping the expert rule replicates the expert axis.
+    mesh = shd.make_mesh({"mesh": MESHES["data2_fsdp2_expert2"]})
+    sc = shd.ShardingConfig.from_dict({"mesh": MESHES["data2_fsdp2_expert2"],
+                                       "rules": [["expert", None], ["embed", ["fsdp", "expert"]], ["mlp", "tensor"]]})
+    boxed = shd.abstract_init(model, ids)
+    sh = shd.shardings_for(boxed, mesh, sc.rules)["params"]["moe"]["layers"]["moe"]["wi_gate"]
+    res["custom_rules_wi_gate"] = [x if not isinstance(x, tuple) else list(x) for x in sh.spec]
+    return res
+
+
+# ---------------------------------------------------------------------------------------------- pytest side
+
+
+@pytest.fixture(scope="module")
+def results():
+    from conftest import FIXTURES
+
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    proc = subprocess.run(
+        [sys.executable, __file__, str(FIXTURES)], env=env, capture_output=True, text=True, timeout=900
+    )
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_sharding_mesh_from_config(results):
+    assert results["mesh_shapes"] == {
+        "data2_fsdp2_expert2": [2, 2, 1, 2],
+        "fsdp4_tensor2": [1, 4, 2, 1],
+        "data2_rest": [2, 4, 1, 1],
+    }
+
+
+def test_sharding_mesh_shape_rules():
+    from unitok_jax.sharding import ShardingConfig, mesh_shape
+
+    assert mesh_shape((("data", 2), ("fsdp", -1), ("tensor", 1), ("expert", 2)), 8) == (2, 2, 1, 2)
+    with pytest.raises(ValueError, match="at most one"):
+        mesh_shape((("data", -1), ("fsdp", -1)), 8)
+    with pytest.raises(ValueError, match="needs 4 devices"):
+        mesh_shape((("data", 2), ("fsdp", 2)), 8)
+    with pytest.raises(ValueError, match="not divisible"):
+        mesh_shape((("data", 3), ("fsdp", -1)), 8)
+    with pytest.raises(ValueError, match="unknown mesh axes"):
+        ShardingConfig.from_dict({"mesh": {"model": 2}})
+
+
+@pytest.mark.parametrize("mesh", sorted(MESHES))
+@pytest.mark.parametrize("source", ["init", "loaded"])
+def test_sharding_params_follow_rules(results, mesh, source):
+    params = results["meshes"][mesh][source]
+    sizes = dict(zip(["data", "fsdp", "tensor", "expert"], results["mesh_shapes"][mesh]))
+    for path, spec in EXPECTED_SPECS.items():
+        got = params[path]
+        assert got["spec"] == spec, (path, got["spec"], spec)
+        expect_shard = [n // (sizes[a] if a else 1) for n, a in zip(got["shape"], spec)]
+        assert got["shard"] == expect_shard, (path, got)
+    # Every param is spread over all 8 devices, and the big ones are really split (never whole on one device).
+    assert all(p["devices"] == 8 for p in params.values())
+    for path in ("moe/layers/moe/wi_gate", "moe/layers/moe/wo", "embed/embedding", "lm_head"):
+        p = params[path]
+        assert 2 * _prod(p["shard"]) <= _prod(p["shape"]), (path, p)
+
+
+def _prod(xs):
+    out = 1
+    for x in xs:
+        out *= x
+    return out
+
+
+@pytest.mark.parametrize("mesh", sorted(MESHES))
+def test_sharding_forward_and_decode_equal_single_device(results, mesh):
+    r = results["meshes"][mesh]
+    logits, hidden, steps = r["fwd_vs_single"]
+    assert logits < 1e-4 and hidden < 1e-4 and steps < 1e-4, r["fwd_vs_single"]
+    assert r["fwd_vs_fixture_rel"] <= 1e-4
+    assert r["load_max_abs_diff"] == 0.0  # streamed slices == whole-tensor conversion
+
+
+def test_sharding_rules_are_config(results):
+    assert results["custom_rules_wi_gate"] == [None, None, ["fsdp", "expert"], "tensor"]
+
+
+if __name__ == "__main__":
+    print(json.dumps(_worker(sys.argv[1])))
