@@ -135,7 +135,8 @@ def test_heads_convert_errors_and_config(ref):
     with pytest.raises(ConversionError, match="unexpected"):
         convert_pooling(extra, cfg)
     full_cfg = {"llm_config": {"hidden_size": 64},
-                "audio_tokenizer_config": {"patch_size": 5, "semantic_module_kwargs": {"whisper_encoder": {"n_state": 48}}}}
+                "audio_tokenizer_config": {"patch_size": 5,
+                                           "semantic_module_kwargs": {"whisper_encoder": {"n_state": 48}}}}
     assert heads_config_from_bailingmm(full_cfg) == cfg
     with pytest.raises(ConversionError, match="hidden_size"):
         heads_config_from_bailingmm({"audio_tokenizer_config": full_cfg["audio_tokenizer_config"], "llm_config": {}})

@@ -210,6 +210,9 @@ class DiT(nn.Module):
 
     With the ``intermediates`` collection mutable it sows ``t_emb`` [N, H] and ``block_outputs`` [L, N, T, H]
     (the residual stream after each block).
+
+    Padding: every patch is its own sequence, so padded patches never affect valid ones; the reference's zeroing
+    of padded rows after attention is therefore not needed and padding is handled by the loss mask alone.
     """
 
     config: FlowConfig
