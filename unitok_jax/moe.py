@@ -12,7 +12,12 @@ contiguous group goes through a grouped matmul. Implementations (``impl``):
 * ``"tiled"``: a portable grouped matmul: every expert group is padded to a multiple of a row tile, each tile
   gathers its expert's weights and one batched matmul runs over the tiles. Cost ~ (N*k + E*(tile-1)) rows, i.e.
   it scales with top-k, not with the number of experts, on any backend.
-* ``"auto"`` (default): ``"ragged"`` on TPU/GPU, ``"tiled"`` elsewhere.
+* ``"loop"``: the same tile layout, but a loop over the tiles that are actually occupied (each reads its expert's
+  weights in place instead of a materialised gather): the fastest form on CPU (about 4x ``"tiled"`` at the small
+  config). XLA's cost analysis counts a loop body once, so its compiled FLOP count is not meaningful; ``"tiled"``
+  is the form whose cost analysis shows the work.
+* ``"auto"`` (default): ``"ragged"`` on TPU/GPU; on CPU ``"tiled"`` when there are no more tiles than experts
+  (decoding: only the chosen experts' weights are read) and ``"loop"`` otherwise (prefill).
 * ``"dense"``: the reference path (every expert on every token, combined with a masked weight matrix). Only for
   tests and benchmarks.
 
@@ -30,15 +35,22 @@ import jax.numpy as jnp
 
 from unitok_jax.nn.mlp import MLP
 
-IMPLS = ("auto", "ragged", "tiled", "dense")
+IMPLS = ("auto", "ragged", "tiled", "loop", "dense")
 
 
-def resolve_impl(impl: str) -> str:
+def resolve_impl(impl: str, rows: Optional[int] = None, num_experts: Optional[int] = None) -> str:
+    """The implementation ``impl`` stands for, given the number of token-slots and experts (static shapes)."""
     if impl not in IMPLS:
         raise ValueError(f"unknown MoE impl {impl!r}; expected one of {IMPLS}")
-    if impl == "auto":
-        return "ragged" if jax.default_backend() in ("tpu", "gpu", "cuda", "rocm") else "tiled"
-    return impl
+    if impl != "auto":
+        return impl
+    if jax.default_backend() in ("tpu", "gpu", "cuda", "rocm"):
+        return "ragged"
+    if rows is None or num_experts is None:
+        return "loop"
+    # CPU: few tiles (decoding) -> gather just the experts used; many tiles (prefill) -> loop over the tiles.
+    t = default_tile(rows, num_experts)
+    return "tiled" if (rows + num_experts * (t - 1)) // t <= num_experts else "loop"
 
 
 # ----------------------------------------------------------------------------------------------------- routing
@@ -159,18 +171,49 @@ def grouped_ffn_tiled(xs, group_sizes, w_gate, w_up, w_down, tile: Optional[int]
     return o.at[dest].get(mode="fill", fill_value=0)
 
 
+def loop_tile(rows: int, num_experts: int) -> int:
+    """Row tile for the looped grouped matmul: about the mean group size, a power of two in [1, 64]."""
+    t = max(1, -(-rows // num_experts))
+    return int(min(1 << (t - 1).bit_length(), 64))
+
+
+def grouped_ffn_loop(xs, group_sizes, w_gate, w_up, w_down, tile: Optional[int] = None):
+    """Same contract as :func:`grouped_ffn_ragged`: rows padded per expert to whole tiles, then a loop over the
+    tiles (a static worst-case count; unoccupied tiles are skipped by ``lax.cond``). Differentiable."""
+    rows, d = xs.shape
+    e = w_gate.shape[0]
+    tile = tile or loop_tile(rows, e)
+    dest, tile_group, n_tiles = _tiled_layout(group_sizes, rows, tile)
+    xp = jnp.zeros((n_tiles * tile, d), xs.dtype).at[dest].set(xs, mode="drop")
+    occupied = jnp.sum((group_sizes + tile - 1) // tile)
+
+    def body(i, out):
+        def work(out):
+            g = tile_group[i]
+            x = jax.lax.dynamic_slice_in_dim(xp, i * tile, tile)
+            y = _swiglu(x @ w_gate[g], x @ w_up[g]) @ w_down[g]
+            return jax.lax.dynamic_update_slice_in_dim(out, y.astype(out.dtype), i * tile, 0)
+
+        return jax.lax.cond(i < occupied, work, lambda o: o, out)
+
+    out = jax.lax.fori_loop(0, n_tiles, body, jnp.zeros_like(xp))
+    return out.at[dest].get(mode="fill", fill_value=0)
+
+
 def sorted_moe_ffn(x, idx, weights, w_gate, w_up, w_down, impl: str = "auto", tile: Optional[int] = None):
     """Dropless MoE over tokens x [N, D] with choices idx [N, k] and weights [N, k]: sum_j w_j E_{idx_j}(x),
     returned in float32 [N, D]."""
-    impl = resolve_impl(impl)
-    if impl == "dense":
-        return dense_moe_ffn(x, idx, weights, w_gate, w_up, w_down)
     n, k = idx.shape
     e = w_gate.shape[0]
+    impl = resolve_impl(impl, n * k, e)
+    if impl == "dense":
+        return dense_moe_ffn(x, idx, weights, w_gate, w_up, w_down)
     order, token, group_sizes = sort_slots(idx, e)
     xs = x[token]
     if impl == "ragged":
         ys = grouped_ffn_ragged(xs, group_sizes, w_gate, w_up, w_down)
+    elif impl == "loop":
+        ys = grouped_ffn_loop(xs, group_sizes, w_gate, w_up, w_down, tile)
     else:
         ys = grouped_ffn_tiled(xs, group_sizes, w_gate, w_up, w_down, tile)
     y_slots = jnp.zeros_like(ys).at[order].set(ys).reshape(n, k, -1)
@@ -231,13 +274,13 @@ class MoE(nn.Module):
         xf = x.astype(jnp.float32)
         logits = xf @ self._router("gate", d).astype(jnp.float32)
         if self.multi_gate:
-            # Both extra gates always exist (so the param tree matches the checkpoint), used where flagged.
-            img = xf @ self._router("image_gate", d).astype(jnp.float32)
-            aud = xf @ self._router("audio_gate", d).astype(jnp.float32)
+            # Both extra gates always exist (so the param tree matches the checkpoint); they are only computed
+            # when a mask asks for them.
+            w_img, w_aud = self._router("image_gate", d), self._router("audio_gate", d)
             if image_mask is not None:
-                logits = jnp.where(image_mask[..., None], img, logits)
+                logits = jnp.where(image_mask[..., None], xf @ w_img.astype(jnp.float32), logits)
             if audio_mask is not None:
-                logits = jnp.where(audio_mask[..., None], aud, logits)
+                logits = jnp.where(audio_mask[..., None], xf @ w_aud.astype(jnp.float32), logits)
         elif audio_mask is not None or image_mask is not None:
             raise ValueError("audio_mask/image_mask given but the MoE has no multi_gate")
         probs, idx, weights = route(logits, k, self.norm_topk_prob)

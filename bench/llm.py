@@ -1,0 +1,303 @@
+#!/usr/bin/env python
+"""BailingMoE LLM speed: prefill tokens/s and decode steps/s (KV cache), with compile time reported separately,
+plus the compiled FLOPs per token next to the analytic count from the active parameters. Random weights.
+
+Sizes: ``tiny`` (TINY_LLM_CONFIG: 64 wide, 2 layers, 8 experts top-2) and ``small`` (the LLM of
+``../shared/perf/small/config.json``: 512 wide, 6 layers, 16 experts top-2 + 1 shared, vocab 4096), batch 1 and 16.
+Comparisons measured in the same run (interleaved repeats):
+
+* ``grouped vs dense``: the dropless sorted grouped-matmul MoE (``moe_impl="auto"``: the looped tile form on CPU,
+  ragged_dot on TPU/GPU) vs the dense reference path (every expert on every token), same weights and inputs
+  (the full run adds rows for the batched "tiled" form and for ``jax.lax.ragged_dot``, which XLA:CPU lowers to a
+  masked product over all experts);
+* ``vs reference``: the small config at batch 1 against the reference's measured medians on the development CPU
+  (``../shared/perf/small/REFERENCE_TIMINGS.md``: 200-position prefill; one cached step after a 60-position
+  prefill).
+
+Usage: ``python bench/llm.py [--quick] [--json PATH]`` (``--quick``: fewer rows and repeats, < 2 min on 2 cores).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import pathlib
+import platform
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from unitok_jax.llm import (  # noqa: E402
+    TINY_LLM_CONFIG,
+    BailingMoeLM,
+    LLMConfig,
+    decode_step,
+    generate,
+    init_cache,
+    prefill,
+    random_params,
+)
+
+PERF = REPO.parent / "shared" / "perf" / "small"
+SMALL_FALLBACK = {**TINY_LLM_CONFIG, "vocab_size": 4096, "hidden_size": 512, "intermediate_size": 1536,
+                  "num_hidden_layers": 6, "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 64,
+                  "rope_theta": 600000.0, "num_experts": 16, "num_shared_experts": 1, "num_experts_per_tok": 2,
+                  "moe_intermediate_size": 512, "multi_gate": True}
+
+
+def small_llm_config() -> dict:
+    path = PERF / "config.json"
+    if not path.is_file():
+        return SMALL_FALLBACK
+    return json.loads(path.read_text())["llm_config"]
+
+
+def reference_ms() -> dict:
+    """Reference medians (ms) from REFERENCE_TIMINGS.md: 200-position prefill and one cached step."""
+    path = PERF / "REFERENCE_TIMINGS.md"
+    out = {}
+    if not path.is_file():
+        return out
+    for line in path.read_text().splitlines():
+        cells = [x.strip() for x in line.strip().strip("|").split("|")]
+        try:
+            if line.startswith("| BailingMoE forward of 200 positions"):
+                out["prefill_200"] = float(cells[1])
+            elif line.startswith("| LLM forward, 1 position with KV cache"):
+                out["step_after_60"] = float(cells[1])
+        except (IndexError, ValueError):
+            pass
+    return out
+
+
+def analytic_flops_per_token(cfg: LLMConfig, context: int) -> dict:
+    """2 x active matmul parameters per token, plus attention scores/values over ``context`` keys."""
+    d, n, k, hd = cfg.width, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    attn = d * (n + 2 * k) * hd + n * hd * d
+    moe = d * cfg.num_experts + cfg.num_experts_per_tok * 3 * d * cfg.moe_intermediate_size
+    moe += 3 * d * (cfg.shared_dim or 0)
+    active = cfg.num_moe_layers * (attn + moe) + cfg.num_dense_layers * (attn + 3 * d * cfg.mlp_dim)
+    active += d * cfg.vocab_size
+    attention = cfg.num_layers * 4 * context * n * hd
+    return {"active_params_M": active / 1e6, "param_flops": 2 * active, "attention_flops": attention,
+            "total": 2 * active + attention}
+
+
+class Case:
+    """Compiled prefill and decode-step calls for one config / MoE impl / batch size."""
+
+    def __init__(self, hf: dict, impl: str, batch: int, prompt: int, steps: int, seed: int = 0, **overrides):
+        self.cfg = LLMConfig.from_hf(hf, moe_impl=impl, **overrides)
+        self.model = BailingMoeLM(self.cfg)
+        self.params = jax.tree.map(jnp.asarray, random_params(self.cfg, seed))
+        self.batch, self.prompt = batch, prompt
+        rng = np.random.default_rng(seed + 1)
+        self.embeds = jnp.asarray(rng.standard_normal((batch, prompt, self.cfg.width)), jnp.float32)
+        self.step_embeds = jnp.asarray(rng.standard_normal((batch, 1, self.cfg.width)), jnp.float32)
+        self.size = prompt + steps + 8
+        model = self.model
+
+        def pre(p, c, x):
+            return prefill(model, p, c, inputs_embeds=x)
+
+        def step(p, c, x):
+            logits, hidden, c = decode_step(model, p, c, inputs_embeds=x)
+            return logits, hidden, c
+
+        cache = init_cache(self.cfg, batch, self.size)
+        t0 = time.perf_counter()
+        self.pre = jax.jit(pre).lower(self.params, cache, self.embeds).compile()
+        self.compile_prefill_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        self.step = jax.jit(step, donate_argnums=(1,)).lower(self.params, cache, self.step_embeds).compile()
+        self.compile_step_s = time.perf_counter() - t0
+        self.reset()
+
+    def reset(self):
+        self.cache = self.run_prefill()[2]
+
+    def run_prefill(self):
+        out = self.pre(self.params, init_cache(self.cfg, self.batch, self.size), self.embeds)
+        jax.block_until_ready(out)
+        return out
+
+    def run_step(self):
+        if int(self.cache["length"][0]) >= self.size - 1:
+            self.reset()
+        logits, _, self.cache = self.step(self.params, self.cache, self.step_embeds)
+        logits.block_until_ready()
+
+
+def compiled_flops_per_token(hf: dict, impl: str, batch: int, prompt: int) -> float:
+    """XLA's cost analysis of the prefill, per token. XLA counts a loop body once (the layer scan, and the "loop"
+    MoE), so this compiles a 1-layer model with the "tiled" MoE layout (dense stays dense) and scales the layer part
+    by the depth: C1 + (L - 1) (C1 - lm_head)."""
+    cfg = LLMConfig.from_hf(hf, moe_impl="tiled" if impl != "dense" else "dense")
+    one = dataclasses.replace(cfg, num_layers=1, first_k_dense_replace=0)
+    model = BailingMoeLM(one)
+    params = jax.eval_shape(lambda: random_params(one, 0))
+    x = jax.ShapeDtypeStruct((batch, prompt, cfg.width), jnp.float32)
+    cache = jax.eval_shape(lambda: init_cache(one, batch, prompt))
+    c = jax.jit(lambda p, c, x: prefill(model, p, c, inputs_embeds=x)).lower(params, cache, x).compile()
+    c1 = float((c.cost_analysis() or {}).get("flops", float("nan")))
+    head = 2 * batch * cfg.width * cfg.vocab_size  # logits at the last position only
+    return (c1 + (cfg.num_layers - 1) * (c1 - head)) / (batch * prompt)
+
+
+def _time(fns, budget_s: float, lo: int, hi: int) -> list[list[float]]:
+    """Interleaved repeats of several callables (machine noise hits them alike); seconds per call."""
+    for f in fns:  # warm-up
+        f()
+    times = [[] for _ in fns]
+    start = time.perf_counter()
+    i = 0
+    while i < lo or (i < hi and time.perf_counter() - start < budget_s * len(fns)):
+        for f, ts in zip(fns, times):
+            t = time.perf_counter()
+            f()
+            ts.append(time.perf_counter() - t)
+        i += 1
+    return times
+
+
+def _stats(ts):
+    return {"median_ms": 1e3 * statistics.median(ts), "min_ms": 1e3 * min(ts), "repeats": len(ts)}
+
+
+def run_pair(name: str, hf: dict, batch: int, prompt: int, budget: float, lo: int, hi: int, impls) -> list[dict]:
+    """Rows for each impl of one (config, batch): prefill and step times measured interleaved across impls."""
+    cases = {impl: Case(hf, impl, batch, prompt, hi + 4) for impl in impls}
+    pre_t = _time([c.run_prefill for c in cases.values()], budget, lo, hi)
+    step_t = _time([c.run_step for c in cases.values()], budget, lo, hi)
+    rows = []
+    for (impl, c), pt, st in zip(cases.items(), pre_t, step_t):
+        an = analytic_flops_per_token(c.cfg, prompt)
+        p, s = _stats(pt), _stats(st)
+        rows.append({
+            "config": name, "impl": impl, "batch": batch, "prompt": prompt,
+            "compile_prefill_s": c.compile_prefill_s, "compile_step_s": c.compile_step_s,
+            "prefill": p, "step": s,
+            "prefill_tokens_per_s": batch * prompt / (p["median_ms"] / 1e3),
+            "decode_steps_per_s": 1e3 / s["median_ms"],
+            "decode_tokens_per_s": batch * 1e3 / s["median_ms"],
+            "flops_per_token_compiled": compiled_flops_per_token(hf, impl, batch, prompt),
+            "flops_per_token_analytic": an["total"],
+            "active_params_M": an["active_params_M"],
+        })
+    return rows
+
+
+def while_loop_steps_per_s(hf: dict, batch: int, prompt: int, new: int, budget: float, lo: int, hi: int) -> dict:
+    """Greedy generation entirely on device (lax.while_loop of decode steps): steps per second."""
+    cfg = LLMConfig.from_hf(hf)
+    model = BailingMoeLM(cfg)
+    params = jax.tree.map(jnp.asarray, random_params(cfg, 0))
+    ids = jnp.asarray(np.random.default_rng(3).integers(1, cfg.vocab_size, (batch, prompt)), jnp.int32)
+    lengths = jnp.full((batch,), prompt, jnp.int32)
+    fn = jax.jit(lambda p, x, n: generate(model, p, x, n, new)).lower(params, ids, lengths).compile()
+    pre = jax.jit(lambda p, x, n: prefill(model, p, init_cache(cfg, batch, prompt + new), input_ids=x,
+                                          lengths=n)).lower(params, ids, lengths).compile()
+    gen_t, pre_t = _time([lambda: jax.block_until_ready(fn(params, ids, lengths)),
+                          lambda: jax.block_until_ready(pre(params, ids, lengths))], budget, lo, hi)
+    loop_s = statistics.median(gen_t) - statistics.median(pre_t)
+    return {"batch": batch, "prompt": prompt, "new_tokens": new, "generate_median_ms": 1e3 * statistics.median(gen_t),
+            "prefill_median_ms": 1e3 * statistics.median(pre_t), "steps_per_s": new / max(loop_s, 1e-9)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="a subset with few repeats (< 2 min on 2 CPU cores)")
+    ap.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    args = ap.parse_args(argv)
+    jax.config.update("jax_default_matmul_precision", "highest")  # float32 throughout, like the reference timings
+
+    budget, lo, hi = (0.8, 2, 8) if args.quick else (5.0, 3, 40)
+    small = small_llm_config()
+    plan = [("tiny", TINY_LLM_CONFIG, 1, 64), ("tiny", TINY_LLM_CONFIG, 16, 64), ("small", small, 1, 200)]
+    if not args.quick:
+        plan += [("small", small, 16, 200)]
+    impls = ("auto", "dense") if args.quick else ("auto", "dense", "tiled", "ragged")
+
+    print(f"BailingMoE LLM, float32, random weights; device {jax.devices()[0].platform} x{jax.device_count()}, "
+          f"{os.cpu_count()} CPUs, jax {jax.__version__}; MoE 'auto' = "
+          f"{'ragged_dot' if jax.default_backend() in ('tpu', 'gpu') else 'tile gather (decode) / tile loop (prefill)'}"
+          f" here; "
+          f"GFLOP/tok = XLA cost analysis of the prefill (tiled layout) vs analytic (2 x active params + attention)")
+    header = (f"{'config':<6} {'moe':<6} {'B':>3} {'T':>4} {'compile s':>9} {'prefill ms':>10} {'tok/s':>9} "
+              f"{'step ms':>8} {'steps/s':>8} {'GFLOP/tok':>9} {'analytic':>9} {'active M':>8}")
+    print(header)
+    print("-" * len(header))
+    rows = []
+    for name, hf, batch, prompt in plan:
+        for r in run_pair(name, hf, batch, prompt, budget, lo, hi, impls):
+            rows.append(r)
+            print(f"{r['config']:<6} {r['impl']:<6} {r['batch']:>3} {r['prompt']:>4} "
+                  f"{r['compile_prefill_s'] + r['compile_step_s']:>9.2f} {r['prefill']['median_ms']:>10.2f} "
+                  f"{r['prefill_tokens_per_s']:>9.0f} {r['step']['median_ms']:>8.2f} {r['decode_steps_per_s']:>8.1f} "
+                  f"{r['flops_per_token_compiled'] / 1e9:>9.4f} {r['flops_per_token_analytic'] / 1e9:>9.4f} "
+                  f"{r['active_params_M']:>8.2f}", flush=True)
+
+    loops = [while_loop_steps_per_s(TINY_LLM_CONFIG, b, 16, 32, budget, lo, hi) for b in (1, 16)]
+    print()
+    for w in loops:
+        print(f"tiny greedy generate (lax.while_loop), batch {w['batch']}: {w['new_tokens']} steps in "
+              f"{w['generate_median_ms'] - w['prefill_median_ms']:.1f} ms -> {w['steps_per_s']:.0f} steps/s")
+
+    comparisons = {}
+    print()
+    print(f"{'comparison':<28} {'A (ours) ms':>12} {'B ms':>10} {'B / A':>7}")
+    for name, batch, prompt in {(r["config"], r["batch"], r["prompt"]) for r in rows}:
+        a = next(r for r in rows if (r["config"], r["batch"], r["impl"]) == (name, batch, "auto"))
+        b = next(r for r in rows if (r["config"], r["batch"], r["impl"]) == (name, batch, "dense"))
+        for what in ("prefill", "step"):
+            key = f"grouped_vs_dense/{name}/b{batch}/{what}"
+            comparisons[key] = {"a_median_ms": a[what]["median_ms"], "b_median_ms": b[what]["median_ms"],
+                                "speedup": b[what]["median_ms"] / a[what]["median_ms"],
+                                "flops_ratio": b["flops_per_token_compiled"] / a["flops_per_token_compiled"]}
+    ref = reference_ms()
+    ours = next(r for r in rows if (r["config"], r["batch"], r["impl"]) == ("small", 1, "auto"))
+    if "prefill_200" in ref:
+        comparisons["vs_reference/small/b1/prefill_200"] = {
+            "a_median_ms": ours["prefill"]["median_ms"], "b_median_ms": ref["prefill_200"],
+            "speedup": ref["prefill_200"] / ours["prefill"]["median_ms"]}
+    if "step_after_60" in ref:
+        step60 = Case(small, "auto", 1, 60, hi + 4)
+        (t,) = _time([step60.run_step], budget, lo, hi)
+        comparisons["vs_reference/small/b1/step_after_60"] = {
+            "a_median_ms": 1e3 * statistics.median(t), "b_median_ms": ref["step_after_60"],
+            "speedup": ref["step_after_60"] / (1e3 * statistics.median(t))}
+    for key in sorted(comparisons):
+        c = comparisons[key]
+        extra = f"   (dense/grouped compiled prefill FLOPs {c['flops_ratio']:.2f}x)" if "flops_ratio" in c else \
+            "   (B = reference PyTorch median, REFERENCE_TIMINGS.md)"
+        print(f"{key:<28} {c['a_median_ms']:>12.2f} {c['b_median_ms']:>10.2f} {c['speedup']:>7.2f}{extra}")
+
+    if args.json:
+        out = {
+            "benchmark": "llm",
+            "quick": args.quick,
+            "environment": {"jax": jax.__version__, "platform": jax.devices()[0].platform,
+                            "device_count": jax.device_count(), "cpu_count": os.cpu_count(),
+                            "python": platform.python_version(), "machine": platform.machine()},
+            "configs": {"tiny": TINY_LLM_CONFIG, "small": small},
+            "rows": rows,
+            "while_loop": loops,
+            "comparisons": comparisons,
+        }
+        pathlib.Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2)
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
