@@ -125,6 +125,22 @@ class WeightReader:
             raise ConversionError(f"{self.source}: unexpected key(s) {left[:10]}{more}")
 
 
+def heads_in(r: WeightReader, name: str, d_in: int, n: int, d: int, bias: bool) -> dict:
+    """torch Linear [n*d, d_in] -> DenseGeneral kernel [d_in, n, d] (+ bias [n, d])."""
+    p = {"kernel": r.get(f"{name}.weight", (n * d, d_in)).T.reshape(d_in, n, d)}
+    if bias:
+        p["bias"] = r.get(f"{name}.bias", (n * d,)).reshape(n, d)
+    return p
+
+
+def heads_out(r: WeightReader, name: str, n: int, d: int, d_out: int, bias: bool) -> dict:
+    """torch Linear [d_out, n*d] -> DenseGeneral kernel [n, d, d_out] (+ bias [d_out])."""
+    p = {"kernel": r.get(f"{name}.weight", (d_out, n * d)).T.reshape(n, d, d_out)}
+    if bias:
+        p["bias"] = r.get(f"{name}.bias", (d_out,))
+    return p
+
+
 def stack_layers(per_layer: list[dict]) -> dict:
     """Stack a list of identical per-layer param trees along a new leading ``layers`` axis (our scanned layout)."""
     import jax

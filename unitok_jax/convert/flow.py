@@ -16,7 +16,8 @@ from typing import Mapping, Optional
 
 import numpy as np
 
-from unitok_jax.convert.common import ConversionError, WeightReader, detect_prefix, read_weights, stack_layers
+from unitok_jax.convert.common import (ConversionError, WeightReader, detect_prefix, heads_in, heads_out, read_weights,
+                                       stack_layers)
 from unitok_jax.flow import FlowConfig
 from unitok_jax.heads import HeadsConfig
 from unitok_jax.nn import inv_frequencies
@@ -62,22 +63,6 @@ def heads_config_from_bailingmm(config: Mapping, patch_size: int = 5) -> HeadsCo
     return HeadsConfig(semantic_dim=int(u), llm_dim=int(d), patch_size=int(p))
 
 
-def _heads_in(r: WeightReader, name: str, d_in: int, n: int, d: int) -> dict:
-    """torch Linear [n*d, d_in] (+ bias) -> DenseGeneral kernel [d_in, n, d], bias [n, d]."""
-    return {
-        "kernel": r.get(f"{name}.weight", (n * d, d_in)).T.reshape(d_in, n, d),
-        "bias": r.get(f"{name}.bias", (n * d,)).reshape(n, d),
-    }
-
-
-def _heads_out(r: WeightReader, name: str, n: int, d: int, d_out: int) -> dict:
-    """torch Linear [d_out, n*d] (+ bias) -> DenseGeneral kernel [n, d, d_out], bias [d_out]."""
-    return {
-        "kernel": r.get(f"{name}.weight", (d_out, n * d)).T.reshape(n, d, d_out),
-        "bias": r.get(f"{name}.bias", (d_out,)),
-    }
-
-
 def _check_rotary(r: WeightReader, cfg: FlowConfig) -> None:
     name = "rotary_embed.inv_freq"
     if not r.has(name):
@@ -115,10 +100,10 @@ def convert_dit(weights, cfg: FlowConfig, prefix: Optional[str] = None, source: 
     for i in range(cfg.depth):
         b = f"blocks.{i}."
         attn = {
-            "q": _heads_in(r, b + "attn.to_q", H, n, d),
-            "k": _heads_in(r, b + "attn.to_k", H, n, d),
-            "v": _heads_in(r, b + "attn.to_v", H, n, d),
-            "o": _heads_out(r, b + "attn.to_out.0", n, d, H),
+            "q": heads_in(r, b + "attn.to_q", H, n, d, True),
+            "k": heads_in(r, b + "attn.to_k", H, n, d, True),
+            "v": heads_in(r, b + "attn.to_v", H, n, d, True),
+            "o": heads_out(r, b + "attn.to_out.0", n, d, H, True),
         }
         if cfg.qk_norm:
             attn["q_norm"] = {"scale": r.get(b + "attn.q_norm.weight", (d,))}

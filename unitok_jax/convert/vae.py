@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from unitok_jax.convert.common import ConversionError, WeightReader, stack_layers
+from unitok_jax.convert.common import ConversionError, WeightReader, heads_in, heads_out, stack_layers
 from unitok_jax.nn import TransformerConfig
 from unitok_jax.vae import VAEConfig, hann_window
 
@@ -19,22 +19,6 @@ VAE_UNUSED = (
     r"encoder\.encoder\.embed_tokens\.weight",
     r"decoder\.decoder\.embed_tokens\.weight",
 )
-
-
-def heads_in(r: WeightReader, name: str, d_in: int, n: int, d: int, bias: bool) -> dict:
-    """torch Linear [n*d, d_in] -> DenseGeneral kernel [d_in, n, d] (+ bias [n, d])."""
-    p = {"kernel": r.get(f"{name}.weight", (n * d, d_in)).T.reshape(d_in, n, d)}
-    if bias:
-        p["bias"] = r.get(f"{name}.bias", (n * d,)).reshape(n, d)
-    return p
-
-
-def heads_out(r: WeightReader, name: str, n: int, d: int, d_out: int, bias: bool) -> dict:
-    """torch Linear [d_out, n*d] -> DenseGeneral kernel [n, d, d_out] (+ bias [d_out])."""
-    p = {"kernel": r.get(f"{name}.weight", (d_out, n * d)).T.reshape(n, d, d_out)}
-    if bias:
-        p["bias"] = r.get(f"{name}.bias", (d_out,))
-    return p
 
 
 def qwen2_stack(r: WeightReader, root: str, c: TransformerConfig) -> dict:
