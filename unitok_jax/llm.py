@@ -117,6 +117,7 @@ class LLMConfig(TransformerConfig):
     pad_token_id: int = 0
     moe_impl: str = "auto"  # "auto" | "ragged" | "tiled" | "dense" (see unitok_jax.moe)
     moe_tile: Optional[int] = None
+    expert_parallel: bool = True  # under a mesh whose rules shard "expert": shard_map expert parallelism
     aux_loss_coef: float = 0.0  # load-balancing loss weight (off, as in the release)
     z_loss_coef: float = 0.0  # router z-loss weight (off)
 
@@ -362,6 +363,7 @@ class LLMBlock(nn.Module):
             multi_gate=cfg.multi_gate,
             impl=cfg.moe_impl,
             tile=cfg.moe_tile,
+            expert_parallel=cfg.expert_parallel,
             dtype=dtype,
             param_dtype=pdtype,
             name="moe",

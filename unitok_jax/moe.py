@@ -231,6 +231,98 @@ def dense_moe_ffn(x, idx, weights, w_gate, w_up, w_down):
     return jnp.einsum("end,ne->nd", y.astype(jnp.float32), combine)
 
 
+# ------------------------------------------------------------------------------------------ expert parallelism
+
+
+def _mesh_axes(logical: str, rules, mesh) -> tuple:
+    """Mesh axes (of size > 1) that the logical axis ``logical`` maps to under ``rules``."""
+    spec = nn.logical_to_mesh_axes((logical,), rules)[0]
+    axes = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
+    return tuple(a for a in axes if mesh.shape.get(a, 1) > 1)
+
+
+def expert_parallel_active(num_experts: int) -> bool:
+    """True when tracing under a mesh whose rules put the ``expert`` logical axis on mesh axes of size > 1 that
+    divide ``num_experts``."""
+    mesh = jax.sharding.get_abstract_mesh()
+    rules = nn.get_logical_axis_rules()
+    if mesh.empty or not rules:
+        return False
+    axes = _mesh_axes("expert", rules, mesh)
+    size = 1
+    for a in axes:
+        size *= mesh.shape[a]
+    return bool(axes) and num_experts % size == 0
+
+
+def expert_parallel_ffn(x, idx, weights, w_gate, w_up, w_down, impl: str = "auto", tile: Optional[int] = None):
+    """Dropless MoE with expert parallelism (``shard_map`` over the context mesh and logical-axis rules).
+
+    Each device holds ``E / ep`` experts (the ``expert`` axis), a slice of their width (``mlp`` -> ``tensor``) and,
+    at rest, a slice of ``embed`` (FSDP, all-gathered here). Tokens keep their batch sharding and are replicated
+    over the expert axis; every device runs the grouped matmul for its own experts only (slots routed elsewhere
+    are excluded from the groups) and the partial outputs are summed over the expert and tensor axes. No capacity
+    factor, no dropped tokens. Same contract as :func:`sorted_moe_ffn`."""
+    from jax.sharding import PartitionSpec as P
+
+    mesh = jax.sharding.get_abstract_mesh()
+    rules = nn.get_logical_axis_rules()
+    ex, emb, mlp = (_mesh_axes(n, rules, mesh) for n in ("expert", "embed", "mlp"))
+    # Tokens may be split over the batch axes, but must be whole over the axes the partial sums run over.
+    bat = tuple(a for a in _mesh_axes("batch", rules, mesh) if a not in ex + mlp)
+    n_shards = 1
+    for a in bat:
+        n_shards *= mesh.shape[a]
+    if x.shape[0] % n_shards:
+        bat = ()  # e.g. one decoding sequence on a data-parallel mesh: every replica computes it
+    tok = P(bat or None, None)
+    ax = lambda axes: (axes if len(axes) > 1 else axes[0]) if axes else None  # noqa: E731
+    w_in = P(ax(ex), ax(emb), ax(mlp))
+    w_out = P(ax(ex), ax(mlp), ax(emb))
+
+    def body(x, idx, weights, wg, wu, wd):
+        for a in emb:  # FSDP: gather the embed slices of this device's experts
+            wg = jax.lax.all_gather(wg, a, axis=1, tiled=True)
+            wu = jax.lax.all_gather(wu, a, axis=1, tiled=True)
+            wd = jax.lax.all_gather(wd, a, axis=2, tiled=True)
+        e_loc = wg.shape[0]
+        shard = 0
+        for a in ex:
+            shard = shard * jax.lax.axis_size(a) + jax.lax.axis_index(a)
+        local = idx - shard * e_loc
+        mine = (local >= 0) & (local < e_loc)
+        if ex + mlp:
+            # Mark the (replicated) tokens as device-varying before the data-dependent gather below: its
+            # transpose then scatters locally and the cast's transpose sums over the devices. Gathering the
+            # replicated value with device-varying indices gives wrong input gradients (jax 0.10).
+            x = jax.lax.pcast(x, ex + mlp, to="varying")
+            weights = jax.lax.pcast(weights, ex + mlp, to="varying")
+        local = jnp.where(mine, local, e_loc)  # sentinel: sorted last, in no group
+        n, k = idx.shape
+        rimpl = resolve_impl(impl, n * k, e_loc)
+        if rimpl == "dense":  # one_hot of the sentinel is all zeros: other devices' experts get weight 0
+            y = dense_moe_ffn(x, local, weights, wg, wu, wd)
+        else:
+            order, token, group_sizes = sort_slots(local, e_loc)
+            xs = x[token]
+            if rimpl == "ragged":
+                ys = grouped_ffn_ragged(xs, group_sizes, wg, wu, wd)
+            elif rimpl == "loop":
+                ys = grouped_ffn_loop(xs, group_sizes, wg, wu, wd, tile)
+            else:
+                ys = grouped_ffn_tiled(xs, group_sizes, wg, wu, wd, tile)
+            y_slots = jnp.zeros_like(ys).at[order].set(ys).reshape(n, k, -1).astype(jnp.float32)
+            y_slots = jnp.where(mine[..., None], y_slots, 0.0)
+            y = jnp.einsum("nkd,nk->nd", y_slots, weights.astype(jnp.float32))
+        return jax.lax.psum(y, ex + mlp) if ex + mlp else y
+
+    return jax.shard_map(
+        body,
+        in_specs=(tok, tok, tok, w_in, w_in, w_out),
+        out_specs=tok,
+    )(x, idx, weights, w_gate, w_up, w_down)
+
+
 # ---------------------------------------------------------------------------------------------------- module
 
 
@@ -254,6 +346,7 @@ class MoE(nn.Module):
     multi_gate: bool = False
     impl: str = "auto"
     tile: Optional[int] = None
+    expert_parallel: bool = True  # under a mesh with an expert axis: shard_map expert parallelism
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -293,7 +386,8 @@ class MoE(nn.Module):
         w_down = self.param("wo", nn.with_logical_partitioning(init, ("expert", "mlp", "embed")), (e, f, d),
                             self.param_dtype)
         cast = lambda w: w.astype(self.dtype)  # noqa: E731
-        y = sorted_moe_ffn(
+        ffn = expert_parallel_ffn if self.expert_parallel and expert_parallel_active(e) else sorted_moe_ffn
+        y = ffn(
             x.reshape(b * t, d).astype(self.dtype), idx.reshape(b * t, k), weights.reshape(b * t, k),
             cast(w_gate), cast(w_up), cast(w_down), self.impl, self.tile,
         ).reshape(b, t, d).astype(x.dtype)
