@@ -138,9 +138,9 @@ class Case:
 
 def compiled_flops_per_token(hf: dict, impl: str, batch: int, prompt: int) -> float:
     """XLA's cost analysis of the prefill, per token. XLA counts a loop body once (the layer scan, and the "loop"
-    MoE), so this compiles a 1-layer model with the "tiled" MoE layout (dense stays dense) and scales the layer part
-    by the depth: C1 + (L - 1) (C1 - lm_head)."""
-    cfg = LLMConfig.from_hf(hf, moe_impl="tiled" if impl != "dense" else "dense")
+    MoE), so this compiles a 1-layer model with the "tiled" MoE layout for the grouped forms ("dense" and "ragged"
+    as they are) and scales the layer part by the depth: C1 + (L - 1) (C1 - lm_head)."""
+    cfg = LLMConfig.from_hf(hf, moe_impl=impl if impl in ("dense", "ragged") else "tiled")
     one = dataclasses.replace(cfg, num_layers=1, first_k_dense_replace=0)
     model = BailingMoeLM(one)
     params = jax.eval_shape(lambda: random_params(one, 0))

@@ -512,7 +512,7 @@ class BailingMoeLM(nn.Module):
         out = {"hidden": h, "cache": new_cache}
         if return_logits:
             hl = h if logits_index is None else jnp.take_along_axis(h, logits_index[:, None, None], axis=1)
-            out["logits"] = self.head(hl)
+            out["logits"] = nn.with_logical_constraint(self.head(hl), ("batch", "length", "vocab"))
         else:
             out["logits"] = None
 

@@ -7,6 +7,10 @@ may be -1 for "the rest of the devices") and the rules mapping logical names to 
 logical axis whose rule is absent (or whose mesh axis is already used by another dimension of the same array) is
 replicated. Changing a parallelism strategy is a config change.
 
+Under :func:`use_sharding` with a mesh whose rules put ``expert`` on a mesh axis of size > 1, the MoE layers run
+with expert parallelism (:func:`unitok_jax.moe.expert_parallel_ffn`, a ``shard_map``): each device computes only
+its own experts, FSDP slices are all-gathered, partial outputs are summed over the expert and tensor axes.
+
 Typical use::
 
     sc = ShardingConfig.from_dict({"mesh": {"data": 2, "fsdp": -1, "expert": 2}})

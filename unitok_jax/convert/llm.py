@@ -412,14 +412,18 @@ def convert_llm(weights, llm_config: Optional[Mapping] = None, *, dtype=np.float
 
 
 def load_llm(weights, llm_config: Optional[Mapping] = None, *, mesh=None, rules=None, dtype=np.float32, **overrides):
-    """Like :func:`convert_llm` but returns device arrays. With a ``mesh`` (and logical ``rules``, default
+    """Like :func:`convert_llm` but returns device arrays (``dtype`` e.g. ``ml_dtypes.bfloat16``; the config's
+    ``param_dtype`` follows). With a ``mesh`` (and logical ``rules``, default
     :data:`unitok_jax.sharding.DEFAULT_RULES`) every param is created in its sharding straight from the checkpoint
-    slices that each device holds (streamed; the whole checkpoint is never in host memory)."""
+    slices that each device holds (``jax.make_array_from_callback`` over memory-mapped safetensors: streamed, the
+    whole checkpoint -- or a whole param -- is never in host memory). Without a mesh, params are converted and
+    moved to the default device one at a time."""
     import jax
 
     from unitok_jax import sharding as shd
     from unitok_jax.llm import BailingMoeLM
 
+    overrides.setdefault("param_dtype", np.dtype(dtype).name)
     src = TensorSource.open(weights)
     cfg = resolve_config(src, llm_config, weights if isinstance(weights, (str, os.PathLike)) else None, **overrides)
     plan = _plan_llm(src, cfg, _detect_root(src), np.dtype(dtype))
