@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import jax
 import ml_dtypes
@@ -52,12 +53,13 @@ def test_llm_convert_file_equals_dict_and_norm_head_folded(ref):
     cfg_json, weights, params = ref
     cfg, from_file = convert_llm(FIXTURES / "llm.safetensors", cfg_json)
     _same(from_file, params)
-    assert cfg.norm_head
+    _, normed = convert_llm(weights, {**cfg_json, "norm_head": True})
     expect = apply_norm_head(weights["lm_head.weight"]).T
-    np.testing.assert_allclose(params["params"]["lm_head"], expect, rtol=1e-6)
+    np.testing.assert_allclose(normed["params"]["lm_head"], expect, rtol=1e-6)
     np.testing.assert_allclose(np.linalg.norm(expect, axis=1), 1.0, rtol=1e-5)  # unit columns over the vocab
     _, raw = convert_llm(weights, {**cfg_json, "norm_head": False})
     np.testing.assert_array_equal(raw["params"]["lm_head"], weights["lm_head.weight"].T)
+    _same(params, normed if cfg.norm_head else raw)
 
 
 def test_llm_convert_stacked_and_mixed_expert_layouts(ref):
@@ -85,7 +87,7 @@ def test_llm_convert_full_checkpoint_prefix_and_sharded_folder(ref, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"llm_config": cfg_json, "audio_tokenizer_config": {}}))
     cfg, p = convert_llm(str(tmp_path))  # config read from the folder
     _same(p, params)
-    assert cfg.multi_gate and cfg.norm_head
+    assert cfg == convert_llm(weights, cfg_json)[0]
     _, loaded = load_llm(str(tmp_path))
     _same(jax.tree.map(np.asarray, loaded), params)
     os.remove(tmp_path / "model-00002-of-00002.safetensors")
@@ -131,37 +133,59 @@ def test_llm_export_convert_round_trip_with_dense_layers(grouped):
 
 
 # ----------------------------------------------------------------------------------------- tampered inputs
+# Names and shapes come from the fixture's config, so these hold for any fixture set in this format.
+
+
+def _dims(c):
+    return c["hidden_size"], c["moe_intermediate_size"], c["num_experts"], c["num_hidden_layers"]
 
 
 def test_llm_convert_wrong_shape_names_key_and_shapes(ref):
     cfg_json, weights, _ = ref
+    D, F, E, L = _dims(cfg_json)
     bad = dict(weights)
-    k = "model.layers.1.mlp.experts.2.up_proj.weight"
-    bad[k] = bad[k].T.copy()
-    with pytest.raises(ConversionError, match=r"model\.layers\.1\.mlp\.experts\.2\.up_proj\.weight.*\(64, 32\).*\(32, 64\)"):
+    k = f"model.layers.{L - 1}.mlp.experts.{E - 1}.up_proj.weight"
+    bad[k] = np.zeros((F + 1, D), np.float32)
+    with pytest.raises(ConversionError, match=rf"{re.escape(k)}.*\({F + 1}, {D}\).*\({F}, {D}\)"):
         convert_llm(bad, cfg_json)
     bad = _stack_experts(weights)
-    bad["model.layers.0.mlp.experts.down_proj.weight"] = bad["model.layers.0.mlp.experts.down_proj.weight"][:3]
-    with pytest.raises(ConversionError, match=r"experts\.down_proj\.weight.*\(3, 64, 32\).*\(4, 64, 32\)"):
+    k = "model.layers.0.mlp.experts.down_proj.weight"
+    bad[k] = bad[k][: E - 1]
+    with pytest.raises(ConversionError, match=rf"{re.escape(k)}.*\({E - 1}, {D}, {F}\).*\({E}, {D}, {F}\)"):
         convert_llm(bad, cfg_json)
-    with pytest.raises(ConversionError, match=r"query_key_value\.weight.*shape \(128, 64\), expected \(96, 64\)"):
-        convert_llm(weights, {**cfg_json, "num_key_value_heads": 1})
+    n, kv = cfg_json["num_attention_heads"], cfg_json["num_key_value_heads"]
+    hd = cfg_json.get("head_dim") or D // n
+    other = n if kv != n else 1
+    with pytest.raises(ConversionError, match=rf"query_key_value\.weight.*shape \({(n + 2 * kv) * hd}, {D}\), "
+                                              rf"expected \({(n + 2 * other) * hd}, {D}\)"):
+        convert_llm(weights, {**cfg_json, "num_key_value_heads": other})
 
 
 def test_llm_convert_missing_and_unexpected_keys(ref):
     cfg_json, weights, _ = ref
-    bad = {k: v for k, v in weights.items() if k != "model.layers.1.mlp.gate.weight"}
-    with pytest.raises(ConversionError, match=r"missing key 'model\.layers\.1\.mlp\.gate\.weight'"):
+    D, F, E, L = _dims(cfg_json)
+    k = f"model.layers.{L - 1}.mlp.gate.weight"
+    bad = {key: v for key, v in weights.items() if key != k}
+    with pytest.raises(ConversionError, match=rf"missing key '{re.escape(k)}'"):
         convert_llm(bad, cfg_json)
-    bad = {k: v for k, v in weights.items() if k != "model.layers.0.mlp.audio_gate.weight"}
-    with pytest.raises(ConversionError, match="audio_gate.*multi_gate"):
-        convert_llm(bad, cfg_json)
+    no_gates = {key: v for key, v in weights.items() if not re.search(r"mlp\.(audio|image)_gate", key)}
+    with pytest.raises(ConversionError, match=r"missing key .*(image|audio)_gate.*multi_gate=true"):
+        convert_llm(no_gates, {**cfg_json, "multi_gate": True})
+    with_gates = dict(no_gates)
+    with_gates["model.layers.0.mlp.audio_gate.weight"] = np.zeros((E, D), np.float32)
+    with pytest.raises(ConversionError, match=r"unexpected key.*audio_gate"):
+        convert_llm(with_gates, {**cfg_json, "multi_gate": False})
     bad = dict(weights)
-    bad["model.layers.0.mlp.experts.4.gate_proj.weight"] = np.zeros((32, 64), np.float32)
-    with pytest.raises(ConversionError, match=r"unexpected key.*experts\.4\.gate_proj"):
+    bad[f"model.layers.0.mlp.experts.{E}.gate_proj.weight"] = np.zeros((F, D), np.float32)
+    with pytest.raises(ConversionError, match=rf"unexpected key.*experts\.{E}\.gate_proj"):
         convert_llm(bad, cfg_json)
-    with pytest.raises(ConversionError, match=r"unexpected key.*attention\.dense\.bias"):
-        convert_llm(weights, {**cfg_json, "use_bias": False})
+    has_bias = "model.layers.0.attention.dense.bias" in weights
+    if has_bias:
+        with pytest.raises(ConversionError, match=r"unexpected key.*attention\.dense\.bias"):
+            convert_llm(weights, {**cfg_json, "use_bias": False})
+    else:
+        with pytest.raises(ConversionError, match=r"missing key.*attention\.dense\.bias"):
+            convert_llm(weights, {**cfg_json, "use_bias": True})
     both = _stack_experts(weights, layers=[0])
     both["model.layers.0.mlp.experts.0.gate_proj.weight"] = weights["model.layers.0.mlp.experts.0.gate_proj.weight"]
     with pytest.raises(ConversionError, match="both per-expert and stacked"):

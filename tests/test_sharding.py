@@ -43,24 +43,36 @@ EXPECTED_SPECS = {
 # ------------------------------------------------------------------------------------------ subprocess side
 
 
-def _worker(fixtures: str) -> dict:
+# A tiny model whose dims divide every mesh axis used here (the fixture sets may not).
+HF = {
+    "vocab_size": 96, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "hidden_act": "silu",
+    "use_qkv_bias": True, "use_bias": True, "rms_norm_eps": 1e-6, "norm_head": False, "tie_word_embeddings": False,
+    "rope_theta": 10000.0, "rope_scaling": None, "num_experts": 4, "num_shared_experts": 1,
+    "num_experts_per_tok": 2, "norm_topk_prob": True, "moe_intermediate_size": 32, "first_k_dense_replace": 0,
+    "multi_gate": True,
+}
+
+
+def _worker(tmp: str) -> dict:
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
     import numpy as np
+    from safetensors.numpy import save_file
 
     jax.config.update("jax_default_matmul_precision", "highest")
     from unitok_jax import sharding as shd
-    from unitok_jax.convert.llm import convert_llm, load_llm
-    from unitok_jax.llm import BailingMoeLM, decode_step, init_cache, prefill
+    from unitok_jax.convert.llm import convert_llm, export_llm, load_llm
+    from unitok_jax.llm import BailingMoeLM, LLMConfig, decode_step, init_cache, prefill, random_params
 
     assert jax.device_count() == 8, jax.devices()
-    fx = pathlib.Path(fixtures)
-    cfg_json = json.loads((fx / "llm.config.json").read_text())
-    ref = dict(np.load(fx / "llm.npz"))
-    cfg, host = convert_llm(fx / "llm.safetensors", cfg_json)
+    cfg = LLMConfig.from_hf(HF)
+    ckpt = str(pathlib.Path(tmp) / "llm.safetensors")
+    save_file(export_llm(cfg, random_params(cfg, 0)), ckpt)  # a reference-layout checkpoint
+    _, host = convert_llm(ckpt, HF)
     model = BailingMoeLM(cfg)
-    ids = np.concatenate([ref["input_ids"], ref["input_ids"][::-1]], 0)  # batch 4
+    ids = np.random.default_rng(0).integers(1, cfg.vocab_size, size=(4, 12)).astype(np.int32)
 
     def run(params, ids):
         out = model.apply(params, ids)
@@ -82,7 +94,7 @@ def _worker(fixtures: str) -> dict:
         mesh = shd.make_mesh({"mesh": axes})
         r: dict = {}
         init = shd.init_sharded(model, jax.random.PRNGKey(0), ids, mesh=mesh, rules=rules)
-        _, loaded = load_llm(fx / "llm.safetensors", cfg_json, mesh=mesh, rules=rules)
+        _, loaded = load_llm(ckpt, HF, mesh=mesh, rules=rules)
 
         def describe(tree):
             out = {}
@@ -109,8 +121,7 @@ def _worker(fixtures: str) -> dict:
             r["expert_parallel_lowered"] = "manual_computation" in jrun.lower(loaded, ids).as_text()
             sharded = jrun(loaded, ids)
         r["fwd_vs_single"] = [float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in zip(sharded, single)]
-        lg = np.asarray(sharded[0][:2], np.float64)
-        r["fwd_vs_fixture_rel"] = float(np.linalg.norm(lg - ref["logits"]) / np.linalg.norm(ref["logits"]))
+        r["single_scale"] = [float(np.max(np.abs(np.asarray(b)))) for b in single]
         r["logits_sharding"] = str(sharded[0].sharding)
         res["meshes"][name] = r
 
@@ -156,13 +167,10 @@ def _worker(fixtures: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def results():
-    from conftest import FIXTURES
-
+def results(tmp_path_factory):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    proc = subprocess.run(
-        [sys.executable, __file__, str(FIXTURES)], env=env, capture_output=True, text=True, timeout=900
-    )
+    tmp = tmp_path_factory.mktemp("sharding")
+    proc = subprocess.run([sys.executable, __file__, str(tmp)], env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-6000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -218,7 +226,7 @@ def test_sharding_forward_and_decode_equal_single_device(results, mesh):
     r = results["meshes"][mesh]
     logits, hidden, steps = r["fwd_vs_single"]
     assert logits < 1e-4 and hidden < 1e-4 and steps < 1e-4, r["fwd_vs_single"]
-    assert r["fwd_vs_fixture_rel"] <= 1e-4
+    assert min(r["single_scale"]) > 0.1  # non-trivial outputs
     assert r["load_max_abs_diff"] == 0.0  # streamed slices == whole-tensor conversion
 
 

@@ -333,6 +333,9 @@ class MoE(nn.Module):
     ``wi_gate``/``wi_up`` [E, D, F] and ``wo`` [E, F, D]; ``shared`` (an :class:`~unitok_jax.nn.MLP` of width
     ``shared_dim``) when ``shared_dim``.
 
+    ``audio_mask`` / ``image_mask`` [B, T] are ignored without ``multi_gate`` (one gate routes every token, as in
+    the reference).
+
     Returns ``(y [B, T, D], info)`` with ``info``: ``router_logits`` [B, T, E] (the effective ones, after the
     modality selection), ``topk_idx`` [B, T, k] int32, ``topk_weight`` [B, T, k] fp32, ``counts`` [E] int32 (valid
     token-slots per expert), ``aux_loss`` and ``z_loss`` (float32 scalars over valid tokens).
@@ -374,8 +377,6 @@ class MoE(nn.Module):
                 logits = jnp.where(image_mask[..., None], xf @ w_img.astype(jnp.float32), logits)
             if audio_mask is not None:
                 logits = jnp.where(audio_mask[..., None], xf @ w_aud.astype(jnp.float32), logits)
-        elif audio_mask is not None or image_mask is not None:
-            raise ValueError("audio_mask/image_mask given but the MoE has no multi_gate")
         probs, idx, weights = route(logits, k, self.norm_topk_prob)
 
         init = nn.initializers.lecun_normal(in_axis=-2, out_axis=-1, batch_axis=(0,))
