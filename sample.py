@@ -57,14 +57,11 @@ def reconstruct(args) -> int:
     from unitok_jax.convert import ConversionError, load
 
     try:
-        ckpt = load(args.checkpoint)
+        cfg, params = load(args.checkpoint).vae()  # a tokenizer-only or a full checkpoint
     except ConversionError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if "vae" not in ckpt.configs:
-        print(f"error: {args.checkpoint} holds no AudioVAE", file=sys.stderr)
-        return 2
-    cfg, params = ckpt.configs["vae"], jax.device_put(ckpt.params["vae"])
+    params = jax.device_put(params)
     hop, sr = cfg.hop, cfg.sample_rate
     os.makedirs(args.out, exist_ok=True)
 

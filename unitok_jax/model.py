@@ -53,7 +53,7 @@ class UniAudioConfig:
     def from_dict(cls, d: Mapping[str, Any]) -> "UniAudioConfig":
         return cls(
             vae=VAEConfig.from_dict(d["vae"]),
-            llm=LLMConfig(**d["llm"]),
+            llm=LLMConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d["llm"].items()}),
             flow=FlowConfig.from_dict(d["flow"]),
             heads=HeadsConfig.from_dict(d["heads"]),
         )

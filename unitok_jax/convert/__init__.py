@@ -23,22 +23,46 @@ VERSION = 1
 CONFIG_NAME = "unitok_config.json"
 PARAMS_DIR = "params"
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+# Top-level key prefixes of a full Ming-UniAudio checkpoint (spec 6.2); anything else is unexpected.
+FULL_PREFIXES = ("audio.", "model.", "flowloss.", "linear_proj_audio.", "stop_head.")
+
+
+def _uniaudio_from_dict(d: dict):
+    from unitok_jax.model import UniAudioConfig
+
+    return UniAudioConfig.from_dict(d)
+
+
 # component name -> how to rebuild its config object from the saved dict
-CONFIG_LOADERS: dict[str, Callable[[dict], Any]] = {"vae": VAEConfig.from_dict}
+CONFIG_LOADERS: dict[str, Callable[[dict], Any]] = {"vae": VAEConfig.from_dict, "uniaudio": _uniaudio_from_dict}
 
 
 @dataclasses.dataclass
 class Checkpoint:
-    """Configs and params per component (``"vae"``, ...); params are plain pytrees of arrays."""
+    """Configs and params per component; params are plain pytrees of arrays.
+
+    Two kinds: a tokenizer-only checkpoint (``"vae"``: VAEConfig + VAE params) and a full model (``"uniaudio"``:
+    UniAudioConfig + params keyed like the official prefixes: audio / model / flowloss / linear_proj_audio /
+    stop_head)."""
 
     configs: dict[str, Any]
     params: dict[str, Any]
     source: str = ""
+    path: str = ""  # where it was loaded from (holds tokenizer files for a full model)
 
     def num_params(self, component: str) -> int:
         import jax
 
         return int(sum(np.prod(np.shape(x)) for x in jax.tree.leaves(self.params[component])))
+
+    def vae(self) -> tuple[VAEConfig, Any]:
+        """(VAEConfig, VAE params) of either kind."""
+        if "vae" in self.configs:
+            return self.configs["vae"], self.params["vae"]
+        if "uniaudio" in self.configs:
+            return self.configs["uniaudio"].vae, self.params["uniaudio"]["audio"]
+        raise ConversionError(f"{self.path or self.source}: the checkpoint holds no AudioVAE")
 
 
 def _vae_section(config: dict) -> tuple[dict, list[str]] | None:
@@ -52,10 +76,50 @@ def _vae_section(config: dict) -> tuple[dict, list[str]] | None:
     return None
 
 
+def convert_full(src: str, config: dict) -> Checkpoint:
+    """A full Ming-UniAudio folder -> one UniAudio checkpoint (every component, cross-checked)."""
+    import warnings
+
+    from unitok_jax.convert.flow import convert_dit, convert_heads
+    from unitok_jax.convert.llm import convert_llm
+    from unitok_jax.model import UniAudioConfig
+
+    weights = read_weights(src)
+    stray = sorted(k for k in weights if not k.startswith(FULL_PREFIXES))
+    if stray:
+        raise ConversionError(f"{src}: unexpected key(s) outside {list(FULL_PREFIXES)}: {stray[:10]}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # unknown llm_config keys are reported by the LLM converter's own warning
+        llm_cfg, llm_vars = convert_llm({k: v for k, v in weights.items() if k.startswith("model.")},
+                                        config["llm_config"])
+    try:
+        cfg = UniAudioConfig.from_bailingmm(config)
+    except (KeyError, ValueError, TypeError) as e:
+        raise ConversionError(f"{src}/config.json: invalid model config: {e}") from e
+    cfg = dataclasses.replace(cfg, llm=llm_cfg)
+    _, vae_params = convert_vae(weights, config["audio_tokenizer_config"], prefix="audio.", source=src)
+    flow_params = convert_dit(weights, cfg.flow, prefix="flowloss.cfm.model.", source=src)
+    heads_params = convert_heads(weights, cfg.heads, source=src)
+    params = {
+        "audio": vae_params,
+        "model": llm_vars["params"],
+        "flowloss": flow_params,
+        "linear_proj_audio": heads_params["pooling"],
+        "stop_head": heads_params["stop_head"],
+    }
+    return Checkpoint({"uniaudio": cfg}, {"uniaudio": params}, source=os.path.abspath(src))
+
+
 def convert_reference(src: str) -> Checkpoint:
     """Read a reference checkpoint folder (``config.json`` + ``model.safetensors`` or a sharded set with
-    ``model.safetensors.index.json``) and convert every component we support (currently: the AudioVAE)."""
+    ``model.safetensors.index.json``) and convert it: a full Ming-UniAudio folder (``llm_config`` +
+    ``audio_tokenizer_config`` + ``ditar_config``) gives a ``"uniaudio"`` checkpoint, a MingTok-Audio folder a
+    ``"vae"`` one."""
     config = read_json(os.path.join(src, "config.json"))
+    if all(k in config for k in ("llm_config", "audio_tokenizer_config", "ditar_config")):
+        ckpt = convert_full(src, config)
+        ckpt.path = os.path.abspath(src)
+        return ckpt
     section = _vae_section(config)
     if section is None:
         raise ConversionError(
@@ -65,7 +129,7 @@ def convert_reference(src: str) -> Checkpoint:
     kwargs, prefixes = section
     prefix = detect_prefix(weights, "encoder.fc1.weight", prefixes)
     cfg, params = convert_vae(weights, kwargs, prefix=prefix, source=src)
-    return Checkpoint({"vae": cfg}, {"vae": params}, source=os.path.abspath(src))
+    return Checkpoint({"vae": cfg}, {"vae": params}, source=os.path.abspath(src), path=os.path.abspath(src))
 
 
 def save(ckpt: Checkpoint, dst: str, *, overwrite: bool = False) -> None:
@@ -91,6 +155,9 @@ def save(ckpt: Checkpoint, dst: str, *, overwrite: bool = False) -> None:
         }
         with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
             json.dump(meta, f, indent=2)
+        for name in TOKENIZER_FILES:  # the text tokenizer travels with a full model
+            if ckpt.path and os.path.isfile(os.path.join(ckpt.path, name)):
+                shutil.copy2(os.path.join(ckpt.path, name), os.path.join(tmp, name))
         if os.path.exists(dst):
             old = dst + ".old"
             os.replace(dst, old)
@@ -131,7 +198,7 @@ def load(path: str) -> Checkpoint:
     missing = sorted(set(configs) - set(params))
     if missing:
         raise ConversionError(f"{params_dir}: no params for component(s) {missing}")
-    return Checkpoint(configs, {k: params[k] for k in configs}, source=meta.get("source", ""))
+    return Checkpoint(configs, {k: params[k] for k in configs}, source=meta.get("source", ""), path=path)
 
 
 __all__ = ["Checkpoint", "ConversionError", "convert_reference", "load", "save"]
