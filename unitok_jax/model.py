@@ -116,3 +116,22 @@ def splice_audio(embeds: jax.Array, audio: jax.Array, start: jax.Array) -> jax.A
     b, p = audio.shape[:2]
     idx = start[:, None] + jnp.arange(p)[None, :]
     return embeds.at[jnp.arange(b)[:, None], idx].set(audio.astype(embeds.dtype))
+
+
+def init_params(cfg: UniAudioConfig, key: jax.Array) -> dict:
+    """Random params of the whole model (plain arrays), each component from its own init: the VAE, the LLM
+    (unboxed), the DiT, LinearPooling (its Linear zero-initialised, as for training from scratch) and the stop head.
+    For tests and benchmarks; real weights come from :mod:`unitok_jax.convert`."""
+    import flax.linen as nn
+
+    from unitok_jax import llm
+
+    k_vae, k_llm, k_flow, k_pool, k_stop = jax.random.split(key, 5)
+    pool_in = jnp.zeros((1, cfg.patch_size, cfg.heads.semantic_dim), jnp.float32)
+    return {
+        "audio": vae.init_params(cfg.vae, k_vae),
+        "model": nn.unbox(llm.init_params(cfg.llm, k_llm))["params"],
+        "flowloss": flow.init_dit(cfg.flow, k_flow),
+        "linear_proj_audio": nn.unbox(cfg.heads.pooling().init(k_pool, pool_in))["params"],
+        "stop_head": nn.unbox(heads.StopHead().init(k_stop, jnp.zeros((1, cfg.llm.width), jnp.float32)))["params"],
+    }
