@@ -156,3 +156,102 @@ def test_tts_streaming_equals_offline(tiny, tts_req):
         wave = np.concatenate([c.audio[i] for c in chunks])
         assert wave.shape == (n * P * hop,)
         np.testing.assert_allclose(wave, offline.waves[i, : n * P * hop], atol=1e-4, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------- ASR / edit
+
+APATCH = 63  # the tiny vocab's <audioPatch> id (random text ids avoid it)
+
+
+@pytest.fixture(scope="module")
+def text_req(tiny):
+    cfg, _ = tiny
+    rng = np.random.default_rng(1)
+    patches = np.array([3, 1, 2], np.int32)
+    seqs = []
+    for i, pch in enumerate(patches):
+        pre, post = rng.integers(1, APATCH, 2 + i), rng.integers(1, APATCH, 3)
+        seqs.append(np.concatenate([pre, np.full(pch, APATCH), post]))
+    ids, lengths = G.pad_sequences(seqs, dtype=np.int32)
+    audio = rng.standard_normal((3, 3 * P, cfg.vae.latent_dim)).astype(np.float32)
+    return dict(ids=ids, lengths=lengths, audio=audio, audio_patches=patches)
+
+
+def _first(tokens, tok, limit):
+    hits = np.flatnonzero(tokens[:limit] == tok)
+    return int(hits[0]) if hits.size else None
+
+
+def _asr(params, cfg, req, **kw):
+    kw.setdefault("max_new_tokens", 6)
+    return G.asr(params, cfg, req["ids"], req["lengths"], req["audio"], req["audio_patches"],
+                 audio_patch_id=APATCH, **kw)
+
+
+def test_asr_loop_python_loop_batch_and_eos(tiny, text_req):
+    cfg, params = tiny
+    free = _asr(params, cfg, text_req, eos_id=-1)
+    np.testing.assert_array_equal(free.n, [6, 6, 6])
+    assert not free.eos.any()
+    eos = int(free.tokens[0, 2])
+    res = _asr(params, cfg, text_req, eos_id=eos)
+    py = _asr(params, cfg, text_req, eos_id=eos, mode="python")
+    for r in (res, py):
+        for i in range(3):
+            j = _first(free.tokens[i], eos, 6)
+            n = 6 if j is None else j + 1
+            assert r.n[i] == n and r.eos[i] == (j is not None)
+            np.testing.assert_array_equal(r.tokens[i, :n], free.tokens[i, :n])
+            assert np.all(r.tokens[i, n:] == 0)
+    assert res.n[0] <= 3 and res.eos[0]
+    for i in range(3):
+        req = {k: v[i:i + 1] for k, v in text_req.items()}
+        req["ids"] = req["ids"][:, : req["lengths"][0]]
+        alone = _asr(params, cfg, req, eos_id=eos)
+        assert alone.n[0] == res.n[i]
+        np.testing.assert_array_equal(alone.tokens[0], res.tokens[i])
+    # the audio matters (its pooled patches replace the <audioPatch> embeddings)
+    other = _asr(params, cfg, dict(text_req, audio=text_req["audio"] * -3.0), eos_id=-1)
+    assert np.any(other.tokens != free.tokens)
+
+
+def _edit(params, cfg, req, **kw):
+    kw.setdefault("sampler", SAMPLER)
+    kw.setdefault("max_text_tokens", 6)
+    kw.setdefault("max_patches", 5)
+    return G.edit(params, cfg, req["ids"], req["lengths"], req["audio"], req["audio_patches"], jax.random.key(3),
+                  audio_patch_id=APATCH, **kw)
+
+
+def test_edit_switches_at_gen_audio_and_matches_python_loop_and_single(tiny, text_req):
+    cfg, params = tiny
+    free = _edit(params, cfg, text_req, eos_id=-1, gen_audio_id=-1)
+    np.testing.assert_array_equal(free.n, [6, 6, 6])
+    assert not free.switched.any() and np.all(free.counts == 0) and np.all(free.waves == 0)
+    gen = int(free.tokens[0, 1])
+    eos = next(int(t) for t in free.tokens[1] if t != gen)
+    kw = dict(eos_id=eos, gen_audio_id=gen, audio_budgets=np.array([4, 3, 5]), min_steps=100)
+    res = _edit(params, cfg, text_req, **kw)
+    py = _edit(params, cfg, text_req, mode="python", **kw)
+    for r in (res, py):
+        for i in range(3):
+            jg, je = _first(free.tokens[i], gen, 6), _first(free.tokens[i], eos, 6)
+            if jg is not None and (je is None or jg < je):
+                n, switched, count = jg + 1, True, kw["audio_budgets"][i]
+            else:
+                n, switched, count = (6 if je is None else je + 1), False, 0
+            assert (r.n[i], r.switched[i], r.counts[i]) == (n, switched, count)
+            assert r.eos[i] == (not switched and je is not None)
+            np.testing.assert_array_equal(r.tokens[i, :n], free.tokens[i, :n])
+            assert np.all(r.latents[i, count:] == 0)
+    assert res.switched[0] and res.tokens[0, res.n[0] - 1] == gen and res.counts[0] == 4
+    assert np.abs(res.latents[0, :4]).max() > 0.1
+    np.testing.assert_allclose(res.latents, py.latents, atol=ATOL, rtol=0)
+    np.testing.assert_allclose(res.waves, py.waves, atol=ATOL, rtol=0)
+    for i in range(3):
+        req = {k: v[i:i + 1] for k, v in text_req.items()}
+        req["ids"] = req["ids"][:, : req["lengths"][0]]
+        alone = _edit(params, cfg, req, request_ids=[i], **{**kw, "audio_budgets": kw["audio_budgets"][i:i + 1]})
+        assert (alone.n[0], alone.counts[0]) == (res.n[i], res.counts[i])
+        np.testing.assert_array_equal(alone.tokens[0], res.tokens[i])
+        np.testing.assert_allclose(alone.latents[0], res.latents[i], atol=ATOL, rtol=0)

@@ -478,3 +478,140 @@ def asr(params, cfg: UniAudioConfig, ids, lengths, audio, audio_patches, key=Non
     tokens = np.asarray(state["tokens"])[:b]
     tokens = np.where(np.arange(tokens.shape[1])[None] < n[:, None], tokens, pad_id)
     return TextResult(tokens, n, np.asarray(state["eos"])[:b])
+
+
+# ------------------------------------------------------------------------------------------------- edit
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "max_text", "max_patches", "audio_patch_id"))
+def edit_init(params, cfg: UniAudioConfig, ids, lengths, audio, audio_patches, text_budgets, audio_budgets, key,
+              request_ids, min_steps, knobs, *, max_text: int, max_patches: int, audio_patch_id: int):
+    """Prefill of the edit prompt (source audio spliced at ``<audioPatch>``, text gate, semantic cache over the
+    source audio) and the loop state: text phase first, ``audio`` flags per row."""
+    b, s = ids.shape
+    t, c = audio.shape[1:]
+    p = cfg.patch_size
+    logits, hidden, cache, sem = _prefill_with_audio(params, cfg, ids, lengths, audio, audio_patches,
+                                                     audio_patch_id, False, s + max_text + max_patches,
+                                                     t + max_patches * p)
+    text_budgets = jnp.minimum(text_budgets, max_text).astype(jnp.int32)
+    return {
+        "iter": jnp.zeros((), jnp.int32), "cache": cache, "sem": sem, "logits": logits, "hidden": hidden,
+        "tokens": jnp.zeros((b, max_text), jnp.int32), "n": jnp.zeros((b,), jnp.int32), "budget_text": text_budgets,
+        "audio": jnp.zeros((b,), bool), "history": jnp.zeros((b, p, c), jnp.float32),
+        "count": jnp.zeros((b,), jnp.int32), "budget": jnp.minimum(audio_budgets, max_patches).astype(jnp.int32),
+        "min_steps": jnp.broadcast_to(jnp.asarray(min_steps, jnp.int32), (b,)),
+        "done": text_budgets <= 0, "stopped": jnp.zeros((b,), bool), "eos": jnp.zeros((b,), bool),
+        "out": jnp.zeros((b, max_patches, p, c), jnp.float32), "keys": _row_keys(key, request_ids), "knobs": knobs,
+    }
+
+
+def _edit_step(params, cfg: UniAudioConfig, state, steps, emit_stop_patch, eos_id, gen_audio_id, pad_id):
+    active = ~state["done"]
+    is_text = active & ~state["audio"]
+    is_audio = active & state["audio"]
+    p = cfg.patch_size
+    # text phase: greedy token, appended to the text (the <gen_audio> token included) and fed back
+    tok = jnp.argmax(state["logits"], axis=-1).astype(jnp.int32)
+    b, m = state["tokens"].shape
+    rows, slot = jnp.arange(b), jnp.minimum(state["n"], m - 1)
+    tokens = state["tokens"].at[rows, slot].set(jnp.where(is_text, tok, state["tokens"][rows, slot]))
+    n = state["n"] + is_text.astype(jnp.int32)
+    to_audio = is_text & (tok == gen_audio_id)
+    eos = is_text & (tok == eos_id)
+    text_end = eos | (is_text & ~to_audio & (n >= state["budget_text"])) | (to_audio & (state["budget"] <= 0))
+    # audio phase (the flow head only runs when some row is in it)
+    x, prob = jax.lax.cond(
+        jnp.any(is_audio),
+        lambda: _sample_and_stop(params, cfg, state, steps),
+        lambda: (jnp.zeros_like(state["history"]), jnp.zeros((b,), jnp.float32)),
+    )
+    stop, emit, out, count = _emit(state, x, is_audio, prob, emit_stop_patch)
+    audio_end = stop | (is_audio & (count >= state["budget"]))
+    done = state["done"] | text_end | audio_end
+    feed_text = is_text & ~text_end
+    feed_audio = is_audio & ~audio_end
+    pooled, _, sem = model.audio_inputs(params, cfg, x, state["sem"],
+                                        jnp.broadcast_to(feed_audio[:, None], feed_audio.shape + (p,)))
+    tok_emb = model.embed_tokens(params, cfg, jnp.where(feed_text, tok, pad_id)[:, None])
+    inp = jnp.where(feed_text[:, None, None], tok_emb, pooled.astype(tok_emb.dtype))
+    feed = feed_text | feed_audio
+    logits, hidden, cache = llm.decode_step(model.llm_module(cfg), model.llm_vars(params), state["cache"],
+                                            inputs_embeds=inp, active=feed)
+    return {
+        **state, "iter": state["iter"] + 1, "cache": cache, "sem": sem,
+        "logits": jnp.where(feed[:, None], logits, state["logits"]),
+        "hidden": jnp.where(feed[:, None], hidden, state["hidden"]),
+        "tokens": tokens, "n": n, "audio": state["audio"] | to_audio,
+        "history": jnp.where(emit[:, None, None], x, state["history"]), "count": count, "out": out,
+        "done": done, "stopped": state["stopped"] | stop, "eos": state["eos"] | eos,
+    }
+
+
+_EDIT_STATIC = ("cfg", "steps", "emit_stop_patch", "eos_id", "gen_audio_id", "pad_id")
+edit_step = jax.jit(_edit_step, static_argnames=_EDIT_STATIC)
+
+
+@functools.partial(jax.jit, static_argnames=_EDIT_STATIC)
+def edit_run(params, cfg: UniAudioConfig, state, limit, *, steps, emit_stop_patch, eos_id, gen_audio_id, pad_id=0):
+    return _while(lambda s: _edit_step(params, cfg, s, steps, emit_stop_patch, eos_id, gen_audio_id, pad_id),
+                  state, limit)
+
+
+class EditResult(NamedTuple):
+    tokens: np.ndarray  # [B, M] text ids (up to and including <gen_audio> / eos; pad_id past n)
+    n: np.ndarray  # [B] text tokens
+    switched: np.ndarray  # [B] reached <gen_audio> (audio phase)
+    latents: np.ndarray  # [B, N, p, C]
+    counts: np.ndarray  # [B] audio patches
+    waves: Optional[np.ndarray]  # [B, N * p * hop]
+    stopped: np.ndarray  # [B] audio ended by the stop head
+    eos: np.ndarray  # [B] text ended by eos (no audio)
+
+
+def edit(params, cfg: UniAudioConfig, ids, lengths, audio, audio_patches, key, *, eos_id: int, gen_audio_id: int,
+         audio_patch_id: int, max_text_tokens: int = 128, max_patches: int = 256, text_budgets=None,
+         audio_budgets=None, request_ids=None, sampler: Sampler = Sampler(), min_steps=16,
+         stop_threshold: float = 0.5, emit_stop_patch: bool = True, pad_id: int = 0, buckets=DEFAULT_BUCKETS,
+         decode: bool = True, mode: str = "compiled") -> EditResult:
+    """Batched free-form editing (spec §1.4, §5.6): greedy text per row until ``gen_audio_id`` (then that row's
+    audio phase: flow patches with history starting at zeros and the semantic cache continuing from the source
+    audio, stop rule as :func:`tts`) or ``eos_id`` (text only). ``ids`` [B, S] right-padded edit prompts with
+    ``audio_patches[b]`` ``<audioPatch>`` ids, ``audio`` [B, T, C] the source latents. Text and audio have separate
+    budgets (``text_budgets`` / ``audio_budgets`` [B], default the maxima); the reference shares one
+    ``max(2.5 S, 100)`` step budget and has no EOS stop (spec §9 #8)."""
+    ids = np.asarray(ids, np.int32)
+    b = ids.shape[0]
+    p = cfg.patch_size
+    audio = np.asarray(audio, np.float32)
+    audio_patches = np.asarray(audio_patches, np.int32)
+    tb = np.full((b,), max_text_tokens, np.int32) if text_budgets is None else np.asarray(text_budgets, np.int32)
+    ab = np.full((b,), max_patches, np.int32) if audio_budgets is None else np.asarray(audio_budgets, np.int32)
+    m = bucket(max(int(tb.max(initial=1)), 1), buckets)
+    nb = bucket(max(int(ab.max(initial=1)), 1), buckets)
+    bb, s = bucket(b, buckets), bucket(ids.shape[1], buckets)
+    tp = bucket(max(int(audio_patches.max(initial=1)), 1), buckets) * p
+    audio = audio[:, :tp]
+    request_ids = np.arange(b, dtype=np.int32) if request_ids is None else np.asarray(request_ids, np.int32)
+    min_steps = np.broadcast_to(np.asarray(min_steps, np.int32), (b,))
+    state = edit_init(params, cfg, pad_axis(pad_axis(ids, s, 1, pad_id), bb, 0, pad_id),
+                      pad_axis(np.asarray(lengths, np.int32), bb, 0, 1), pad_axis(pad_axis(audio, tp, 1), bb, 0),
+                      pad_axis(audio_patches, bb, 0), pad_axis(tb, bb, 0), pad_axis(ab, bb, 0), key,
+                      pad_axis(request_ids, bb, 0), pad_axis(min_steps, bb, 0), _knobs(sampler, stop_threshold),
+                      max_text=m, max_patches=nb, audio_patch_id=int(audio_patch_id))
+    static = dict(steps=sampler.steps, emit_stop_patch=emit_stop_patch, eos_id=int(eos_id),
+                  gen_audio_id=int(gen_audio_id), pad_id=int(pad_id))
+    if mode == "compiled":
+        state = edit_run(params, cfg, state, jnp.int32(m + nb + 1), **static)
+    elif mode == "python":
+        while not bool(jnp.all(state["done"])):
+            state = edit_step(params, cfg, state, **static)
+    else:
+        raise ValueError(f"mode must be 'compiled' or 'python', got {mode!r}")
+    n = np.asarray(state["n"])[:b]
+    tokens = np.asarray(state["tokens"])[:b]
+    tokens = np.where(np.arange(tokens.shape[1])[None] < n[:, None], tokens, pad_id)
+    waves = np.asarray(decode_latents(params, cfg, state["out"], state["count"]))[:b] if decode else None
+    return EditResult(tokens, n, np.asarray(state["audio"])[:b], np.asarray(state["out"])[:b],
+                      np.asarray(state["count"])[:b], waves, np.asarray(state["stopped"])[:b],
+                      np.asarray(state["eos"])[:b])
