@@ -1,7 +1,6 @@
 """Audio I/O: real speech, resampling, downmix, PCM input, the clear errors, and atomic saves."""
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import pytest

@@ -1,11 +1,9 @@
 """Two reference TTS steps glued from the components (e2e_step.npz), fed the recorded noise."""
 from __future__ import annotations
 
-import json
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from conftest import FIXTURES, load_fixture, rel_err

@@ -2,7 +2,7 @@
 (optionally preceded by ``first_k_dense_replace`` dense layers), final RMSNorm and an LM head with float32 logits.
 
 Layers run through :class:`unitok_jax.nn.Stack` (scanned, params with a leading ``layers`` axis) with the shared
-attention math (:class:`LLMAttention` = :class:`~unitok_jax.nn.Attention` with mesh-safe projections) and the
+attention (:class:`~unitok_jax.nn.Attention`, mesh-safe :class:`~unitok_jax.nn.attention.Projection` kernels) and the
 fixed-size KV cache of :mod:`unitok_jax.nn.cache`, so masks, positions and caches behave as everywhere else.
 
 Params (under ``params``)::
@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional
 
 import flax.linen as nn
 import jax
@@ -33,10 +33,10 @@ import numpy as np
 
 from unitok_jax.moe import MoE
 from unitok_jax.nn import cache as kvcache
-from unitok_jax.nn.attention import Attention, write_kv
+from unitok_jax.nn.attention import Attention
 from unitok_jax.nn.mlp import MLP
 from unitok_jax.nn.norms import RMSNorm
-from unitok_jax.nn.rotary import apply_rotary, rope_angles
+from unitok_jax.nn.rotary import mrope_angles, rope_angles
 from unitok_jax.nn.transformer import Stack, TransformerConfig
 
 # The Ming-UniAudio LLM (spec §3.1; Ling-lite layout). Every value is overridden by the checkpoint's llm_config.
@@ -222,19 +222,6 @@ class LLMConfig(TransformerConfig):
 # --------------------------------------------------------------------------------------------- rotary helpers
 
 
-def mrope_angles_exact(positions: jax.Array, head_dim: int, theta: float, sections: Sequence[int]) -> jax.Array:
-    """positions [n, B, T] -> angles [B, T, head_dim/2]; frequency i takes its position from component j mod n of
-    the section j that holds i. Selection by ``where`` (exact on every backend, unlike a one-hot matmul that a TPU
-    runs in bfloat16 by default)."""
-    n = positions.shape[0]
-    comp = np.concatenate([np.full((s,), j % n, dtype=np.int32) for j, s in enumerate(sections)])
-    all_angles = rope_angles(positions, head_dim, theta)  # [n, B, T, half]
-    out = all_angles[0]
-    for c in range(1, n):
-        out = jnp.where(jnp.asarray(comp == c), all_angles[c], out)
-    return out
-
-
 def get_rope_index(attention_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Reference ``get_rope_index`` for text/audio input (no vision grids).
 
@@ -248,73 +235,6 @@ def get_rope_index(attention_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 # ----------------------------------------------------------------------------------------------------- blocks
-
-
-class Projection(nn.Module):
-    """A DenseGeneral over the last ``n_in`` input axes whose kernel is created in its full shape.
-
-    Same params and math as ``nn.DenseGeneral`` (kernel ``in_shape + features``, optional bias ``features``), but
-    flax's DenseGeneral initialises a *flattened* 2-D kernel and unboxes it; under a mesh context that applies the
-    kernel's N-D logical sharding constraint to the 2-D value and fails, and flax re-runs the initialiser (abstractly)
-    at every ``apply`` to check shapes, so sharded *apply* fails too. This class avoids the flattening."""
-
-    features: tuple
-    n_in: int
-    use_bias: bool
-    kernel_axes: tuple
-    bias_axes: tuple
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        n_in, feats = self.n_in, tuple(self.features)
-        in_shape = x.shape[x.ndim - n_in :]
-        init = nn.initializers.lecun_normal(
-            in_axis=tuple(range(n_in)), out_axis=tuple(range(n_in, n_in + len(feats)))
-        )
-        kernel = self.param(
-            "kernel", nn.with_logical_partitioning(init, self.kernel_axes), in_shape + feats, self.param_dtype
-        )
-        contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
-        y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
-        if self.use_bias:
-            bias = self.param(
-                "bias", nn.with_logical_partitioning(nn.initializers.zeros, self.bias_axes), feats, self.param_dtype
-            )
-            y = y + bias.astype(self.dtype)
-        return y
-
-
-class LLMAttention(Attention):
-    """:class:`unitok_jax.nn.Attention` (same fields, params, cache and math) with :class:`Projection` for q/k/v/o,
-    so that it can be applied under a mesh context (see :class:`Projection`)."""
-
-    @nn.compact
-    def __call__(self, x, mask=None, angles=None, cache_kv=None, slots=None):
-        if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
-        n, kh, d = self.num_heads, self.num_kv_heads, self.head_dim
-        p = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        q = Projection((n, d), 1, self.q_bias, ("embed", "heads", "kv"), ("heads", "kv"), name="q", **p)(x)
-        k = Projection((kh, d), 1, self.k_bias, ("embed", "kv_heads", "kv"), ("kv_heads", "kv"), name="k", **p)(x)
-        v = Projection((kh, d), 1, self.v_bias, ("embed", "kv_heads", "kv"), ("kv_heads", "kv"), name="v", **p)(x)
-        if self.qk_norm:
-            q = RMSNorm(self.qk_norm_eps, param_dtype=self.param_dtype, axis_name="kv", name="q_norm")(q)
-            k = RMSNorm(self.qk_norm_eps, param_dtype=self.param_dtype, axis_name="kv", name="k_norm")(k)
-        if self.rope is not None and angles is not None:
-            q = apply_rotary(q, angles, self.rope, self.rope_heads)
-            k = apply_rotary(k, angles, self.rope, self.rope_heads)
-        q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
-        new_cache = None
-        if cache_kv is not None:
-            if slots is None:
-                raise ValueError("a KV cache needs the slots to write the new keys to")
-            new_cache = write_kv(cache_kv, k, v, slots)
-            k, v = new_cache["k"].astype(q.dtype), new_cache["v"].astype(q.dtype)
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=d**-0.5)
-        out = Projection((x.shape[-1],), 2, self.o_bias, ("heads", "kv", "embed"), ("embed",), name="o", **p)(out)
-        return out, new_cache
 
 
 class LLMBlock(nn.Module):
@@ -335,7 +255,7 @@ class LLMBlock(nn.Module):
         extra = extra or {}
         dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         h = RMSNorm(cfg.norm_eps, param_dtype=pdtype, name="attn_norm")(x)
-        h, new_kv = LLMAttention(
+        h, new_kv = Attention(
             num_heads=cfg.num_heads,
             num_kv_heads=cfg.num_kv_heads,
             head_dim=cfg.head_dim,
@@ -461,7 +381,7 @@ class BailingMoeLM(nn.Module):
         if rope_positions.ndim == 3:
             if not cfg.rope_3d:
                 raise ValueError("rope_positions [3, B, T] need a config with rope_3d (rope_scaling type 3D)")
-            return mrope_angles_exact(rope_positions, cfg.head_dim, cfg.rope_theta, cfg.sections)
+            return mrope_angles(rope_positions, cfg.head_dim, cfg.rope_theta, cfg.sections)
         return rope_angles(rope_positions, cfg.head_dim, cfg.rope_theta)
 
     def __call__(

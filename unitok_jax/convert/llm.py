@@ -449,7 +449,7 @@ def export_llm(cfg, variables, *, grouped: bool = False, prefix: str = "") -> di
     a = lambda x: np.asarray(x, np.float32)  # noqa: E731
     out = {}
     m = f"{prefix}model."
-    N, K, hd, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.width
+    N, hd, D = cfg.num_heads, cfg.head_dim, cfg.width
     out[f"{m}word_embeddings.weight"] = a(p["embed"]["embedding"])
     out[f"{m}norm.weight"] = a(p["final_norm"]["scale"])
     if not cfg.tie_word_embeddings:
@@ -526,7 +526,6 @@ def _compare_paths(ours: set, model: set, cfg):
 
 def _check_against_model(cfg, params):
     """Converted params must have exactly the model's tree and shapes."""
-    import jax
 
     from unitok_jax import sharding as shd
     from unitok_jax.llm import BailingMoeLM

@@ -16,17 +16,41 @@ from unitok_jax.nn.norms import RMSNorm
 from unitok_jax.nn.rotary import apply_rotary
 
 
-def _proj(features, axis, use_bias, kernel_axes, bias_axes, name, dtype, param_dtype):
-    return nn.DenseGeneral(
-        features=features,
-        axis=axis,
-        use_bias=use_bias,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), kernel_axes),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, bias_axes),
-        name=name,
-    )
+class Projection(nn.Module):
+    """A DenseGeneral over the last ``n_in`` input axes whose kernel is created in its full shape.
+
+    Same params and math as ``nn.DenseGeneral`` (kernel ``in_shape + features``, optional bias ``features``), but
+    flax's DenseGeneral initialises a *flattened* 2-D kernel and unboxes it; under a mesh context that applies the
+    kernel's N-D logical sharding constraint to the 2-D value and fails, and flax re-runs the initialiser (abstractly)
+    at every ``apply`` to check shapes, so sharded *apply* fails too. This class avoids the flattening."""
+
+    features: tuple
+    n_in: int
+    use_bias: bool
+    kernel_axes: tuple
+    bias_axes: tuple
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        n_in, feats = self.n_in, tuple(self.features)
+        in_shape = x.shape[x.ndim - n_in :]
+        init = nn.initializers.lecun_normal(
+            in_axis=tuple(range(n_in)), out_axis=tuple(range(n_in, n_in + len(feats)))
+        )
+        kernel = self.param(
+            "kernel", nn.with_logical_partitioning(init, self.kernel_axes), in_shape + feats, self.param_dtype
+        )
+        contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+        y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
+        if self.use_bias:
+            bias = self.param(
+                "bias", nn.with_logical_partitioning(nn.initializers.zeros, self.bias_axes), feats, self.param_dtype
+            )
+            y = y + bias.astype(self.dtype)
+        return y
+
 
 
 def write_kv(cache_kv: dict, k: jax.Array, v: jax.Array, slots: jax.Array) -> dict:
@@ -41,7 +65,7 @@ def write_kv(cache_kv: dict, k: jax.Array, v: jax.Array, slots: jax.Array) -> di
 class Attention(nn.Module):
     """Self-attention over ``x`` [B, T, D].
 
-    Params: ``q`` [D, N, d], ``k``/``v`` [D, K, d], ``o`` [N, d, D] (DenseGeneral kernels), biases optional per
+    Params: ``q`` [D, N, d], ``k``/``v`` [D, K, d], ``o`` [N, d, D] (:class:`Projection` kernels), biases optional per
     projection, optional per-head RMSNorm on q and k (``qk_norm``, applied before the rotary embedding).
 
     Call with a boolean ``mask`` [B, 1, T, S] (or None for "attend to everything"), rotary ``angles`` [B, T, d/2]
@@ -69,9 +93,9 @@ class Attention(nn.Module):
             raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
         n, kh, d = self.num_heads, self.num_kv_heads, self.head_dim
         p = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        q = _proj((n, d), -1, self.q_bias, ("embed", "heads", "kv"), ("heads", "kv"), "q", **p)(x)
-        k = _proj((kh, d), -1, self.k_bias, ("embed", "kv_heads", "kv"), ("kv_heads", "kv"), "k", **p)(x)
-        v = _proj((kh, d), -1, self.v_bias, ("embed", "kv_heads", "kv"), ("kv_heads", "kv"), "v", **p)(x)
+        q = Projection((n, d), 1, self.q_bias, ("embed", "heads", "kv"), ("heads", "kv"), name="q", **p)(x)
+        k = Projection((kh, d), 1, self.k_bias, ("embed", "kv_heads", "kv"), ("kv_heads", "kv"), name="k", **p)(x)
+        v = Projection((kh, d), 1, self.v_bias, ("embed", "kv_heads", "kv"), ("kv_heads", "kv"), name="v", **p)(x)
         if self.qk_norm:
             q = RMSNorm(self.qk_norm_eps, param_dtype=self.param_dtype, axis_name="kv", name="q_norm")(q)
             k = RMSNorm(self.qk_norm_eps, param_dtype=self.param_dtype, axis_name="kv", name="k_norm")(k)
@@ -86,5 +110,5 @@ class Attention(nn.Module):
             new_cache = write_kv(cache_kv, k, v, slots)
             k, v = new_cache["k"].astype(q.dtype), new_cache["v"].astype(q.dtype)
         out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=d**-0.5)
-        out = _proj(x.shape[-1], (-2, -1), self.o_bias, ("heads", "kv", "embed"), ("embed",), "o", **p)(out)
+        out = Projection((x.shape[-1],), 2, self.o_bias, ("heads", "kv", "embed"), ("embed",), name="o", **p)(out)
         return out, new_cache

@@ -45,9 +45,11 @@ def mrope_angles(
     n = positions.shape[0]
     comp = np.concatenate([np.full((s,), j % n, dtype=np.int32) for j, s in enumerate(sections)])
     all_angles = rope_angles(positions, head_dim, theta)  # [n, B, T, half]
-    onehot = jnp.asarray(np.eye(n, dtype=np.float32)[comp].T)  # [n, half]
-    # Selecting with a one-hot product keeps it a single fused op; exact since the weights are 0/1.
-    return jnp.einsum("nbtf,nf->btf", all_angles, onehot)
+    # Selection with `where` is exact on every backend (a one-hot matmul would run in bfloat16 on TPU by default).
+    out = all_angles[0]
+    for c in range(1, n):
+        out = jnp.where(jnp.asarray(comp == c), all_angles[c], out)
+    return out
 
 
 def apply_rotary(x: jax.Array, angles: jax.Array, layout: str, num_heads: int | None = None) -> jax.Array:
