@@ -86,6 +86,7 @@ class Sampler:
 # ------------------------------------------------------------------------------------------------- buckets / padding
 
 DEFAULT_BUCKETS: tuple = (8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+BATCH_BUCKETS: tuple = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 def bucket(n: int, sizes: Optional[Sequence[int]] = DEFAULT_BUCKETS) -> int:
@@ -234,7 +235,8 @@ def _tts_step(params, cfg: UniAudioConfig, state, steps: int, emit_stop_patch: b
     done = state["done"] | stop | (active & (count >= state["budget"]))
     cont = active & ~done
     p = cfg.patch_size
-    pooled, _, sem = model.audio_inputs(params, cfg, x, state["sem"], jnp.broadcast_to(cont[:, None], cont.shape + (p,)))
+    valid = jnp.broadcast_to(cont[:, None], cont.shape + (p,))
+    pooled, _, sem = model.audio_inputs(params, cfg, x, state["sem"], valid)
     _, hidden, cache = llm.decode_step(model.llm_module(cfg), model.llm_vars(params), state["cache"],
                                        inputs_embeds=pooled, active=cont)
     return {
@@ -270,7 +272,7 @@ class TTSResult(NamedTuple):
 
 
 def _tts_prepare(ids, lengths, prompt, prompt_patches, budgets, key, request_ids, sampler, min_steps,
-                 stop_threshold, max_patches, buckets, cfg):
+                 stop_threshold, max_patches, buckets, cfg, batch_buckets=BATCH_BUCKETS):
     ids = np.asarray(ids, np.int32)
     b = ids.shape[0]
     p = cfg.patch_size
@@ -282,7 +284,7 @@ def _tts_prepare(ids, lengths, prompt, prompt_patches, budgets, key, request_ids
         raise ValueError(f"prompt has {prompt.shape[1]} frames, fewer than max(prompt_patches) * {p}")
     request_ids = np.arange(b, dtype=np.int32) if request_ids is None else np.asarray(request_ids, np.int32)
     n = bucket(max_patches if max_patches is not None else max(int(budgets.max(initial=1)), 1), buckets)
-    bb = bucket(b, buckets)
+    bb = bucket(b, batch_buckets)
     s = bucket(ids.shape[1], buckets)
     pp = bucket(max(int(prompt_patches.max(initial=1)), 1), buckets)
     prompt = prompt[:, : pp * p] if prompt.shape[1] > pp * p else prompt
@@ -304,7 +306,7 @@ def _tts_prepare(ids, lengths, prompt, prompt_patches, budgets, key, request_ids
 def tts(params, cfg: UniAudioConfig, ids, lengths, prompt, prompt_patches, budgets, key, *,
         request_ids=None, sampler: Sampler = Sampler(), min_steps=16, stop_threshold: float = 0.5,
         emit_stop_patch: bool = True, max_patches: Optional[int] = None, buckets=DEFAULT_BUCKETS,
-        decode: bool = True, mode: str = "compiled") -> TTSResult:
+        batch_buckets=BATCH_BUCKETS, decode: bool = True, mode: str = "compiled") -> TTSResult:
     """Batched TTS with a voice prompt (spec §1.3, §5.5).
 
     ``ids`` [B, S] right-padded text ids with ``lengths`` [B] (each ending with ``<audio>``); ``prompt`` [B, Tp, C]
@@ -314,7 +316,7 @@ def tts(params, cfg: UniAudioConfig, ids, lengths, prompt, prompt_patches, budge
     ``mode="python"`` drives the same jitted step from a host loop (one dispatch per step, the reference's way; for
     tests and the benchmark). Shapes are padded to ``buckets``; results are trimmed to B rows."""
     args, n, b = _tts_prepare(ids, lengths, prompt, prompt_patches, budgets, key, request_ids, sampler, min_steps,
-                              stop_threshold, max_patches, buckets, cfg)
+                              stop_threshold, max_patches, buckets, cfg, batch_buckets)
     state = tts_init(params, cfg, *args, max_patches=n)
     if mode == "compiled":
         state = tts_run(params, cfg, state, jnp.int32(n + 1), steps=sampler.steps, emit_stop_patch=emit_stop_patch)
@@ -337,7 +339,7 @@ class StreamChunk(NamedTuple):
 def tts_stream(params, cfg: UniAudioConfig, ids, lengths, prompt, prompt_patches, budgets, key, *,
                chunk_patches: int = 4, request_ids=None, sampler: Sampler = Sampler(), min_steps=16,
                stop_threshold: float = 0.5, emit_stop_patch: bool = True, max_patches: Optional[int] = None,
-               buckets=DEFAULT_BUCKETS) -> Iterator[StreamChunk]:
+               buckets=DEFAULT_BUCKETS, batch_buckets=BATCH_BUCKETS) -> Iterator[StreamChunk]:
     """Streaming TTS: the compiled loop of :func:`tts` (same init, same :func:`tts_run` program) runs
     ``chunk_patches`` steps at a time on device, then the host decodes each row's new patches with
     :func:`unitok_jax.vae.decode_stream` and yields them. Per row, the concatenated audio equals :func:`tts`'s
@@ -345,7 +347,7 @@ def tts_stream(params, cfg: UniAudioConfig, ids, lengths, prompt, prompt_patches
     budget ended it (the reference loses the tail then, spec §9 #7). Rows are decoded one by one (each has its own
     decoder cache and overlap-add tails; a row's end can fall inside a chunk)."""
     args, n, b = _tts_prepare(ids, lengths, prompt, prompt_patches, budgets, key, request_ids, sampler, min_steps,
-                              stop_threshold, max_patches, buckets, cfg)
+                              stop_threshold, max_patches, buckets, cfg, batch_buckets)
     k = int(chunk_patches)
     p = cfg.patch_size
     state = tts_init(params, cfg, *args, max_patches=n)
@@ -371,10 +373,8 @@ def tts_stream(params, cfg: UniAudioConfig, ids, lengths, prompt, prompt_patches
             y, streams[r] = vae.decode_stream(params["audio"], cfg.vae, chunk, streams[r], last=bool(done[r]))
             audio.append(np.asarray(y[0]))
         sent = count.astype(np.int64)
-        newly = done & ~finished
         finished = finished | done
         yield StreamChunk(audio, new.astype(np.int32), finished.copy())
-        del newly
 
 
 # ------------------------------------------------------------------------------------------------- text prefill
@@ -446,7 +446,7 @@ class TextResult(NamedTuple):
 
 def asr(params, cfg: UniAudioConfig, ids, lengths, audio, audio_patches, key=None, *, eos_id: int,
         audio_patch_id: int, max_new_tokens: int = 128, budgets=None, audio_gate: bool = True, pad_id: int = 0,
-        buckets=DEFAULT_BUCKETS, mode: str = "compiled") -> TextResult:
+        buckets=DEFAULT_BUCKETS, batch_buckets=BATCH_BUCKETS, mode: str = "compiled") -> TextResult:
     """Batched greedy ASR (spec §1.2, §5.4). ``ids`` [B, S] right-padded full prompts (``lengths``) holding
     ``audio_patches[b]`` ``<audioPatch>`` ids each, replaced in order by the pooled patches of ``audio`` [B, T, C]
     (right-padded latents). Decoding stops per row at ``eos_id`` or after ``budgets[b]`` (default
@@ -460,7 +460,7 @@ def asr(params, cfg: UniAudioConfig, ids, lengths, audio, audio_patches, key=Non
     audio_patches = np.asarray(audio_patches, np.int32)
     budgets = np.full((b,), max_new_tokens, np.int32) if budgets is None else np.asarray(budgets, np.int32)
     m = bucket(max(int(budgets.max(initial=1)), 1), buckets)
-    bb, s = bucket(b, buckets), bucket(ids.shape[1], buckets)
+    bb, s = bucket(b, batch_buckets), bucket(ids.shape[1], buckets)
     tp = bucket(max(int(audio_patches.max(initial=1)), 1), buckets) * p
     audio = audio[:, :tp]
     state = asr_init(params, cfg, pad_axis(pad_axis(ids, s, 1, pad_id), bb, 0, pad_id),
@@ -573,7 +573,7 @@ def edit(params, cfg: UniAudioConfig, ids, lengths, audio, audio_patches, key, *
          audio_patch_id: int, max_text_tokens: int = 128, max_patches: int = 256, text_budgets=None,
          audio_budgets=None, request_ids=None, sampler: Sampler = Sampler(), min_steps=16,
          stop_threshold: float = 0.5, emit_stop_patch: bool = True, pad_id: int = 0, buckets=DEFAULT_BUCKETS,
-         decode: bool = True, mode: str = "compiled") -> EditResult:
+         batch_buckets=BATCH_BUCKETS, decode: bool = True, mode: str = "compiled") -> EditResult:
     """Batched free-form editing (spec §1.4, §5.6): greedy text per row until ``gen_audio_id`` (then that row's
     audio phase: flow patches with history starting at zeros and the semantic cache continuing from the source
     audio, stop rule as :func:`tts`) or ``eos_id`` (text only). ``ids`` [B, S] right-padded edit prompts with
@@ -589,7 +589,7 @@ def edit(params, cfg: UniAudioConfig, ids, lengths, audio, audio_patches, key, *
     ab = np.full((b,), max_patches, np.int32) if audio_budgets is None else np.asarray(audio_budgets, np.int32)
     m = bucket(max(int(tb.max(initial=1)), 1), buckets)
     nb = bucket(max(int(ab.max(initial=1)), 1), buckets)
-    bb, s = bucket(b, buckets), bucket(ids.shape[1], buckets)
+    bb, s = bucket(b, batch_buckets), bucket(ids.shape[1], buckets)
     tp = bucket(max(int(audio_patches.max(initial=1)), 1), buckets) * p
     audio = audio[:, :tp]
     request_ids = np.arange(b, dtype=np.int32) if request_ids is None else np.asarray(request_ids, np.int32)
