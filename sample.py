@@ -1,11 +1,17 @@
 #!/usr/bin/env python
 """Batch sampling from a unitok_jax checkpoint.
 
+  python sample.py tts  --checkpoint DIR --input requests.jsonl --out OUTDIR [--batch-size N --cfg --steps --seed]
+  python sample.py asr  --checkpoint DIR --input requests.jsonl --out OUTDIR
+  python sample.py edit --checkpoint DIR --input requests.jsonl --out OUTDIR
   python sample.py reconstruct --checkpoint DIR IN.wav [IN2.flac ...] --out OUTDIR
 
-``reconstruct`` encodes each file with the AudioVAE and decodes it back (batched, length-bucketed so a run compiles
-a handful of programs), writing ``OUTDIR/<name>.wav``. A bad input is reported and skipped; the others are still
-written. Exit status: 0 if every file was written, 1 if some failed, 2 for a usage or checkpoint error.
+Request lines (JSON objects): tts ``{"id", "text", "prompt_wav"?, "prompt_text"?}``; asr ``{"id", "wav",
+"context"?}``; edit ``{"id", "wav", "instruction", "semantic"?}``. Outputs: ``OUTDIR/<id>.wav`` (tts, edit) and
+``OUTDIR/results.jsonl`` (every task), both written atomically. A bad request (broken line, missing field, missing
+or unreadable audio, empty text) is reported with its line number and skipped; the rest complete. Re-running skips
+requests whose outputs exist (``--overwrite`` redoes them). ``reconstruct`` encodes and decodes audio files with the
+AudioVAE. Exit status: 0 if every request succeeded, 1 if some failed, 2 for a usage or checkpoint error.
 """
 from __future__ import annotations
 
@@ -123,9 +129,208 @@ def reconstruct(args) -> int:
     return 0 if len(done) == len(items) else 1
 
 
+# ----------------------------------------------------------------------------------------------- JSONL tasks
+
+TASK_FIELDS = {  # field -> (required, accepted types)
+    "tts": {"id": (True, (str, int)), "text": (True, str), "prompt_wav": (False, str), "prompt_text": (False, str)},
+    "asr": {"id": (True, (str, int)), "wav": (True, str), "context": (False, (list, str))},
+    "edit": {"id": (True, (str, int)), "wav": (True, str), "instruction": (True, str), "semantic": (False, bool)},
+}
+_SAFE_ID = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+
+
+@dataclasses.dataclass
+class Request:
+    line: int
+    id: str
+    fields: dict
+
+
+def read_requests(path: str, task: str) -> tuple[list[Request], list[str]]:
+    """Valid requests and one error message per bad line (``path:LINE: reason``)."""
+    import json
+
+    spec = TASK_FIELDS[task]
+    good, errors, seen = [], [], set()
+    base = os.path.dirname(os.path.abspath(path))
+    with open(path, encoding="utf-8") as f:
+        for n, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            where = f"{path}:{n}"
+            try:
+                obj = json.loads(raw)
+            except ValueError as e:
+                errors.append(f"{where}: not valid JSON ({e.msg})")
+                continue
+            if not isinstance(obj, dict):
+                errors.append(f"{where}: expected a JSON object, got {type(obj).__name__}")
+                continue
+            problems = [f"missing field {k!r}" for k, (req, _) in spec.items() if req and k not in obj]
+            problems += [f"field {k!r} must be {' or '.join(t.__name__ for t in (ty if isinstance(ty, tuple) else (ty,)))}"
+                         for k, (_, ty) in spec.items() if k in obj and not isinstance(obj[k], ty)]
+            if problems:
+                errors.append(f"{where}: " + "; ".join(problems))
+                continue
+            rid = str(obj["id"])
+            if not rid or not set(rid) <= _SAFE_ID or rid.startswith("."):
+                errors.append(f"{where}: id {rid!r} must use only letters, digits, '.', '_' and '-'")
+                continue
+            if rid in seen:
+                errors.append(f"{where}: duplicate id {rid!r}")
+                continue
+            if "text" in obj and not obj["text"].strip():
+                errors.append(f"{where}: empty text")
+                continue
+            for k in ("wav", "prompt_wav"):  # relative audio paths are relative to the JSONL file
+                if k in obj and not os.path.isabs(obj[k]):
+                    obj[k] = os.path.join(base, obj[k])
+            seen.add(rid)
+            good.append(Request(n, rid, obj))
+    return good, errors
+
+
+def _write_results(path: str, rows: dict) -> None:
+    """Rewrite results.jsonl atomically (rows keyed by id, in id order)."""
+    import json
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(prefix=".results.", dir=os.path.dirname(path))
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        for rid in sorted(rows):
+            f.write(json.dumps(rows[rid], ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def _read_results(path: str) -> dict:
+    import json
+
+    rows = {}
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            for raw in f:
+                try:
+                    obj = json.loads(raw)
+                    rows[str(obj["id"])] = obj
+                except (ValueError, KeyError, TypeError):
+                    continue  # a damaged line is redone
+    return rows
+
+
+def run_task(args) -> int:
+    from tqdm import tqdm
+
+    from unitok_jax.api import UniAudio
+    from unitok_jax.audio import AudioError, load_audio, save_audio
+    from unitok_jax.convert import ConversionError
+    from unitok_jax.generate import Sampler
+    from unitok_jax.text import TextError
+
+    try:
+        requests, errors = read_requests(args.input, args.command)
+    except OSError as e:
+        print(f"error: cannot read {args.input}: {e}", file=sys.stderr)
+        return 2
+    try:
+        m = UniAudio.load(args.checkpoint)
+    except (ConversionError, TextError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    os.makedirs(args.out, exist_ok=True)
+    results_path = os.path.join(args.out, "results.jsonl")
+    results = {} if args.overwrite else _read_results(results_path)
+    wav_out = args.command in ("tts", "edit")
+    todo = [r for r in requests if args.overwrite or r.id not in results
+            or (wav_out and not os.path.isfile(os.path.join(args.out, f"{r.id}.wav")))]
+    skipped = len(requests) - len(todo)
+    sr = m.sample_rate
+    sampler = Sampler(steps=args.steps, cfg=args.cfg, sigma=args.sigma, temperature=args.temperature, sway=args.sway)
+
+    def load(r: Request, key: str):  # audio of one request, or an error message with its line number
+        try:
+            return load_audio(r.fields[key], sr, max_seconds=args.max_seconds)
+        except AudioError as e:
+            errors.append(f"{args.input}:{r.line}: {e}")
+            return None
+
+    t0, audio_s, done = time.perf_counter(), 0.0, 0
+    bar = tqdm(total=len(todo), desc=args.command, unit="utt", disable=args.quiet)
+    for i in range(0, len(todo), args.batch_size):
+        batch = todo[i : i + args.batch_size]
+        if args.command == "tts":
+            prompts = [load(r, "prompt_wav") if "prompt_wav" in r.fields else None for r in batch]
+            ok = [(r, w) for r, w in zip(batch, prompts) if not ("prompt_wav" in r.fields and w is None)]
+            groups = [[x for x in ok if (x[1] is None) == flag] for flag in (True, False)]  # with / without prompt
+            for group in groups:
+                if not group:
+                    continue
+                rs = [r for r, _ in group]
+                waves = m.tts([r.fields["text"] for r in rs],
+                              None if group[0][1] is None else [w for _, w in group],
+                              [r.fields.get("prompt_text", "") for r in rs], seed=args.seed,
+                              max_patches=args.max_patches, sampler=sampler,
+                              request_ids=[r.line for r in rs])
+                for r, w in zip(rs, waves):
+                    save_audio(os.path.join(args.out, f"{r.id}.wav"), np.nan_to_num(w), sr)
+                    results[r.id] = {"id": r.id, "line": r.line, "wav": f"{r.id}.wav", "seconds": len(w) / sr}
+                    audio_s += len(w) / sr
+                    done += 1
+        else:
+            waves = [load(r, "wav") for r in batch]
+            ok = [(r, w) for r, w in zip(batch, waves) if w is not None]
+            if ok:
+                rs, ws = [r for r, _ in ok], [w for _, w in ok]
+                audio_s += sum(len(w) for w in ws) / sr
+                if args.command == "asr":
+                    ctx = [r.fields.get("context") for r in rs]
+                    ctx = [c.split(",") if isinstance(c, str) else c for c in ctx]
+                    outs = m.asr(ws, ctx, seed=args.seed, max_new_tokens=args.max_new_tokens, with_language=True)
+                    for r, (lang, txt) in zip(rs, outs):
+                        results[r.id] = {"id": r.id, "line": r.line, "language": lang, "text": txt}
+                        done += 1
+                else:
+                    outs = m.edit(ws, [r.fields["instruction"] for r in rs],
+                                  semantic=[bool(r.fields.get("semantic", False)) for r in rs], seed=args.seed,
+                                  max_patches=args.max_patches or 256, sampler=sampler)
+                    for r, o in zip(rs, outs):
+                        save_audio(os.path.join(args.out, f"{r.id}.wav"), np.nan_to_num(o.wave), sr)
+                        results[r.id] = {"id": r.id, "line": r.line, "wav": f"{r.id}.wav", "text": o.text,
+                                         "target_transcript": o.target_transcript, "seconds": len(o.wave) / sr}
+                        done += 1
+        _write_results(results_path, results)  # after every batch: a killed run keeps what it finished
+        wall = time.perf_counter() - t0
+        bar.set_postfix_str(f"{done / wall:.2f} utt/s, RTF {wall / audio_s:.3f}" if audio_s else "")
+        bar.update(len(batch))
+    bar.close()
+    wall = time.perf_counter() - t0
+    for e in errors:
+        print(f"skipped {e}", file=sys.stderr)
+    print(f"{done} done, {skipped} already done, {len(errors)} failed; {audio_s:.1f} s of audio in {wall:.1f} s"
+          f" -> {results_path}")
+    return 0 if not errors else 1
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="sample.py", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
+    for task, what in (("tts", "speech from text in a prompt voice"), ("asr", "transcribe speech"),
+                       ("edit", "edit speech by instruction")):
+        t = sub.add_parser(task, help=what)
+        t.add_argument("--checkpoint", required=True, help="full unitok_jax checkpoint (python -m unitok_jax.convert)")
+        t.add_argument("--input", required=True, help="requests, one JSON object per line")
+        t.add_argument("--out", required=True, help="output folder")
+        t.add_argument("--batch-size", type=int, default=8)
+        t.add_argument("--seed", type=int, default=0)
+        t.add_argument("--steps", type=int, default=10, help="flow sampler steps")
+        t.add_argument("--cfg", type=float, default=2.0, help="classifier-free guidance strength")
+        t.add_argument("--sigma", type=float, default=0.25, help="sampler SDE noise scale")
+        t.add_argument("--temperature", type=float, default=1.5, help="sampler SDE temperature")
+        t.add_argument("--sway", type=float, default=-1.0, help="sway sampling coefficient")
+        t.add_argument("--max-patches", type=int, default=None, help="cap on generated 0.1 s patches")
+        t.add_argument("--max-new-tokens", type=int, default=128, help="ASR text budget")
+        t.add_argument("--max-seconds", type=float, default=None, help="reject input audio longer than this")
+        t.add_argument("--overwrite", action="store_true", help="redo requests whose outputs exist")
+        t.add_argument("--quiet", action="store_true", help="no progress bar")
     rec = sub.add_parser("reconstruct", help="encode and decode audio files with the AudioVAE")
     rec.add_argument("--checkpoint", required=True, help="unitok_jax checkpoint folder (python -m unitok_jax.convert)")
     rec.add_argument("inputs", nargs="+", help="audio files (any format/rate soundfile or librosa can read)")
@@ -142,6 +347,10 @@ def main(argv=None) -> int:
     rec.add_argument("--max-seconds", type=float, default=None, help="reject inputs longer than this")
     rec.add_argument("--quiet", action="store_true", help="no progress bars")
     args = ap.parse_args(argv)
+    if args.command in TASK_FIELDS:
+        if args.batch_size < 1:
+            ap.error("--batch-size must be >= 1")
+        return run_task(args)
     if args.command == "reconstruct":
         if args.batch_size < 1:
             ap.error("--batch-size must be >= 1")
