@@ -1,4 +1,4 @@
-"""Text tokenizer, special tokens, prompt templates, parse helpers and the TTS patch budget (spec §1.2–1.4, §5.3–5.8)."""
+"""Text tokenizer, special tokens, prompt templates, parse helpers and TTS patch budget (spec §1.2–1.4, §5.3–5.8)."""
 from __future__ import annotations
 
 import json

@@ -352,8 +352,9 @@ def asr_prompt(tok: TextTokenizer, num_patches: int, *, context_words: Optional[
     form, with no newline: §1.2 states the complete single-audio prompt token by token, while the ``\\n`` rule of
     §5.4 is a generic chat-rendering rule (several audios are joined by ``\\n``; a placeholder-less item gets one)
     whose placement for this case is not pinned down (after ``</audio>`` or before ``<audio>``), so we follow the
-    explicit prompt and put ``<audio>`` right after the instruction. If the released weights show otherwise, only this
-    function changes (§10 item to verify).
+    explicit prompt and put ``<audio>`` right after the instruction. Worth confirming in a real-weight run; only
+    this function would change. The ``","`` separator of the context list is likewise our reading of "comma list"
+    (:data:`ASR_CONTEXT_SEPARATOR`).
     """
     p = _count(num_patches, "num_patches")
     if not isinstance(instruction, str):
