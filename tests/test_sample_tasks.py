@@ -1,0 +1,99 @@
+"""sample.py tts / asr / edit end to end on a tiny random full checkpoint written by the test."""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+import soundfile as sf
+
+from conftest import REPO, SHARED_DATA
+from unitok_jax import generate, model, text
+from unitok_jax.api import UniAudio
+from unitok_jax.convert import Checkpoint, save
+
+SENTENCES = ["he hoped there would be stew for dinner", "turnips and carrots and bruised potatoes",
+             "fat mutton pieces to be ladled out", "please translate the text to speech"]
+
+
+@pytest.fixture(scope="module")
+def ckpt_dir(tmp_path_factory):
+    tok = text.train_tokenizer(SENTENCES * 4, vocab_size=320)
+    conf = copy.deepcopy(generate.TINY_BAILINGMM)
+    conf["llm_config"]["vocab_size"] = tok.vocab_size
+    cfg = model.UniAudioConfig.from_bailingmm(conf)
+    params = jax.tree.map(np.asarray, model.init_params(cfg, jax.random.key(0)))
+    path = tmp_path_factory.mktemp("ckpt") / "tiny"
+    save(Checkpoint({"uniaudio": cfg}, {"uniaudio": params}), str(path))
+    tok.save(str(path))
+    return path
+
+
+def _run(task, ckpt, req, out, *extra):
+    return subprocess.run([sys.executable, "sample.py", task, "--checkpoint", str(ckpt), "--input", str(req),
+                           "--out", str(out), "--quiet", "--steps", "2", "--max-patches", "3", "--batch-size", "2",
+                           *extra], cwd=REPO, capture_output=True, text=True)
+
+
+def test_tts_jsonl_writes_outputs_skips_bad_lines_and_resumes(ckpt_dir, tmp_path):
+    speech = str(SHARED_DATA / "librispeech-1089-134686-0000.flac")
+    lines = [json.dumps({"id": "a", "text": SENTENCES[0], "prompt_wav": speech, "prompt_text": SENTENCES[1]}),
+             "{not json",
+             json.dumps({"id": "b", "text": SENTENCES[2]}),
+             json.dumps({"id": "c", "text": "   "}),
+             json.dumps({"id": "d", "text": "hello", "prompt_wav": "missing.wav"}),
+             json.dumps({"text": "no id"})]
+    req = tmp_path / "req.jsonl"
+    req.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    r = _run("tts", ckpt_dir, req, out)
+    assert r.returncode == 1, r.stdout + r.stderr
+    for n, why in ((2, "not valid JSON"), (4, "empty text"), (5, "missing.wav"), (6, "missing field 'id'")):
+        assert f"req.jsonl:{n}:" in r.stderr and why in r.stderr, r.stderr
+    assert sorted(p for p in os.listdir(out) if p.endswith(".wav")) == ["a.wav", "b.wav"]
+    rows = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    assert [x["id"] for x in rows] == ["a", "b"]
+    wav, sr = sf.read(out / "a.wav")
+    assert sr == 16000 and 0 < len(wav) <= 3 * 5 * 40  # at most 3 patches of the tiny model's 40-sample hop
+    before = (out / "a.wav").read_bytes()
+    r = _run("tts", ckpt_dir, req, out)
+    assert "2 already done" in r.stdout and "0 done" in r.stdout
+    assert (out / "a.wav").read_bytes() == before
+    assert not [p for p in os.listdir(out) if p.startswith(".")]  # no temporary files left
+
+
+def test_asr_and_edit_jsonl(ckpt_dir, tmp_path):
+    speech = str(SHARED_DATA / "librispeech-1089-134686-0000.flac")
+    short = tmp_path / "short.wav"
+    sf.write(short, sf.read(speech)[0][:8000], 16000)
+    req = tmp_path / "asr.jsonl"
+    req.write_text(json.dumps({"id": "s1", "wav": "short.wav", "context": ["stew"]}) + "\n"
+                   + json.dumps({"id": "s2", "wav": 5}) + "\n")
+    r = _run("asr", ckpt_dir, req, tmp_path / "asr_out", "--max-new-tokens", "4")
+    assert r.returncode == 1 and "asr.jsonl:2:" in r.stderr and "'wav' must be str" in r.stderr
+    rows = [json.loads(x) for x in (tmp_path / "asr_out" / "results.jsonl").read_text().splitlines()]
+    assert [x["id"] for x in rows] == ["s1"] and isinstance(rows[0]["text"], str)
+    req = tmp_path / "edit.jsonl"
+    req.write_text(json.dumps({"id": "e1", "wav": str(short), "instruction": "make it louder"}) + "\n")
+    r = _run("edit", ckpt_dir, req, tmp_path / "edit_out")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert os.path.isfile(tmp_path / "edit_out" / "e1.wav")
+    row = json.loads((tmp_path / "edit_out" / "results.jsonl").read_text())
+    assert row["id"] == "e1" and "text" in row
+
+
+def test_python_api_batch_equals_single(ckpt_dir):
+    m = UniAudio.load(str(ckpt_dir))
+    speech = str(SHARED_DATA / "librispeech-1089-134686-0000.flac")
+    both = m.tts(SENTENCES[:2], prompt_wavs=[speech, speech], prompt_texts=["", ""], max_patches=3,
+                 sampler=generate.Sampler(steps=2), request_ids=[0, 1])
+    one = m.tts(SENTENCES[1:2], prompt_wavs=[speech], prompt_texts=[""], max_patches=3,
+                sampler=generate.Sampler(steps=2), request_ids=[1])
+    np.testing.assert_allclose(both[1], one[0], atol=1e-5)
+    rec = m.reconstruct([speech])
+    assert rec[0].shape[0] >= 166960 - 40 and np.all(np.isfinite(rec[0]))
