@@ -4,7 +4,7 @@
   python sample.py tts  --checkpoint DIR --input requests.jsonl --out OUTDIR [--batch-size N --cfg --steps --seed]
   python sample.py asr  --checkpoint DIR --input requests.jsonl --out OUTDIR
   python sample.py edit --checkpoint DIR --input requests.jsonl --out OUTDIR
-  python sample.py reconstruct --checkpoint DIR IN.wav [IN2.flac ...] --out OUTDIR
+  python sample.py reconstruct --checkpoint DIR IN.wav [IN2.flac ...] --out OUTDIR   (or --input requests.jsonl)
 
 Request lines (JSON objects): tts ``{"id", "text", "prompt_wav"?, "prompt_text"?}``; asr ``{"id", "wav",
 "context"?}``; edit ``{"id", "wav", "instruction", "semantic"?}``. Outputs: ``OUTDIR/<id>.wav`` (tts, edit) and
@@ -71,7 +71,16 @@ def reconstruct(args) -> int:
     hop, sr = cfg.hop, cfg.sample_rate
     os.makedirs(args.out, exist_ok=True)
 
-    items = [Item(p, o) for p, o in zip(args.inputs, _output_names(args.inputs, args.out))]
+    if args.input:  # JSONL requests {"id", "wav"}: outputs <id>.wav, bad lines reported and skipped
+        try:
+            reqs, bad = read_requests(args.input, "reconstruct")
+        except OSError as e:
+            print(f"error: cannot read {args.input}: {e}", file=sys.stderr)
+            return 2
+        items = [Item(r.fields["wav"], os.path.join(args.out, f"{r.id}.wav")) for r in reqs]
+        items += [Item(b.split(": ", 1)[0], "", error=b) for b in bad]
+    else:
+        items = [Item(p, o) for p, o in zip(args.inputs, _output_names(args.inputs, args.out))]
     for it in tqdm(items, desc="load", unit="file", disable=args.quiet):
         try:
             it.wave = load_audio(it.path, sr, max_seconds=args.max_seconds)
@@ -135,6 +144,7 @@ TASK_FIELDS = {  # field -> (required, accepted types)
     "tts": {"id": (True, (str, int)), "text": (True, str), "prompt_wav": (False, str), "prompt_text": (False, str)},
     "asr": {"id": (True, (str, int)), "wav": (True, str), "context": (False, (list, str))},
     "edit": {"id": (True, (str, int)), "wav": (True, str), "instruction": (True, str), "semantic": (False, bool)},
+    "reconstruct": {"id": (True, (str, int)), "wav": (True, str)},
 }
 _SAFE_ID = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 
@@ -333,7 +343,8 @@ def main(argv=None) -> int:
         t.add_argument("--quiet", action="store_true", help="no progress bar")
     rec = sub.add_parser("reconstruct", help="encode and decode audio files with the AudioVAE")
     rec.add_argument("--checkpoint", required=True, help="unitok_jax checkpoint folder (python -m unitok_jax.convert)")
-    rec.add_argument("inputs", nargs="+", help="audio files (any format/rate soundfile or librosa can read)")
+    rec.add_argument("inputs", nargs="*", help="audio files (any format/rate soundfile or librosa can read)")
+    rec.add_argument("--input", help='instead of files: a JSONL of {"id", "wav"} requests (outputs <id>.wav)')
     rec.add_argument("--out", required=True, help="output folder for <name>.wav")
     rec.add_argument("--batch-size", type=int, default=8)
     rec.add_argument("--sample", action="store_true",
@@ -347,7 +358,9 @@ def main(argv=None) -> int:
     rec.add_argument("--max-seconds", type=float, default=None, help="reject inputs longer than this")
     rec.add_argument("--quiet", action="store_true", help="no progress bars")
     args = ap.parse_args(argv)
-    if args.command in TASK_FIELDS:
+    if args.command == "reconstruct" and bool(args.inputs) == bool(args.input):
+        ap.error("reconstruct takes audio files or --input requests.jsonl (one of the two)")
+    if args.command in TASK_FIELDS and args.command != "reconstruct":
         if args.batch_size < 1:
             ap.error("--batch-size must be >= 1")
         return run_task(args)

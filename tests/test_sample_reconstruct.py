@@ -50,3 +50,19 @@ def test_reconstruct_writes_good_files_and_reports_bad_ones(tmp_path):
     want = np.asarray(vae.decode(ck.params["vae"], ck.configs["vae"], enc.mean))[0, : len(wave)]
     np.testing.assert_allclose(got, np.clip(want, -1, 1), atol=2e-3)
     assert len(sf.read(out / "stereo44k.wav")[0]) == int(0.7 * 16000)
+
+
+def test_reconstruct_from_jsonl(tmp_path):
+    src = tmp_path / "src"
+    os.makedirs(src)
+    save_file(load_file(str(FIXTURES / "audio_vae.safetensors")), str(src / "model.safetensors"))
+    (src / "config.json").write_text(json.dumps(json.loads((FIXTURES / "audio_vae.config.json").read_text())["kwargs"]))
+    save(convert_reference(str(src)), str(tmp_path / "ckpt"))
+    speech = str(SHARED_DATA / "librispeech-1089-134686-0000.flac")
+    req = tmp_path / "r.jsonl"
+    req.write_text(json.dumps({"id": "utt1", "wav": speech}) + "\n{broken\n")
+    r = subprocess.run([sys.executable, "sample.py", "reconstruct", "--checkpoint", str(tmp_path / "ckpt"),
+                        "--input", str(req), "--out", str(tmp_path / "out"), "--quiet"],
+                       cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 1 and "r.jsonl:2" in r.stdout, r.stdout + r.stderr
+    assert os.listdir(tmp_path / "out") == ["utt1.wav"]
