@@ -124,7 +124,7 @@ def main(argv=None):
     dev = jax.devices()[0]
     print(f"# TTS generation, config={args.config}, device={dev.platform} ({dev.device_kind}), "
           f"{patches} patches/request, flow steps={args.steps}, frame rate {frame_rate:g} Hz")
-    print(f"| mode | batch | wall s | compile s | latent frames/s | RTF | x python b1 |")
+    print("| mode | batch | wall s | compile s | latent frames/s | RTF | x python b1 |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['mode']} | {r['batch']} | {r['seconds']:.3f} | {r['compile_s']:.1f} | {r['frames_per_s']:.0f} "
