@@ -84,14 +84,13 @@ def convert_full(src: str, config: dict) -> Checkpoint:
     from unitok_jax.convert.llm import convert_llm
     from unitok_jax.model import UniAudioConfig
 
-    weights = read_weights(src)
+    weights = read_weights(src)  # lazy: tensors are read as each converter asks for them
     stray = sorted(k for k in weights if not k.startswith(FULL_PREFIXES))
     if stray:
         raise ConversionError(f"{src}: unexpected key(s) outside {list(FULL_PREFIXES)}: {stray[:10]}")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # unknown llm_config keys are reported by the LLM converter's own warning
-        llm_cfg, llm_vars = convert_llm({k: v for k, v in weights.items() if k.startswith("model.")},
-                                        config["llm_config"])
+        llm_cfg, llm_vars = convert_llm(weights, config["llm_config"])
     try:
         cfg = UniAudioConfig.from_bailingmm(config)
     except (KeyError, ValueError, TypeError) as e:

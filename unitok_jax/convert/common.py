@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Iterable, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -16,48 +16,153 @@ class ConversionError(ValueError):
     """A checkpoint does not match what the converter expects (missing/unexpected/mis-shaped key, bad file)."""
 
 
-def _load_safetensors(path: str) -> dict[str, np.ndarray]:
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
+# ----------------------------------------------------------------------------------------------- tensor sources
 
-    try:
-        return load_file(path)
-    except (SafetensorError, OSError, ValueError) as e:
-        raise ConversionError(f"cannot read safetensors file {path}: {e}") from e
+_ST_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32, "I16": np.int16,
+    "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}
 
 
-def read_weights(src: str) -> dict[str, np.ndarray]:
-    """All tensors of a checkpoint: a ``.safetensors`` file, or a folder holding ``model.safetensors`` or a sharded
-    set described by ``model.safetensors.index.json`` (every shard must be present)."""
-    if os.path.isfile(src):
-        return _load_safetensors(src)
-    if not os.path.isdir(src):
-        raise ConversionError(f"checkpoint path {src} does not exist")
-    index = os.path.join(src, "model.safetensors.index.json")
-    if os.path.isfile(index):
+def _st_dtype(name: str, path: str, key: str):
+    if name == "BF16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    if name not in _ST_DTYPES:
+        raise ConversionError(f"{path}: tensor {key!r} has unsupported dtype {name}")
+    return np.dtype(_ST_DTYPES[name])
+
+
+class _SafetensorsFile:
+    """Header-parsed, memory-mapped safetensors file: shapes without reading, slices on demand."""
+
+    def __init__(self, path: str):
+        self.path = path
         try:
-            with open(index) as f:
-                weight_map = json.load(f)["weight_map"]
-        except (OSError, ValueError, KeyError) as e:
-            raise ConversionError(f"cannot read shard index {index}: {e}") from e
-        shards = sorted(set(weight_map.values()))
-        missing = [s for s in shards if not os.path.isfile(os.path.join(src, s))]
-        if missing:
-            raise ConversionError(f"{src}: shard(s) listed in model.safetensors.index.json are missing: {missing}")
-        out: dict[str, np.ndarray] = {}
-        for shard in shards:
-            out.update(_load_safetensors(os.path.join(src, shard)))
-        absent = sorted(k for k in weight_map if k not in out)
-        if absent:
-            raise ConversionError(f"{src}: keys listed in the index are not in their shards, e.g. {absent[:5]}")
-        return out
-    files = sorted(f for f in os.listdir(src) if f.endswith(".safetensors"))
-    if not files:
-        raise ConversionError(f"{src} holds no .safetensors file and no model.safetensors.index.json")
-    out = {}
-    for f in files:
-        out.update(_load_safetensors(os.path.join(src, f)))
-    return out
+            with open(path, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                if n <= 0 or n > 100_000_000:
+                    raise ValueError(f"implausible header length {n}")
+                header = json.loads(f.read(n))
+        except (OSError, ValueError) as e:
+            raise ConversionError(f"cannot read safetensors file {path}: {e}") from e
+        header.pop("__metadata__", None)
+        self.base = 8 + n
+        self.entries = {}
+        size = os.path.getsize(path)
+        for key, info in header.items():
+            try:
+                dtype = _st_dtype(info["dtype"], path, key)
+                shape = tuple(int(s) for s in info["shape"])
+                start, end = (int(v) for v in info["data_offsets"])
+            except (KeyError, TypeError, ValueError) as e:
+                raise ConversionError(f"{path}: bad header entry for {key!r}: {e}") from e
+            if end - start != dtype.itemsize * int(np.prod(shape, dtype=np.int64)) or self.base + end > size:
+                raise ConversionError(f"{path}: tensor {key!r} has inconsistent offsets (file truncated?)")
+            self.entries[key] = (dtype, shape, start)
+        self._mm = None
+
+    def shape(self, key):
+        return self.entries[key][1]
+
+    def read(self, key, index=None) -> np.ndarray:
+        dtype, shape, start = self.entries[key]
+        if int(np.prod(shape, dtype=np.int64)) == 0:
+            arr = np.zeros(shape, dtype)
+        else:
+            arr = np.memmap(self.path, dtype=dtype, mode="r", offset=self.base + start, shape=shape)
+        return np.array(arr if index is None else arr[index])
+
+
+class TensorSource(Mapping):
+    """Lazy, read-only access to a checkpoint's tensors: a Mapping name -> array (read on access), plus
+    ``shape(key)`` without reading and ``read(key, index)`` for slices."""
+
+    def __init__(self, shapes: Mapping[str, tuple], reader: Callable[[str, Any], np.ndarray], name: str):
+        self._shapes = dict(shapes)
+        self._reader = reader
+        self.name = name
+
+    def keys(self):
+        return self._shapes.keys()
+
+    def __getitem__(self, key) -> np.ndarray:
+        if key not in self._shapes:
+            raise KeyError(key)
+        return self.read(key)
+
+    def __iter__(self):
+        return iter(self._shapes)
+
+    def __len__(self) -> int:
+        return len(self._shapes)
+
+    def __contains__(self, key):
+        return key in self._shapes
+
+    def shape(self, key) -> tuple:
+        return tuple(self._shapes[key])
+
+    def read(self, key, index=None) -> np.ndarray:
+        return self._reader(key, index)
+
+    @classmethod
+    def from_dict(cls, weights: Mapping[str, Any], name: str = "state dict") -> "TensorSource":
+        def read(key, index):
+            a = weights[key]
+            return np.asarray(a if index is None else a[index])
+
+        return cls({k: tuple(np.shape(v)) for k, v in weights.items()}, read, name)
+
+    @classmethod
+    def from_files(cls, files: Sequence[str], name: str, weight_map: Optional[Mapping[str, str]] = None):
+        opened = {f: _SafetensorsFile(f) for f in files}
+        where: dict[str, _SafetensorsFile] = {}
+        for f in opened.values():
+            for k in f.entries:
+                where[k] = f
+        if weight_map is not None:
+            absent = sorted(k for k in weight_map if k not in where)
+            if absent:
+                raise ConversionError(f"{name}: keys listed in the index are not in their shards, e.g. {absent[:5]}")
+        return cls({k: f.shape(k) for k, f in where.items()}, lambda k, i: where[k].read(k, i), name)
+
+    @classmethod
+    def open(cls, src) -> "TensorSource":
+        """A source from a path (file or folder) or a mapping of arrays."""
+        if isinstance(src, TensorSource):
+            return src
+        if isinstance(src, Mapping):
+            return cls.from_dict(src)
+        src = os.fspath(src)
+        if os.path.isfile(src):
+            return cls.from_files([src], src)
+        if not os.path.isdir(src):
+            raise ConversionError(f"checkpoint path {src} does not exist")
+        index = os.path.join(src, "model.safetensors.index.json")
+        if os.path.isfile(index):
+            try:
+                with open(index) as f:
+                    weight_map = json.load(f)["weight_map"]
+            except (OSError, ValueError, KeyError) as e:
+                raise ConversionError(f"cannot read shard index {index}: {e}") from e
+            shards = sorted(set(weight_map.values()))
+            missing = [s for s in shards if not os.path.isfile(os.path.join(src, s))]
+            if missing:
+                raise ConversionError(f"{src}: shard(s) listed in model.safetensors.index.json are missing: {missing}")
+            return cls.from_files([os.path.join(src, s) for s in shards], src, weight_map)
+        files = sorted(f for f in os.listdir(src) if f.endswith(".safetensors"))
+        if not files:
+            raise ConversionError(f"{src} holds no .safetensors file and no model.safetensors.index.json")
+        return cls.from_files([os.path.join(src, f) for f in files], src)
+
+
+def read_weights(src) -> "TensorSource":
+    """All tensors of a checkpoint as a lazy mapping: a ``.safetensors`` file, or a folder holding
+    ``model.safetensors`` or a sharded set described by ``model.safetensors.index.json`` (every shard must be
+    present). Headers are checked up front (a truncated file is reported by name); data is read on access."""
+    return TensorSource.open(src)
 
 
 def read_json(path: str) -> dict:
