@@ -1,0 +1,1 @@
+"""Data: speech manifests and grain input pipelines for training."""

@@ -1,0 +1,100 @@
+"""Speech manifests: JSONL, one utterance per line: ``{"id", "audio", "text", "speaker"}`` (+ optional
+``"duration"`` in seconds, ``"split"``). Relative audio paths are relative to the manifest file.
+
+Reading is forgiving by design (training must go on): a broken line, a missing or mistyped field is reported
+with its line number and skipped; :class:`Manifest` keeps the count and the messages.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Optional
+
+FIELDS = {"id": (str, int), "audio": str, "text": str, "speaker": (str, int)}
+OPTIONAL = {"duration": (int, float), "split": str}
+
+
+@dataclasses.dataclass
+class Manifest:
+    records: list[dict]
+    path: str = ""
+    errors: list[str] = dataclasses.field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def split(self, name: str) -> "Manifest":
+        """The records whose ``split`` field equals ``name``."""
+        return Manifest([r for r in self.records if r.get("split") == name], self.path, self.errors)
+
+
+def _type_name(t) -> str:
+    return " or ".join(x.__name__ for x in (t if isinstance(t, tuple) else (t,)))
+
+
+def read_manifest(path: str, *, require_text: bool = True, add_durations: bool = False) -> Manifest:
+    """Parse a manifest. ``require_text=False`` accepts records without ``text`` (VAE training).
+    ``add_durations``: read missing durations from the audio headers (soundfile; no decoding)."""
+    records, errors, seen = [], [], set()
+    base = os.path.dirname(os.path.abspath(path))
+    with open(path, encoding="utf-8") as f:
+        for n, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            where = f"{path}:{n}"
+            try:
+                obj = json.loads(raw)
+            except ValueError as e:
+                errors.append(f"{where}: not valid JSON ({e.msg})")
+                continue
+            if not isinstance(obj, dict):
+                errors.append(f"{where}: expected a JSON object")
+                continue
+            need = {k: t for k, t in FIELDS.items() if require_text or k != "text"}
+            problems = [f"missing field {k!r}" for k in need if k not in obj]
+            problems += [f"field {k!r} must be {_type_name(t)}" for k, t in {**FIELDS, **OPTIONAL}.items()
+                         if k in obj and not isinstance(obj[k], t)]
+            if problems:
+                errors.append(f"{where}: " + "; ".join(problems))
+                continue
+            rid = str(obj["id"])
+            if rid in seen:
+                errors.append(f"{where}: duplicate id {rid!r}")
+                continue
+            seen.add(rid)
+            rec = dict(obj, id=rid, speaker=str(obj["speaker"]))
+            if not os.path.isabs(rec["audio"]):
+                rec["audio"] = os.path.join(base, rec["audio"])
+            if add_durations and "duration" not in rec:
+                d = audio_duration(rec["audio"])
+                if d is None:
+                    errors.append(f"{where}: cannot read audio {rec['audio']}")
+                    continue
+                rec["duration"] = d
+            records.append(rec)
+    return Manifest(records, path, errors)
+
+
+def audio_duration(path: str) -> Optional[float]:
+    """Seconds of audio from the file header, or None if unreadable."""
+    import soundfile as sf
+
+    try:
+        info = sf.info(path)
+        return info.frames / float(info.samplerate)
+    except (RuntimeError, OSError, ValueError):  # soundfile raises LibsndfileError (a RuntimeError)
+        return None
+
+
+def write_manifest(path: str, records: list[dict]) -> None:
+    """Write records as JSONL atomically (temporary file, then rename)."""
+    import tempfile
+
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".manifest.", dir=folder)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
