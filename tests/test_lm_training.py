@@ -1,0 +1,244 @@
+"""LM stage: sequence builders (lm_data), the loss (lm_step.lm_loss) and a short jitted training run on a tiny model
+fed with real speech encoded by the tiny (random) VAE."""
+from __future__ import annotations
+
+import copy
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import soundfile as sf
+from conftest import SHARED_DATA
+
+from unitok_jax import generate, model, text, vae
+from unitok_jax.training import lm_data, lm_step
+
+SENTENCES = ["he hoped there would be stew for dinner", "turnips and carrots and bruised potatoes",
+             "fat mutton pieces to be ladled out", "please translate the text to speech",
+             "English\tlet us go home now"]
+P = 5  # patch size of the tiny model
+
+
+@pytest.fixture(scope="module")
+def setup():
+    tok = text.train_tokenizer(SENTENCES * 4, vocab_size=320)
+    conf = copy.deepcopy(generate.TINY_BAILINGMM)
+    conf["llm_config"]["vocab_size"] = tok.vocab_size
+    cfg = model.UniAudioConfig.from_bailingmm(conf)
+    params = model.init_params(cfg, jax.random.key(0))
+    wav, sr = sf.read(str(SHARED_DATA / "librispeech-1089-134686-0000.flac"), frames=2 * 16000, dtype="float32")
+    assert sr == 16000
+    enc = vae.encode(params["audio"], cfg.vae, jnp.asarray(wav)[None], key=jax.random.key(1))
+    latents = np.asarray(enc.latent[0])  # [800, 8]: 2 s at the tiny VAE's 40-sample hop
+    return tok, cfg, params, latents
+
+
+@pytest.fixture(scope="module")
+def loss_fn():
+    return jax.jit(lm_step.lm_loss, static_argnums=1, static_argnames=("deterministic", "freeze_semantic"))
+
+
+def _examples(tok, lat, tts_text=SENTENCES[0], transcript=SENTENCES[1]):
+    return [lm_data.tts_example(tok, tts_text, lat[:200]), lm_data.asr_example(tok, lat[200:390], transcript)]
+
+
+# ------------------------------------------------------------------------------------------------ builders
+
+
+def test_tts_example_layout(setup):
+    tok, _, _, lat = setup
+    ex = lm_data.tts_example(tok, SENTENCES[0], lat[:23])  # 23 frames -> 4 patches, 3 frames dropped
+    ids = ex["input_ids"]
+    n = ex["num_patches"]
+    assert n == 4 and ex["gen_patches"] == 4 and ex["latents"].shape == (20, lat.shape[1])
+    np.testing.assert_array_equal(ex["latents"], lat[:20])
+    audio_pos = int(np.flatnonzero(ids == tok.id("audio"))[0])
+    assert audio_pos == len(ids) - n - 1 and ex["patch_start"] == audio_pos + 1
+    np.testing.assert_array_equal(np.flatnonzero(ex["audio_patch_mask"]), audio_pos + 1 + np.arange(n))
+    np.testing.assert_array_equal(np.flatnonzero(ids == tok.id("audio_patch")), audio_pos + 1 + np.arange(n))
+    # patch 0 is conditioned on <audio>, patch j on the position of patch j - 1
+    np.testing.assert_array_equal(ex["patch_cond_index"], [audio_pos, audio_pos + 1, audio_pos + 2, audio_pos + 3])
+    assert (ex["text_labels"] == lm_data.IGNORE).all() and not ex["audio_gate"].any()
+    assert list(ids) == text.tts_training_sequence(tok, SENTENCES[0], n)
+    with pytest.raises(ValueError, match="less than one patch"):
+        lm_data.tts_example(tok, SENTENCES[0], lat[:4])
+
+
+def test_asr_example_labels_on_target_only(setup):
+    tok, _, _, lat = setup
+    ex = lm_data.asr_example(tok, lat[:17], "let us go home now", "English")
+    ids, labels = ex["input_ids"], ex["text_labels"]
+    prompt, start = text.asr_prompt(tok, 3)
+    target = text.asr_target(tok, "let us go home now", "English")
+    assert list(ids) == prompt + target and ex["patch_start"] == start and ex["gen_patches"] == 0
+    np.testing.assert_array_equal(np.flatnonzero(ex["audio_patch_mask"]), start + np.arange(3))
+    np.testing.assert_array_equal(ex["audio_gate"], ex["audio_patch_mask"])
+    # shifted next-token labels: logits at i predict ids[i + 1], exactly for the target tokens (eos included)
+    labelled = np.flatnonzero(labels != lm_data.IGNORE)
+    np.testing.assert_array_equal(labelled, len(prompt) - 1 + np.arange(len(target)))
+    np.testing.assert_array_equal(labels[labelled], ids[labelled + 1])
+    assert list(labels[labelled]) == target and labels[labelled][-1] == tok.id("eos")
+
+
+def test_make_batch_pads_and_masks(setup):
+    tok, _, _, lat = setup
+    exs = [lm_data.tts_example(tok, SENTENCES[2], lat[:30]), lm_data.asr_example(tok, lat[:12], SENTENCES[3])]
+    b = lm_data.make_batch(exs, max_len=160, max_patches=8, batch_size=3)
+    assert b["input_ids"].shape == (3, 160) and b["latents"].shape == (3, 40, lat.shape[1])
+    for i, e in enumerate(exs):
+        s = len(e["input_ids"])
+        assert b["valid"][i].sum() == s and b["valid"][i, :s].all()
+        np.testing.assert_array_equal(b["input_ids"][i, :s], e["input_ids"])
+        np.testing.assert_array_equal(b["text_labels"][i, :s], e["text_labels"])
+        assert (b["text_labels"][i, s:] == lm_data.IGNORE).all()
+        assert not b["audio_patch_mask"][i, s:].any() and not b["audio_gate"][i, s:].any()
+        n = e["num_patches"]
+        assert b["latent_valid"][i].sum() == n * P and not b["latents"][i, n * P:].any()
+        np.testing.assert_array_equal(b["patch_cond_index"][i, :n], e["patch_cond_index"])
+    np.testing.assert_array_equal(b["flow_mask"][0], np.arange(8) < 6)  # TTS: its 6 patches
+    assert not b["flow_mask"][1].any() and not b["flow_mask"][2].any()  # ASR and the padded row: none
+    assert not b["valid"][2].any() and list(b["is_tts"]) == [True, False, False]
+    auto = lm_data.make_batch(exs)  # buckets
+    assert auto["input_ids"].shape == (2, 128) and auto["flow_mask"].shape == (2, 8)
+    with pytest.raises(ValueError, match="max_patches"):
+        lm_data.make_batch(exs, max_len=160, max_patches=4)
+    with pytest.raises(ValueError, match="max_len"):
+        lm_data.make_batch(exs, max_len=16, max_patches=8)
+
+
+def test_mix_examples_ratio(setup):
+    tts, asr = [{"task": "tts", "i": i} for i in range(3)], [{"task": "asr", "i": i} for i in range(2)]
+    a = lm_data.mix_examples(tts, asr, 400, 0.75, np.random.default_rng(0))
+    b = lm_data.mix_examples(tts, asr, 400, 0.75, np.random.default_rng(0))
+    assert a == b
+    frac = np.mean([e["task"] == "tts" for e in a])
+    assert 0.68 < frac < 0.82
+    assert all(e["task"] == "asr" for e in lm_data.mix_examples([], asr, 10, 0.0, np.random.default_rng(1)))
+    with pytest.raises(ValueError):
+        lm_data.mix_examples([], asr, 10, 0.5, np.random.default_rng(1))
+
+
+# ------------------------------------------------------------------------------------------------ loss
+
+
+def test_loss_components_respond_to_their_inputs(setup, loss_fn):
+    tok, cfg, params, lat = setup
+    key = jax.random.key(3)
+    # fresh pooling is zero-initialised (audio would not reach the LLM): give it a random kernel
+    pool = params["linear_proj_audio"]
+    kernel = jax.random.normal(jax.random.key(5), pool["linear"]["kernel"].shape)
+    params = {**params, "linear_proj_audio": {**pool, "linear": {**pool["linear"], "kernel": kernel}}}
+    kw = {"max_len": 256, "max_patches": 64}
+
+    def run(exs, **mods):
+        b = lm_data.make_batch(exs, **kw)
+        for k, v in mods.items():
+            b[k] = v(b[k])
+        return {k: float(v) for k, v in loss_fn(params, cfg, b, key, deterministic=True)[1].items()}
+
+    base = run(_examples(tok, lat))
+    for k in ("loss", "text_ce", "flow", "stop"):
+        assert np.isfinite(base[k]) and base[k] > 0, (k, base)
+    assert base["text_tokens"] == len(text.asr_target(tok, SENTENCES[1]))
+    assert base["flow_patches"] == 40
+    np.testing.assert_allclose(base["loss"], base["text_ce"] + base["flow"] + 0.01 * base["stop"], rtol=1e-5)
+
+    # a different transcript changes the text CE only
+    other = run(_examples(tok, lat, transcript=SENTENCES[2]))
+    assert abs(other["text_ce"] - base["text_ce"]) > 1e-3
+    for k in ("flow", "stop"):
+        np.testing.assert_allclose(other[k], base[k], rtol=1e-6, err_msg=k)
+
+    # a changed last target patch: flow and stop (its hidden is the positive) change, text CE does not
+    def bump_last(x):
+        x = x.copy()
+        x[0, 195:200] += 1.0
+        return x
+    moved = run(_examples(tok, lat), latents=bump_last)
+    assert abs(moved["flow"] - base["flow"]) > 1e-4 and abs(moved["stop"] - base["stop"]) > 1e-6
+    np.testing.assert_allclose(moved["text_ce"], base["text_ce"], rtol=1e-6)
+
+    # causality of the conditions: with only patches 0..6 as targets, changing patch 7 changes nothing
+    def only_first7(m):
+        m = m.copy()
+        m[0, 7:] = False
+        return m
+
+    def bump7(x):
+        x = x.copy()
+        x[0, 35:40] += 1.0
+        return x
+    a = run(_examples(tok, lat), flow_mask=only_first7)
+    c = run(_examples(tok, lat), flow_mask=only_first7, latents=bump7)
+    np.testing.assert_allclose(c["flow"], a["flow"], rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------ training
+
+
+@pytest.fixture(scope="module")
+def trainer(setup):
+    _, cfg, params, _ = setup
+    tx = lm_step.masked_optimizer(params, lm_step.adamw(3e-3, warmup_steps=0))
+    state = lm_step.init_lm_state(params, tx, jax.random.key(4))
+    step = jax.jit(lm_step.make_lm_train_step(cfg, tx))
+    return state, step
+
+
+def test_trainable_labels(setup):
+    _, _, params, _ = setup
+    labels = lm_step.trainable_labels(params)
+    assert set(jax.tree.leaves(labels["audio"])) == {"frozen"}
+    for k in lm_step.TRAINABLE:
+        assert set(jax.tree.leaves(labels[k])) == {"train"}
+    sem = lm_step.trainable_labels(params, train_semantic=True)["audio"]
+    assert set(jax.tree.leaves(sem["decoder"]["semantic"])) == {"semantic"}
+    assert set(jax.tree.leaves(sem["encoder"])) == {"frozen"}
+    assert set(jax.tree.leaves(sem["decoder"]["fc1"])) == {"frozen"}
+
+
+def _mixed_batch(tok, lat, rng):
+    tts = [lm_data.tts_example(tok, SENTENCES[i], lat[200 * i: 200 * i + 180]) for i in range(3)]
+    asr = [lm_data.asr_example(tok, lat[200 * i + 20: 200 * i + 200], SENTENCES[i]) for i in range(3)]
+    return lm_data.make_batch(lm_data.mix_examples(tts, asr, 4, 0.5, rng), max_len=256, max_patches=64)
+
+
+def test_short_training_run_reduces_loss(setup, trainer):
+    tok, _, params, lat = setup
+    state, step = trainer
+    rng = np.random.default_rng(0)
+    batches = [_mixed_batch(tok, lat, rng) for _ in range(4)]
+    assert any(b["is_tts"].any() and (~b["is_tts"]).any() for b in batches)
+    losses = []
+    for i in range(40):
+        state, m = step(state, batches[i % 4])
+        losses.append(float(m["loss"]))
+        assert int(m["skipped_step"]) == 0
+    first, last = np.mean(losses[:5]), np.mean(losses[-5:])
+    print(f"LM loss first-5 {first:.3f} last-5 {last:.3f}")
+    assert np.isfinite(losses).all() and last < 0.7 * first, losses
+    assert int(state["step"]) == 40 and int(state["skipped"]) == 0
+    # only the trainable parts moved
+    same = jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), state["params"]["audio"], params["audio"])
+    assert all(jax.tree.leaves(same))
+    for k in lm_step.TRAINABLE:
+        moved = jax.tree.map(lambda a, b: not bool(jnp.array_equal(a, b)), state["params"][k], params[k])
+        assert any(jax.tree.leaves(moved)), k
+
+
+def test_non_finite_batch_is_skipped(setup, trainer):
+    tok, _, _, lat = setup
+    state, step = trainer
+    good = _mixed_batch(tok, lat, np.random.default_rng(1))
+    bad = {**good, "latents": good["latents"].copy()}
+    bad["latents"][0, 3] = np.nan
+    state, m = step(state, good)
+    before = state
+    state, m = step(state, bad)
+    assert int(m["skipped_step"]) == 1 and int(state["skipped"]) == 1 and int(state["step"]) == 2
+    same = jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), (state["params"], state["opt_state"]),
+                        (before["params"], before["opt_state"]))
+    assert all(jax.tree.leaves(same))
+    state, m = step(state, good)
+    assert int(m["skipped_step"]) == 0 and np.isfinite(float(m["loss"])) and int(state["skipped"]) == 1

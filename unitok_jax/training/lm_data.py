@@ -1,0 +1,198 @@
+"""LLM-stage training sequences (spec §5.2, §5.4, §5.7, §5.8): numpy builders from examples to fixed-shape batches.
+
+An *example* is one sequence, a dict of numpy arrays (unpadded) plus ``task`` ("tts" / "asr"):
+
+* ``input_ids`` [S] int32 — the token ids, ``<audioPatch>`` at the audio positions.
+* ``audio_patch_mask`` [S] bool — the ``<audioPatch>`` positions; their inputs are the pooled ground-truth patches
+  (patch j goes to the j-th true position, which is ``patch_start + j``).
+* ``audio_gate`` [S] bool — positions routed through the LLM's ``audio_gate`` (``multi_gate`` configs): the audio
+  patches of ASR (understanding) inputs; all false for TTS, as the reference (spec §9 #11).
+* ``text_labels`` [S] int32 — **already shifted**: ``text_labels[i]`` is the token the logits at position ``i`` must
+  predict, i.e. ``input_ids[i + 1]`` when position ``i + 1`` holds a target token, else -100. The loss compares the
+  logits at ``i`` with ``text_labels[i]`` directly, with no shift. All -100 for TTS; for ASR the labels sit on the
+  positions from the last prompt token (``<role>ASSISTANT</role>``'s last token) to the one before ``<|endoftext|>``.
+* ``latents`` [P * p, C] float32 — the posterior-sampled VAE latents, truncated to whole patches (spec §5.2).
+* ``patch_start`` (int) — index of the first ``<audioPatch>``; ``num_patches`` P.
+* ``gen_patches`` (int) — patches that are generation targets (flow + stop losses): P for TTS, 0 for ASR.
+* ``patch_cond_index`` [P] int32 — the position whose final hidden conditions target patch j (and feeds the stop
+  head): ``patch_start - 1 + j``, the ``<audio>`` token for j = 0, then the previous patch position (spec §5.8).
+  Zeros for ASR (no targets).
+
+:func:`make_batch` pads a list of examples to ``[B, max_len]`` / ``[B, max_patches, ...]`` with everything padded
+masked (``valid`` false, labels -100, masks false, ``gen_patches`` counting only real patches); batch rows may be
+padded too (all-invalid rows). :func:`mix_examples` draws a TTS/ASR mixture by ratio with a numpy RNG.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+
+from unitok_jax import text as text_lib
+
+IGNORE = -100
+LEN_BUCKETS: tuple = (64, 128, 256, 512, 1024, 2048, 4096, 8192)
+PATCH_BUCKETS: tuple = (8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+
+# The keys of a batch (see make_batch) and their padding values.
+_SEQ_KEYS = {"input_ids": 0, "audio_patch_mask": False, "audio_gate": False, "text_labels": IGNORE}
+
+
+def _patches(latents, patch_size: int, what: str) -> tuple[np.ndarray, int]:
+    lat = np.asarray(latents, np.float32)
+    if lat.ndim != 2:
+        raise ValueError(f"{what}: latents must be [T, C], got shape {lat.shape}")
+    p = lat.shape[0] // patch_size
+    if p < 1:
+        raise ValueError(f"{what}: {lat.shape[0]} latent frames is less than one patch of {patch_size}")
+    return lat[: p * patch_size], p
+
+
+def tts_example(tok: text_lib.TextTokenizer, text: str, latents, patch_size: int = 5) -> dict:
+    """A TTS training sequence (spec §5.8): ``<role>HUMAN</role>`` + enc(instruction + text) +
+    ``<role>ASSISTANT</role><audio>`` + ``<audioPatch>`` x P, with P = T // patch_size patches of ``latents`` [T, C]
+    (the VAE posterior sample of the utterance; trailing frames dropped). Flow / stop targets: all P patches."""
+    lat, p = _patches(latents, patch_size, "tts_example")
+    ids = np.asarray(text_lib.tts_training_sequence(tok, text, p), np.int32)
+    s = len(ids)
+    start = s - p
+    if ids[start - 1] != tok.id("audio"):
+        raise AssertionError("tts_training_sequence layout changed: <audio> is not right before the patches")
+    mask = np.zeros(s, bool)
+    mask[start:] = True
+    return {
+        "task": "tts",
+        "input_ids": ids,
+        "audio_patch_mask": mask,
+        "audio_gate": np.zeros(s, bool),
+        "text_labels": np.full(s, IGNORE, np.int32),
+        "latents": lat,
+        "patch_start": start,
+        "num_patches": p,
+        "gen_patches": p,
+        "patch_cond_index": (start - 1 + np.arange(p)).astype(np.int32),
+    }
+
+
+def asr_example(tok: text_lib.TextTokenizer, latents, transcript: str, lang: str = "English", patch_size: int = 5,
+                *, context_words: Optional[Sequence[str]] = None,
+                instruction: str = text_lib.DEFAULT_ASR_INSTRUCTION) -> dict:
+    """An ASR training sequence (spec §5.4): :func:`text.asr_prompt` with P = T // patch_size audio patches, then
+    :func:`text.asr_target` (``"{lang}\\t{transcript}<|endoftext|>"``). Next-token labels only on the target tokens
+    (shifted: the label at position i is the target token at i + 1); the audio positions go through the audio gate."""
+    lat, p = _patches(latents, patch_size, "asr_example")
+    prompt, start = text_lib.asr_prompt(tok, p, context_words=context_words, instruction=instruction)
+    target = text_lib.asr_target(tok, transcript, lang)
+    ids = np.asarray(prompt + target, np.int32)
+    s = len(ids)
+    mask = np.zeros(s, bool)
+    mask[start:start + p] = True
+    labels = np.full(s, IGNORE, np.int32)
+    n = len(prompt)
+    labels[n - 1:s - 1] = ids[n:]
+    return {
+        "task": "asr",
+        "input_ids": ids,
+        "audio_patch_mask": mask,
+        "audio_gate": mask.copy(),
+        "text_labels": labels,
+        "latents": lat,
+        "patch_start": start,
+        "num_patches": p,
+        "gen_patches": 0,
+        "patch_cond_index": np.zeros(p, np.int32),
+    }
+
+
+def bucket_size(n: int, sizes: Optional[Sequence[int]]) -> int:
+    """The smallest size in ``sizes`` holding ``n`` (doubling past the last); ``sizes=None``: ``n`` itself."""
+    n = max(int(n), 1)
+    if sizes is None:
+        return n
+    for s in sizes:
+        if s >= n:
+            return int(s)
+    s = int(sizes[-1])
+    while s < n:
+        s *= 2
+    return s
+
+
+def make_batch(examples: Sequence[dict], max_len: Optional[int] = None, max_patches: Optional[int] = None, *,
+               batch_size: Optional[int] = None, pad_id: int = 0,
+               len_buckets: Optional[Sequence[int]] = LEN_BUCKETS,
+               patch_buckets: Optional[Sequence[int]] = PATCH_BUCKETS) -> dict:
+    """Pad examples into one fixed-shape batch (numpy). ``max_len`` / ``max_patches`` / ``batch_size`` default to the
+    bucket (``len_buckets`` / ``patch_buckets``) of the longest example / the number of examples. An example longer
+    than a given size raises ValueError (filter or bucket upstream; nothing is cropped here).
+
+    Returns (B = batch_size, S = max_len, N = max_patches, p = patch size, C = latent channels):
+
+    * ``input_ids`` [B, S] int32, ``valid`` [B, S] bool, ``text_labels`` [B, S] int32 (-100 = no loss),
+      ``audio_patch_mask`` [B, S] bool, ``audio_gate`` [B, S] bool;
+    * ``latents`` [B, N * p, C] float32, ``latent_valid`` [B, N * p] bool;
+    * ``patch_start`` [B], ``num_patches`` [B], ``gen_patches`` [B] int32; ``patch_cond_index`` [B, N] int32;
+      ``flow_mask`` [B, N] bool (the generation targets: ``j < gen_patches``); ``is_tts`` [B] bool.
+    """
+    if not examples:
+        raise ValueError("make_batch needs at least one example")
+    lat_shapes = {e["latents"].shape[1] for e in examples}
+    if len(lat_shapes) != 1:
+        raise ValueError(f"examples have different latent channel counts {sorted(lat_shapes)}")
+    c = lat_shapes.pop()
+    patch = {e["latents"].shape[0] // max(e["num_patches"], 1) for e in examples}
+    if len(patch) != 1:
+        raise ValueError(f"examples disagree on the patch size: {sorted(patch)}")
+    p = patch.pop()
+    longest = max(len(e["input_ids"]) for e in examples)
+    most = max(e["num_patches"] for e in examples)
+    s = bucket_size(longest, len_buckets) if max_len is None else int(max_len)
+    n = bucket_size(most, patch_buckets) if max_patches is None else int(max_patches)
+    b = len(examples) if batch_size is None else int(batch_size)
+    if longest > s:
+        raise ValueError(f"an example has {longest} tokens > max_len={s}")
+    if most > n:
+        raise ValueError(f"an example has {most} patches > max_patches={n}")
+    if len(examples) > b:
+        raise ValueError(f"{len(examples)} examples > batch_size={b}")
+
+    out = {k: np.full((b, s), v, np.int32 if k in ("input_ids", "text_labels") else bool)
+           for k, v in _SEQ_KEYS.items()}
+    out["input_ids"][:] = pad_id
+    out["valid"] = np.zeros((b, s), bool)
+    out["latents"] = np.zeros((b, n * p, c), np.float32)
+    out["latent_valid"] = np.zeros((b, n * p), bool)
+    for k in ("patch_start", "num_patches", "gen_patches"):
+        out[k] = np.zeros((b,), np.int32)
+    out["patch_cond_index"] = np.zeros((b, n), np.int32)
+    out["is_tts"] = np.zeros((b,), bool)
+    for i, e in enumerate(examples):
+        L, P = len(e["input_ids"]), int(e["num_patches"])
+        for k in _SEQ_KEYS:
+            out[k][i, :L] = e[k]
+        out["valid"][i, :L] = True
+        out["latents"][i, : P * p] = e["latents"]
+        out["latent_valid"][i, : P * p] = True
+        out["patch_start"][i] = e["patch_start"]
+        out["num_patches"][i] = P
+        out["gen_patches"][i] = e["gen_patches"]
+        out["patch_cond_index"][i, :P] = e["patch_cond_index"]
+        out["is_tts"][i] = e["task"] == "tts"
+    out["flow_mask"] = np.arange(n)[None, :] < out["gen_patches"][:, None]
+    return out
+
+
+def mix_examples(tts: Sequence[dict], asr: Sequence[dict], batch_size: int, tts_fraction: float,
+                 rng: np.random.Generator) -> list:
+    """A TTS/ASR mixture of ``batch_size`` examples: each slot is TTS with probability ``tts_fraction`` (so the
+    expected ratio is tts_fraction : 1 - tts_fraction, e.g. 0.75 for the reference's gen:und = 3:1), drawn with
+    replacement from the pools. With ``tts_fraction`` 0 or 1 (whole steps of one task, as the reference's step
+    ratio) only that pool is needed. Deterministic given ``rng``."""
+    if not 0.0 <= tts_fraction <= 1.0:
+        raise ValueError(f"tts_fraction={tts_fraction} is not in [0, 1]")
+    is_tts = rng.random(batch_size) < tts_fraction
+    if is_tts.any() and not tts:
+        raise ValueError("tts_fraction > 0 but there are no TTS examples")
+    if (~is_tts).any() and not asr:
+        raise ValueError("tts_fraction < 1 but there are no ASR examples")
+    return [tts[rng.integers(len(tts))] if t else asr[rng.integers(len(asr))] for t in is_tts]

@@ -1,0 +1,218 @@
+"""LLM-stage loss and train step (spec §4.6, §5.7, §5.8, §7.2).
+
+:func:`lm_loss` runs one batch from :func:`unitok_jax.training.lm_data.make_batch`:
+
+1. the semantic module over the ground-truth latents (one causal pass per row; ``freeze_semantic`` stops its
+   gradient), LinearPooling to one embedding per patch;
+2. the pooled patches replace the word embeddings at the ``<audioPatch>`` positions; one LLM forward (ASR audio
+   positions through ``audio_gate`` on ``multi_gate`` configs);
+3. losses: text cross-entropy (float32) averaged over the labelled tokens (labels are pre-shifted, see lm_data);
+   flow matching (:func:`unitok_jax.flow.dit_loss`, block dropout and CFG condition dropout from the flow config)
+   on every target patch j, conditioned on the final hidden at ``patch_cond_index`` with ground-truth patch j - 1
+   as history (zeros for j = 0); the stop loss (:func:`unitok_jax.heads.stop_labels` / ``stop_loss``) on the same
+   hiddens; optionally the MoE load-balancing / router z losses.
+
+``total = text_weight * text_ce + flow_weight * flow + stop_weight * stop + aux_weight * aux + z_weight * z``.
+The frozen VAE encoder is not part of it: latents are inputs.
+
+:func:`make_lm_train_step` gives a pure ``step(state, batch) -> (state, metrics)`` over
+``{"step", "params", "opt_state", "rng", "skipped"}``; only the trainable subtrees (:func:`trainable_labels`) are
+updated, and a step whose loss or gradients are not finite leaves params and optimizer state unchanged and is
+counted in ``skipped``.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from unitok_jax import flow, heads, model, vae
+from unitok_jax.model import UniAudioConfig
+
+IGNORE = -100
+TRAINABLE = ("model", "flowloss", "linear_proj_audio", "stop_head")
+# Parts of params["audio"]["decoder"] that make the unified (semantic) embedding beyond the frozen fc1 (the
+# reference's optional unfreezing: ``decoder.fc2`` + ``semantic_model``).
+SEMANTIC = ("fc2", "semantic")
+
+
+def _splice_by_mask(embeds, pooled, mask):
+    """Replace the embeddings [B, S, D] at ``mask`` [B, S] by the pooled patches [B, N, D], the j-th true position
+    taking patch j."""
+    idx = jnp.clip(jnp.cumsum(mask, axis=1) - 1, 0, pooled.shape[1] - 1)
+    gathered = jnp.take_along_axis(pooled, idx[:, :, None], axis=1)
+    return jnp.where(mask[:, :, None], gathered.astype(embeds.dtype), embeds)
+
+
+def text_cross_entropy(logits, labels, valid=None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Mean float32 CE of ``logits`` [B, S, V] against pre-shifted ``labels`` [B, S] (-100 = none) ->
+    (loss, number of labelled tokens, number predicted correctly by argmax). 0 when nothing is labelled."""
+    mask = labels != IGNORE
+    if valid is not None:
+        mask = mask & valid
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    safe = jnp.where(mask, labels, 0)
+    nll = -jnp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]
+    count = jnp.sum(mask)
+    loss = jnp.sum(jnp.where(mask, nll, 0.0)) / jnp.maximum(count, 1)
+    correct = jnp.sum(mask & (jnp.argmax(logits, axis=-1) == safe))
+    return loss, count, correct
+
+
+def lm_loss(params, cfg: UniAudioConfig, batch: dict, key: jax.Array, *, stop_weight: float = 0.01,
+            flow_weight: float = 1.0, text_weight: float = 1.0, aux_weight: float = 0.0, z_weight: float = 0.0,
+            freeze_semantic: bool = True, deterministic: bool = False) -> tuple[jax.Array, dict]:
+    """(total loss, metrics) of one LM-stage batch (see the module docstring; batch keys from ``make_batch``).
+
+    ``key`` drives the flow noise / times and the DiT's dropout and CFG condition dropout (``deterministic=True``
+    turns both dropouts off, e.g. for evaluation). ``aux_weight`` / ``z_weight`` multiply the mean over MoE layers
+    of the raw load-balancing and router z losses (the LLM config's own coefficients are not used here)."""
+    ids = batch["input_ids"]
+    valid = batch["valid"]
+    b, s = ids.shape
+    p = cfg.patch_size
+
+    # 1. semantic module (frozen by default) + pooling
+    latents = batch["latents"].astype(jnp.float32)
+    unified, _ = vae.unified_embedding(params["audio"], cfg.vae, latents)
+    if freeze_semantic:
+        unified = jax.lax.stop_gradient(unified)
+    pooled = model.pool(params, cfg, unified)  # [B, N, D]
+    n = pooled.shape[1]
+
+    # 2. splice + one LLM forward
+    embeds = _splice_by_mask(model.embed_tokens(params, cfg, ids), pooled, batch["audio_patch_mask"])
+    gate = batch["audio_gate"] & valid if cfg.llm.multi_gate else None
+    out = model.llm_module(cfg).apply(model.llm_vars(params), inputs_embeds=embeds, valid=valid, audio_mask=gate)
+    hidden = out["hidden"]  # [B, S, D], final-normed
+
+    # 3a. text CE
+    text_ce, n_text, n_correct = text_cross_entropy(out["logits"], batch["text_labels"], valid)
+
+    # 3b. flow matching on the target patches
+    cond = jnp.take_along_axis(hidden, batch["patch_cond_index"][:, :, None], axis=1)  # [B, N, D]
+    target = latents.reshape(b, n, p, latents.shape[-1])
+    history = jnp.concatenate([jnp.zeros_like(target[:, :1]), target[:, :-1]], axis=1)
+    flow_mask = batch["flow_mask"]
+    flow_loss, _ = flow.dit_loss(params["flowloss"], cfg.flow, key, cond.reshape(b * n, 1, -1),
+                                 target.reshape(b * n, p, -1), history.reshape(b * n, p, -1),
+                                 flow_mask.reshape(b * n), deterministic=deterministic)
+
+    # 3c. stop loss on the hiddens at the patch positions (TTS rows only: gen_patches is 0 for ASR)
+    labels = heads.stop_labels(batch["patch_start"], batch["gen_patches"], s)
+    labels = jnp.where(valid, labels, IGNORE)
+    stop, stop_aux = heads.stop_loss(model.stop_logits(params, cfg, hidden), labels)
+
+    # 3d. MoE aux losses
+    moe = out.get("moe")
+    aux = jnp.mean(moe["aux_loss"]) if moe is not None else jnp.zeros((), jnp.float32)
+    zl = jnp.mean(moe["z_loss"]) if moe is not None else jnp.zeros((), jnp.float32)
+
+    total = text_weight * text_ce + flow_weight * flow_loss + stop_weight * stop + aux_weight * aux + z_weight * zl
+    metrics = {
+        "loss": total, "text_ce": text_ce, "flow": flow_loss, "stop": stop, "moe_aux": aux, "moe_z": zl,
+        "text_tokens": n_text, "text_acc": n_correct / jnp.maximum(n_text, 1),
+        "flow_patches": jnp.sum(flow_mask), "stop_likely_pos": stop_aux["likely_pos"],
+        "stop_likely_neg": stop_aux["likely_neg"], "tokens": jnp.sum(valid),
+    }
+    return total, metrics
+
+
+# ------------------------------------------------------------------------------------------------ optimizer / step
+
+
+def trainable_labels(params, train_semantic: bool = False) -> dict:
+    """Label tree for ``optax.multi_transform``: ``"train"`` for the LLM, flow head, pooling and stop head,
+    ``"semantic"`` for ``audio.decoder.{fc2, semantic}`` when ``train_semantic``, ``"frozen"`` for the rest of the
+    VAE (and the semantic module otherwise)."""
+    labels = {}
+    for name, sub in params.items():
+        if name in TRAINABLE:
+            labels[name] = jax.tree.map(lambda _: "train", sub)
+        elif name == "audio":
+            aud = jax.tree.map(lambda _: "frozen", sub)
+            if train_semantic:
+                dec = dict(aud["decoder"])
+                for k in SEMANTIC:
+                    dec[k] = jax.tree.map(lambda _: "semantic", sub["decoder"][k])
+                aud = {**aud, "decoder": dec}
+            labels[name] = aud
+        else:
+            raise ValueError(f"unknown params component {name!r}; expected {model.COMPONENTS}")
+    return labels
+
+
+def adamw(learning_rate=1e-5, *, b1: float = 0.9, b2: float = 0.95, eps: float = 1e-5, weight_decay: float = 0.02,
+          clip_norm: Optional[float] = 1.0, warmup_steps: int = 100) -> optax.GradientTransformation:
+    """The reference SFT optimiser (spec §5.8): AdamW (0.9, 0.95), eps 1e-5, weight decay 0.02, grad-norm clip 1.0,
+    constant learning rate after a linear warmup (``learning_rate`` may also be an optax schedule)."""
+    if not callable(learning_rate) and warmup_steps > 0:
+        learning_rate = optax.join_schedules(
+            [optax.linear_schedule(0.0, learning_rate, warmup_steps), optax.constant_schedule(learning_rate)],
+            [warmup_steps])
+    tx = optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
+    return optax.chain(optax.clip_by_global_norm(clip_norm), tx) if clip_norm else tx
+
+
+def masked_optimizer(params, optimizer: optax.GradientTransformation, *, train_semantic: bool = False,
+                     semantic_optimizer: Optional[optax.GradientTransformation] = None):
+    """``optimizer`` on the trainable subtrees only (frozen leaves get zero updates and no optimizer state). With
+    ``train_semantic`` the semantic module is updated by ``semantic_optimizer`` (default: ``optimizer``). The grad
+    clipping inside ``optimizer`` sees the trainable gradients only."""
+    transforms = {"train": optimizer, "frozen": optax.set_to_zero(),
+                  "semantic": semantic_optimizer or optimizer}
+    return optax.multi_transform(transforms, trainable_labels(params, train_semantic))
+
+
+def init_lm_state(params, optimizer: optax.GradientTransformation, rng: jax.Array) -> dict:
+    """Train state ``{step, params, opt_state, rng, skipped}`` (``optimizer`` as passed to the step, i.e. already
+    masked by :func:`masked_optimizer`)."""
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optimizer.init(params), "rng": rng,
+            "skipped": jnp.zeros((), jnp.int32)}
+
+
+def _tree_finite(tree) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
+def make_lm_train_step(cfg: UniAudioConfig, optimizer: optax.GradientTransformation, *,
+                       train_semantic: bool = False, **loss_kwargs) -> Callable:
+    """A pure ``step(state, batch) -> (state, metrics)`` (jit it, donating ``state``).
+
+    ``optimizer`` must be the masked one (:func:`masked_optimizer`, built with the same ``train_semantic``), so that
+    only the trainable subtrees move. ``loss_kwargs`` go to :func:`lm_loss` (weights, ``deterministic``);
+    ``freeze_semantic`` follows ``not train_semantic``. The key of step k is ``fold_in(state["rng"], k)``, so a
+    resumed run draws the same noise. If the loss or any gradient is not finite, params and optimizer state stay as
+    they were, ``skipped`` is incremented and ``metrics["skipped_step"]`` is 1; ``step`` advances in both cases.
+    Metrics also carry ``grad_norm`` (trainable gradients, before clipping)."""
+    loss_kwargs = {"freeze_semantic": not train_semantic, **loss_kwargs}
+
+    def step(state, batch):
+        key = jax.random.fold_in(state["rng"], state["step"])
+        params = state["params"]
+        grad_fn = jax.value_and_grad(lambda p: lm_loss(p, cfg, batch, key, **loss_kwargs), has_aux=True)
+        (loss, metrics), grads = grad_fn(params)
+        labels = trainable_labels(params, train_semantic)
+        trainable_grads = jax.tree.map(lambda g, lab: g if lab != "frozen" else jnp.zeros_like(g), grads, labels)
+        finite = jnp.isfinite(loss) & _tree_finite(trainable_grads)
+        updates, new_opt = optimizer.update(grads, state["opt_state"], params)
+        new_params = optax.apply_updates(params, updates)
+
+        def keep(new, old):
+            return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+
+        new_state = {
+            "step": state["step"] + 1,
+            "params": keep(new_params, params),
+            "opt_state": keep(new_opt, state["opt_state"]),
+            "rng": state["rng"],
+            "skipped": state["skipped"] + (~finite).astype(jnp.int32),
+        }
+        metrics = {**metrics, "grad_norm": optax.tree.norm(trainable_grads),
+                   "skipped_step": (~finite).astype(jnp.int32)}
+        return new_state, metrics
+
+    return step
