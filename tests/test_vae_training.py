@@ -10,7 +10,11 @@ from unitok_jax import vae
 from unitok_jax.audio import load_audio
 from unitok_jax.training import vae_losses as L
 from unitok_jax.training import vae_step as S
-from unitok_jax.training.discriminators import DiscConfig, apply_discriminators, init_disc_params
+from unitok_jax.training.discriminators import (
+    DiscConfig,
+    apply_discriminators,
+    init_disc_params,
+)
 
 SPEECH = "/work/shared/data/librispeech-1089-134686-0000.flac"
 MEL = L.MelLossConfig(resolutions=((512, 128, 64), (1024, 256, 80)))
@@ -19,7 +23,8 @@ DISC = DiscConfig(periods=(2, 3), mpd_channels=(4, 8, 16), stft_resolutions=((51
 
 
 def _tiny_vae():
-    bb = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    bb = {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4,
+          "num_key_value_heads": 2}
     ref = {
         "enc_kwargs": {"input_dim": 320, "hop_size": 320, "latent_dim": 8, "backbone": bb},
         "dec_kwargs": {"output_dim": 320, "latent_dim": 8, "backbone": bb},
@@ -119,7 +124,7 @@ def test_noise_augment_per_sample_scale():
     z = jnp.zeros((64, 10, 4))
     out = L.noise_augment(z, jax.random.key(0), 0.8)
     std = np.asarray(jnp.std(out, axis=(1, 2)))
-    assert np.all(std < 0.8 * 1.6) and std.min() < 0.2 < 0.6 < std.max()  # sigma = tau * u varies per sample
+    assert np.all(std < 0.8 * 1.6) and std.min() < 0.2 and std.max() > 0.6  # sigma = tau * u varies per sample
     assert np.array_equal(np.asarray(L.noise_augment(z + 1.0, jax.random.key(0), 0.0)), np.ones(z.shape))
 
 
@@ -206,3 +211,18 @@ def test_config_validation(trainer):
     cfg = S.VAETrainConfig(vae=vcfg, weights={"adv": 2.0})
     assert dict(cfg.weights) == {"mel": 15.0, "adv": 2.0, "fm": 1.0, "kl": 1e-4}
     hash(cfg)
+
+
+def test_generator_forward_noise_augmentation(trainer, speech):
+    cfg, _, _, params, _ = trainer
+    import dataclasses
+
+    plain = dataclasses.replace(cfg, sample_posterior=False)
+    noisy = dataclasses.replace(plain, noise_tau=0.5)
+    key = jax.random.key(3)
+    a, kl_a = S.generator_forward(params, plain, speech["wave"], speech["lengths"], key)
+    b, _ = S.generator_forward(params, plain, speech["wave"], speech["lengths"], jax.random.key(4))
+    c, kl_c = S.generator_forward(params, noisy, speech["wave"], speech["lengths"], key)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # no randomness without sampling or noise
+    assert float(jnp.max(jnp.abs(a - c))) > 1e-4 and float(kl_a) == float(kl_c)  # noise only at the decoder input
+    assert a.shape == speech["wave"].shape and float(jnp.max(jnp.abs(a[1, 12345:]))) == 0.0

@@ -41,7 +41,7 @@ class DiscConfig:
                              "stft_resolutions")
 
     @classmethod
-    def tiny(cls) -> "DiscConfig":
+    def tiny(cls) -> DiscConfig:
         return cls(periods=(2, 3, 5), mpd_channels=(4, 8, 16), stft_resolutions=((512, 128), (256, 64)),
                    stft_channels=4, stft_layers=2)
 

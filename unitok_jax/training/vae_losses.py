@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import warnings
-from typing import Mapping, Optional, Sequence
+from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +27,7 @@ class MelLossConfig:
     sample_rate: int = 16000
     resolutions: tuple[tuple[int, int, int], ...] = ((512, 128, 64), (1024, 256, 80), (2048, 512, 128))
     fmin: float = 0.0
-    fmax: Optional[float] = None  # None: sample_rate / 2
+    fmax: float | None = None  # None: sample_rate / 2
     log_floor: float = 1e-5  # log(max(mel, floor))
 
     def __post_init__(self):
@@ -42,9 +42,9 @@ class MelLossConfig:
 # STFT and mel
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def mel_filterbank(sample_rate: int, n_fft: int, n_mels: int, fmin: float = 0.0,
-                   fmax: Optional[float] = None) -> np.ndarray:
+                   fmax: float | None = None) -> np.ndarray:
     """Slaney mel filterbank from librosa, transposed: [n_fft // 2 + 1, n_mels] float32 (computed once, cached)."""
     import librosa
 
@@ -93,14 +93,14 @@ def log_mel(x: jax.Array, n_fft: int, hop: int, n_mels: int, cfg: MelLossConfig)
     return jnp.log(jnp.maximum(mel, cfg.log_floor))
 
 
-def mask_waveform(x: jax.Array, lengths: Optional[jax.Array]) -> jax.Array:
+def mask_waveform(x: jax.Array, lengths: jax.Array | None) -> jax.Array:
     """Zero samples at or past each item's length: [B, L], [B] -> [B, L]."""
     if lengths is None:
         return x
     return jnp.where(jnp.arange(x.shape[1])[None, :] < lengths[:, None], x, 0.0)
 
 
-def multi_resolution_mel_loss(real: jax.Array, fake: jax.Array, lengths: Optional[jax.Array] = None,
+def multi_resolution_mel_loss(real: jax.Array, fake: jax.Array, lengths: jax.Array | None = None,
                               cfg: MelLossConfig = MelLossConfig()) -> jax.Array:
     """Mean over resolutions of the L1 between log-mels of ``real`` and ``fake`` ([B, L] each, same shape).
 
@@ -110,7 +110,7 @@ def multi_resolution_mel_loss(real: jax.Array, fake: jax.Array, lengths: Optiona
     """
     if real.shape != fake.shape:
         raise ValueError(f"mel loss: real {real.shape} and fake {fake.shape} must have the same [B, L] shape")
-    b, L = real.shape
+    L = real.shape[1]
     real = mask_waveform(real.astype(jnp.float32), lengths)
     fake = mask_waveform(fake.astype(jnp.float32), lengths)
     total = jnp.zeros((), jnp.float32)
@@ -171,7 +171,7 @@ def feature_matching_loss(real_feats: Sequence[Sequence[jax.Array]],
     return loss
 
 
-def loss_weights(weights: Optional[Mapping[str, float] | Sequence[tuple[str, float]]] = None) -> dict[str, float]:
+def loss_weights(weights: Mapping[str, float] | Sequence[tuple[str, float]] | None = None) -> dict[str, float]:
     """Default generator weights {mel 15, adv 1, fm 1, kl 1e-4} updated with ``weights`` (dict or pairs)."""
     out = dict(DEFAULT_WEIGHTS)
     if weights is not None:
@@ -184,7 +184,7 @@ def loss_weights(weights: Optional[Mapping[str, float] | Sequence[tuple[str, flo
 
 
 def generator_loss(mel: jax.Array, adv: jax.Array, fm: jax.Array, kl: jax.Array,
-                   weights: Optional[Mapping[str, float] | Sequence[tuple[str, float]]] = None) -> jax.Array:
+                   weights: Mapping[str, float] | Sequence[tuple[str, float]] | None = None) -> jax.Array:
     """L_G = w_mel * mel + w_adv * adv + w_fm * fm + w_kl * KL (defaults 15, 1, 1, 1e-4; spec §7.1 S0)."""
     w = loss_weights(weights)
     return w["mel"] * mel + w["adv"] * adv + w["fm"] * fm + w["kl"] * kl

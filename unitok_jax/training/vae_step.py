@@ -13,7 +13,8 @@ reports ``skipped = 1`` (``state["num_skipped"]`` counts them).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
+import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +22,11 @@ import optax
 
 from unitok_jax import vae
 from unitok_jax.training import vae_losses as L
-from unitok_jax.training.discriminators import DiscConfig, apply_discriminators, init_disc_params
+from unitok_jax.training.discriminators import (
+    DiscConfig,
+    apply_discriminators,
+    init_disc_params,
+)
 
 # S0 trains the encoder and the low-level decoder path; the semantic path (fc2, semantic stack, fc3) stays frozen.
 S0_TRAINABLE = ("encoder", "decoder/fc1", "decoder/backbone", "decoder/head")
@@ -39,7 +44,7 @@ class VAETrainConfig:
     """
 
     vae: vae.VAEConfig
-    mel: L.MelLossConfig = L.MelLossConfig()
+    mel: L.MelLossConfig = dataclasses.field(default_factory=L.MelLossConfig)
     gan_loss: str = "hinge"  # "hinge" | "lsgan"
     weights: Any = L.DEFAULT_WEIGHTS
     noise_tau: float = 0.0
@@ -61,13 +66,13 @@ class OptConfig:
     """AdamW for generator and discriminator (HiFi-GAN betas by default), global-norm clipping, constant lr."""
 
     lr: float = 1e-4
-    disc_lr: Optional[float] = None  # None: same as lr
+    disc_lr: float | None = None  # None: same as lr
     b1: float = 0.8
     b2: float = 0.99
     eps: float = 1e-8
     weight_decay: float = 0.0
-    clip_norm: Optional[float] = 1.0  # None: no clipping
-    disc_clip_norm: Optional[float] = 1.0
+    clip_norm: float | None = 1.0  # None: no clipping
+    disc_clip_norm: float | None = 1.0
 
 
 def _adamw(lr, opt: OptConfig, clip):
@@ -101,13 +106,19 @@ def init_vae_train_state(cfg: VAETrainConfig, vae_params, disc_cfg: DiscConfig, 
                          key: jax.Array) -> dict:
     """-> {step, gen_params, disc_params, gen_opt_state, disc_opt_state, rng, num_skipped}.
 
+    Runs as one jitted program (cached per config), so ``jax.eval_shape`` gives the abstract state for sharding.
     ``vae_params`` are copied, so a step jitted with ``donate_argnums=0`` never deletes the caller's arrays."""
     labels = trainable_labels(vae_params, cfg.trainable)
     if not any(v == "train" for v in jax.tree_util.tree_leaves(labels)):
         raise ValueError(f"no VAE param matches the trainable prefixes {cfg.trainable}; top-level keys are "
                          f"{sorted(vae_params)}")
+    return _init_state(cfg, vae_params, disc_cfg, opt_cfg, key)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2, 3))
+def _init_state(cfg, vae_params, disc_cfg, opt_cfg, key):
     k_d, k_rng = jax.random.split(key)
-    vae_params = jax.tree_util.tree_map(jnp.copy, vae_params)  # the state owns its buffers (safe to donate)
+    vae_params = jax.tree_util.tree_map(jnp.copy, vae_params)
     disc_params = init_disc_params(disc_cfg, k_d)
     return {
         "step": jnp.zeros((), jnp.int32),
@@ -128,7 +139,7 @@ def _all_finite(*trees) -> jax.Array:
 def generator_forward(gen_params, cfg: VAETrainConfig, wave, lengths, key):
     """(real [B, L], lengths [B]) -> (fake [B, L] zero past lengths, KL over valid frames)."""
     k_post, k_noise = jax.random.split(key)
-    b, n = wave.shape
+    n = wave.shape[1]
     enc = vae.encode(gen_params, cfg.vae, wave, lengths, key=k_post, sample=cfg.sample_posterior)
     z = enc.latent
     if cfg.noise_tau > 0:
@@ -189,7 +200,7 @@ def vae_train_step(state: dict, batch: dict, cfg: VAETrainConfig, disc_cfg: Disc
     gen_params = optax.apply_updates(state["gen_params"], g_updates)
 
     ok = _all_finite(loss_d, loss_g, d_grads, g_grads)
-    keep = lambda new, old: jax.tree_util.tree_map(lambda a, c: jnp.where(ok, a, c), new, old)  # noqa: E731
+    keep = lambda new, old: jax.tree_util.tree_map(lambda a, c: jnp.where(ok, a, c), new, old)
     new_state = {
         "step": state["step"] + 1,
         "gen_params": keep(gen_params, state["gen_params"]),
