@@ -54,7 +54,10 @@ class TrainCheckpointer:
         return list(self.manager.all_steps())
 
     def save(self, step: int, state: Any, data_state: Optional[dict] = None, *, force: bool = False) -> bool:
-        """Save (asynchronously) if the policy says so or ``force``; returns whether a save started."""
+        """Save (asynchronously) if the policy says so or ``force``; returns whether a save started. A step that is
+        already saved is not saved again."""
+        if int(step) in self.manager.all_steps():
+            return False
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state or {}))
         return self.manager.save(int(step), args=args, force=force)
 

@@ -1,0 +1,44 @@
+"""VAE (tokenizer, stage S0) training configurations: ``configs/vae.py:tiny`` (CPU) and ``configs/vae.py:official``
+(the estimated MingTok-Audio size; spec 6.1 leaves the backbone dims to the released config).
+
+  python train.py --config configs/vae.py:tiny --workdir runs/vae --config.data.manifest=corpus/train.jsonl
+"""
+from __future__ import annotations
+
+import ml_collections
+
+TINY_BACKBONE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=10000.0)
+OFFICIAL_BACKBONE = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=20, num_attention_heads=16,
+                         num_key_value_heads=16, use_sliding_window=True, sliding_window=32)
+
+
+def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
+    if variant not in ("tiny", "official"):
+        raise ValueError(f"unknown VAE config variant {variant!r}; choose 'tiny' or 'official'")
+    tiny = variant == "tiny"
+    c = ml_collections.ConfigDict()
+    c.stage = "vae"
+    c.seed = 0
+    c.vae = dict(  # reference AudioVAEconfig kwargs
+        enc_kwargs=dict(input_dim=320, hop_size=320, latent_dim=64, backbone=TINY_BACKBONE if tiny else OFFICIAL_BACKBONE),
+        dec_kwargs=dict(output_dim=320, latent_dim=64, backbone=TINY_BACKBONE if tiny else OFFICIAL_BACKBONE),
+        semantic_module_kwargs=dict(whisper_encoder=dict(n_state=48, n_head=4, n_layer=2) if tiny
+                                    else dict(n_state=1280, n_head=20, n_layer=32)),
+    )
+    c.data = ml_collections.ConfigDict()
+    c.data.manifest = ml_collections.config_dict.placeholder(str)  # JSONL {id, audio, text?, speaker}
+    c.data.crop_seconds = 1.0 if tiny else 2.0
+    c.data.batch_size = 4 if tiny else 64  # global batch
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 200 if tiny else 200_000
+    c.train.gan_loss = "hinge"  # "hinge" | "lsgan"
+    c.train.adv_start_step = 0
+    c.train.noise_tau = 0.0  # RAE decoder-input noise (spec 7.4a); 0 = off
+    c.train.lr = 1e-4 if not tiny else 3e-4
+    c.train.tiny_discriminators = tiny
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every_steps = 50 if tiny else 2000
+    c.checkpoint.keep = 3
+    c.log_every = 10 if tiny else 100
+    return c
