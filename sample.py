@@ -158,45 +158,21 @@ class Request:
 
 def read_requests(path: str, task: str) -> tuple[list[Request], list[str]]:
     """Valid requests and one error message per bad line (``path:LINE: reason``)."""
-    import json
+    from unitok_jax.data.manifest import read_jsonl
 
     spec = TASK_FIELDS[task]
-    good, errors, seen = [], [], set()
-    base = os.path.dirname(os.path.abspath(path))
-    with open(path, encoding="utf-8") as f:
-        for n, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            where = f"{path}:{n}"
-            try:
-                obj = json.loads(raw)
-            except ValueError as e:
-                errors.append(f"{where}: not valid JSON ({e.msg})")
-                continue
-            if not isinstance(obj, dict):
-                errors.append(f"{where}: expected a JSON object, got {type(obj).__name__}")
-                continue
-            problems = [f"missing field {k!r}" for k, (req, _) in spec.items() if req and k not in obj]
-            problems += [f"field {k!r} must be {' or '.join(t.__name__ for t in (ty if isinstance(ty, tuple) else (ty,)))}"
-                         for k, (_, ty) in spec.items() if k in obj and not isinstance(obj[k], ty)]
-            if problems:
-                errors.append(f"{where}: " + "; ".join(problems))
-                continue
-            rid = str(obj["id"])
-            if not rid or not set(rid) <= _SAFE_ID or rid.startswith("."):
-                errors.append(f"{where}: id {rid!r} must use only letters, digits, '.', '_' and '-'")
-                continue
-            if rid in seen:
-                errors.append(f"{where}: duplicate id {rid!r}")
-                continue
-            if "text" in obj and not obj["text"].strip():
-                errors.append(f"{where}: empty text")
-                continue
-            for k in ("wav", "prompt_wav"):  # relative audio paths are relative to the JSONL file
-                if k in obj and not os.path.isabs(obj[k]):
-                    obj[k] = os.path.join(base, obj[k])
-            seen.add(rid)
-            good.append(Request(n, rid, obj))
+    required = {k: t for k, (req, t) in spec.items() if req}
+    optional = {k: t for k, (req, t) in spec.items() if not req}
+    good, errors = [], []
+    for n, where, rec, problem in read_jsonl(path, required, optional, path_keys=("wav", "prompt_wav")):
+        if problem is None and (not rec["id"] or not set(rec["id"]) <= _SAFE_ID or rec["id"].startswith(".")):
+            problem = f"id {rec['id']!r} must use only letters, digits, '.', '_' and '-'"
+        if problem is None and "text" in rec and not rec["text"].strip():
+            problem = "empty text"
+        if problem is not None:
+            errors.append(f"{where}: {problem}")
+            continue
+        good.append(Request(n, rec["id"], rec))
     return good, errors
 
 

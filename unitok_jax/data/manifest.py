@@ -33,10 +33,14 @@ def _type_name(t) -> str:
     return " or ".join(x.__name__ for x in (t if isinstance(t, tuple) else (t,)))
 
 
-def read_manifest(path: str, *, require_text: bool = True, add_durations: bool = False) -> Manifest:
-    """Parse a manifest. ``require_text=False`` accepts records without ``text`` (VAE training).
-    ``add_durations``: read missing durations from the audio headers (soundfile; no decoding)."""
-    records, errors, seen = [], [], set()
+def read_jsonl(path: str, required: dict, optional: dict = None, *, path_keys: tuple = ()):
+    """Yield ``(line_number, where, record, problem)`` for each non-empty line of a JSONL file of objects.
+
+    ``required`` / ``optional``: field -> accepted type(s). ``problem`` is None for a valid line (then ``record``
+    has ``id`` as a string, unique so far, and the ``path_keys`` fields made absolute relative to the file), else
+    a message naming what is wrong. Shared by manifests and ``sample.py`` request files."""
+    optional = optional or {}
+    seen = set()
     base = os.path.dirname(os.path.abspath(path))
     with open(path, encoding="utf-8") as f:
         for n, raw in enumerate(f, 1):
@@ -46,33 +50,47 @@ def read_manifest(path: str, *, require_text: bool = True, add_durations: bool =
             try:
                 obj = json.loads(raw)
             except ValueError as e:
-                errors.append(f"{where}: not valid JSON ({e.msg})")
+                yield n, where, None, f"not valid JSON ({e.msg})"
                 continue
             if not isinstance(obj, dict):
-                errors.append(f"{where}: expected a JSON object")
+                yield n, where, None, f"expected a JSON object, got {type(obj).__name__}"
                 continue
-            need = {k: t for k, t in FIELDS.items() if require_text or k != "text"}
-            problems = [f"missing field {k!r}" for k in need if k not in obj]
-            problems += [f"field {k!r} must be {_type_name(t)}" for k, t in {**FIELDS, **OPTIONAL}.items()
+            problems = [f"missing field {k!r}" for k in required if k not in obj]
+            problems += [f"field {k!r} must be {_type_name(t)}" for k, t in {**required, **optional}.items()
                          if k in obj and not isinstance(obj[k], t)]
             if problems:
-                errors.append(f"{where}: " + "; ".join(problems))
+                yield n, where, None, "; ".join(problems)
                 continue
             rid = str(obj["id"])
             if rid in seen:
-                errors.append(f"{where}: duplicate id {rid!r}")
+                yield n, where, None, f"duplicate id {rid!r}"
                 continue
             seen.add(rid)
-            rec = dict(obj, id=rid, speaker=str(obj["speaker"]))
-            if not os.path.isabs(rec["audio"]):
-                rec["audio"] = os.path.join(base, rec["audio"])
-            if add_durations and "duration" not in rec:
-                d = audio_duration(rec["audio"])
-                if d is None:
-                    errors.append(f"{where}: cannot read audio {rec['audio']}")
-                    continue
-                rec["duration"] = d
-            records.append(rec)
+            rec = dict(obj, id=rid)
+            for k in path_keys:
+                if k in rec and not os.path.isabs(rec[k]):
+                    rec[k] = os.path.join(base, rec[k])
+            yield n, where, rec, None
+
+
+def read_manifest(path: str, *, require_text: bool = True, add_durations: bool = False) -> Manifest:
+    """Parse a manifest. ``require_text=False`` accepts records without ``text`` (VAE training).
+    ``add_durations``: read missing durations from the audio headers (soundfile; no decoding)."""
+    records, errors = [], []
+    required = {k: t for k, t in FIELDS.items() if require_text or k != "text"}
+    optional = {**OPTIONAL, **({} if require_text else {"text": str})}
+    for _, where, rec, problem in read_jsonl(path, required, optional, path_keys=("audio",)):
+        if problem is not None:
+            errors.append(f"{where}: {problem}")
+            continue
+        rec["speaker"] = str(rec["speaker"])
+        if add_durations and "duration" not in rec:
+            d = audio_duration(rec["audio"])
+            if d is None:
+                errors.append(f"{where}: cannot read audio {rec['audio']}")
+                continue
+            rec["duration"] = d
+        records.append(rec)
     return Manifest(records, path, errors)
 
 
