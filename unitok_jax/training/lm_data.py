@@ -29,6 +29,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from unitok_jax import text as text_lib
+from unitok_jax.generate import bucket  # one length-bucket rule for generation and training
 
 IGNORE = -100
 LEN_BUCKETS: tuple = (64, 128, 256, 512, 1024, 2048, 4096, 8192)
@@ -104,20 +105,6 @@ def asr_example(tok: text_lib.TextTokenizer, latents, transcript: str, lang: str
     }
 
 
-def bucket_size(n: int, sizes: Optional[Sequence[int]]) -> int:
-    """The smallest size in ``sizes`` holding ``n`` (doubling past the last); ``sizes=None``: ``n`` itself."""
-    n = max(int(n), 1)
-    if sizes is None:
-        return n
-    for s in sizes:
-        if s >= n:
-            return int(s)
-    s = int(sizes[-1])
-    while s < n:
-        s *= 2
-    return s
-
-
 def make_batch(examples: Sequence[dict], max_len: Optional[int] = None, max_patches: Optional[int] = None, *,
                batch_size: Optional[int] = None, pad_id: int = 0,
                len_buckets: Optional[Sequence[int]] = LEN_BUCKETS,
@@ -146,8 +133,8 @@ def make_batch(examples: Sequence[dict], max_len: Optional[int] = None, max_patc
     p = patch.pop()
     longest = max(len(e["input_ids"]) for e in examples)
     most = max(e["num_patches"] for e in examples)
-    s = bucket_size(longest, len_buckets) if max_len is None else int(max_len)
-    n = bucket_size(most, patch_buckets) if max_patches is None else int(max_patches)
+    s = bucket(longest, len_buckets) if max_len is None else int(max_len)
+    n = bucket(most, patch_buckets) if max_patches is None else int(max_patches)
     b = len(examples) if batch_size is None else int(batch_size)
     if longest > s:
         raise ValueError(f"an example has {longest} tokens > max_len={s}")
