@@ -1,0 +1,391 @@
+"""python -m unitok_jax.eval: score VAE reconstructions, TTS outputs and ASR transcripts from files.
+
+  python -m unitok_jax.eval vae --reference MANIFEST.jsonl --generated DIR|RESULTS.jsonl [--split S] [--plots DIR]
+  python -m unitok_jax.eval tts --results RESULTS.jsonl|DIR --reference MANIFEST.jsonl [--requests REQUESTS.jsonl]
+                                [--plots DIR]
+  python -m unitok_jax.eval asr --results RESULTS.jsonl|DIR --manifest MANIFEST.jsonl [--requests REQUESTS.jsonl]
+  every subcommand: [--json OUT.json] [--quiet]
+
+Input files are JSONL (one object per line), joined on ``id``; relative paths are relative to the file's folder.
+
+* Manifest (``--reference``, ``--manifest``): ``unitok_jax.data.manifest`` lines ``{"id", "audio", "text",
+  "speaker"}``; a ``sample.py`` request file ``{"id", "wav", ...}`` also works (``wav`` instead of ``audio``).
+  ``vae`` needs ``audio``/``wav``; ``tts`` needs ``audio``/``wav`` (the reference rendering of the same sentence
+  in the prompt voice) and uses ``speaker`` (the voice label) and ``prompt_wav`` when present; ``asr`` needs
+  ``text``. ``--split`` keeps the lines whose ``split`` field matches.
+* Results (``--results``, or a folder holding ``results.jsonl``): what ``sample.py`` writes -- tts ``{"id",
+  "wav", "seconds"}`` with ``wav`` relative to the results file (``<id>.wav``); asr ``{"id", "text"}``.
+* ``--generated`` (vae): a ``results.jsonl`` with ``{"id", "wav"}``, or a folder of reconstructions: ``<id>.wav``
+  (``sample.py reconstruct --input requests.jsonl``) or, failing that, ``<stem of the reference audio>.wav``
+  (``sample.py reconstruct FILES``); a ``results.jsonl`` inside the folder is used first when it exists.
+* ``--requests`` (tts, asr): the ``sample.py`` request file. For tts it supplies ``prompt_wav`` (the voice
+  prompt), enabling the copy-the-prompt baseline and the speaker proxy; for both, a requested id without a
+  result counts as a failed item.
+
+Which items are scored: vae -- every reference line; tts / asr -- every result (and every request with
+``--requests``). Speaker proxy voices: the prompts, labelled by the reference line's ``speaker`` (else by the
+prompt's path); each generated utterance is compared with its own voice and with all the others.
+
+Output: a table (per-item rows, then means) on stdout and, with ``--json``, a JSON report written atomically:
+``{"task", "inputs", "count", "scored", "failed": [{"id", "error"}], "problems": [...], "mean": {...},
+"rows": [...]}`` (asr adds ``"corpus"``). Metrics are defined in :mod:`unitok_jax.eval.metrics`.
+
+Exit status: 0 every item scored; 1 some items failed (missing result, unreadable audio, bad line); 2 an input
+file cannot be read, nothing to score, or a missing dependency (``pip install 'unitok-jax[eval]'``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+
+from unitok_jax.eval import metrics as M
+
+SR = M.SAMPLE_RATE
+
+
+class InputError(Exception):
+    """An input file that cannot be used at all (exit status 2)."""
+
+
+# ---------------------------------------------------------------------------------------------------- inputs
+
+_OPTIONAL = {"audio": str, "wav": str, "text": str, "speaker": (str, int), "prompt_wav": str, "prompt_text": str,
+             "split": str, "duration": (int, float), "seconds": (int, float), "language": str}
+
+
+def read_rows(path: str, what: str, need: tuple = (), split: str | None = None) -> tuple[dict, list[str]]:
+    """``{id: record}`` of a JSONL file and one message per bad line. ``need``: fields a line must have, where
+    ``"audio"`` is satisfied by ``audio`` or ``wav`` (stored as ``record["audio"]``)."""
+    from unitok_jax.data.manifest import read_jsonl
+
+    if os.path.isdir(path):
+        path = os.path.join(path, "results.jsonl")
+    if not os.path.isfile(path):
+        raise InputError(f"{what} {path}: no such file")
+    rows, problems = {}, []
+    try:
+        for _, where, rec, problem in read_jsonl(path, {"id": (str, int)}, _OPTIONAL,
+                                                 path_keys=("audio", "wav", "prompt_wav")):
+            if problem is None:
+                if "audio" not in rec and "wav" in rec:
+                    rec["audio"] = rec["wav"]
+                missing = [("'audio' (or 'wav')" if k == "audio" else repr(k)) for k in need if k not in rec]
+                if missing:
+                    problem = "missing field " + ", ".join(missing)
+            if problem is not None:
+                problems.append(f"{where}: {problem}")
+                continue
+            if split is not None and rec.get("split") != split:
+                continue
+            rows[rec["id"]] = rec
+    except OSError as e:
+        raise InputError(f"{what} {path}: cannot read: {e.strerror or e}") from e
+    except UnicodeDecodeError as e:
+        raise InputError(f"{what} {path}: not UTF-8 text ({e.reason})") from e
+    return rows, problems
+
+
+class AudioCache:
+    """Load each audio file once (16 kHz mono float32); errors are remembered and re-raised as ValueError."""
+
+    def __init__(self):
+        self.cache: dict[str, object] = {}
+
+    def __call__(self, path: str):
+        from unitok_jax.audio import AudioError, load_audio
+
+        if path not in self.cache:
+            try:
+                self.cache[path] = load_audio(path, SR)
+            except AudioError as e:
+                self.cache[path] = ValueError(str(e))
+        v = self.cache[path]
+        if isinstance(v, ValueError):
+            raise v
+        return v
+
+
+# ---------------------------------------------------------------------------------------------------- output
+
+
+def _clean(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: _clean(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_clean(x) for x in v]
+    if hasattr(v, "item") and not isinstance(v, (str, bytes)):  # numpy scalars
+        return _clean(v.item())
+    return v
+
+
+def write_json(path: str, report: dict) -> None:
+    """Write ``report`` as JSON atomically (temporary file in the same folder, then rename); NaN -> null."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".eval.", suffix=".json", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(_clean(report), f, indent=1, ensure_ascii=False, allow_nan=False)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _fmt(v, spec: str) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, (int, float)):
+        return format(v, spec)
+    return str(v)
+
+
+def print_table(report: dict, columns: list[tuple[str, str, str]], file=sys.stdout) -> None:
+    """Per-item rows, then the means (``columns``: (key, header, format spec))."""
+    rows = report["rows"]
+    width = max([len(r["id"]) for r in rows] + [4])
+    cw = [max(len(h), 7) for _, h, _ in columns]
+    head = f"{'id':<{width}}  " + "  ".join(f"{h:>{w}}" for (_, h, _), w in zip(columns, cw))
+    print(head, file=file)
+    print("-" * len(head), file=file)
+    for r in rows:
+        if "error" in r:
+            print(f"{r['id']:<{width}}  FAILED: {r['error']}", file=file)
+        else:
+            print(f"{r['id']:<{width}}  " + "  ".join(f"{_fmt(r.get(k), s):>{w}}"
+                                                   for (k, _, s), w in zip(columns, cw)), file=file)
+    print("-" * len(head), file=file)
+    mean = report["mean"]
+    print(f"{'mean':<{width}}  " + "  ".join(f"{_fmt(mean.get(k), s if k in mean else ''):>{w}}"
+                                             for (k, _, s), w in zip(columns, cw)), file=file)
+    for name, vals in report.get("extra_lines", {}).items():
+        print(f"{name}: {vals}", file=file)
+    print(f"{report['scored']}/{report['count']} items scored", file=file)
+
+
+def _finish(args, task: str, report: dict, problems: list[str], inputs: dict, columns) -> int:
+    report = {"task": task, "inputs": {k: (os.path.abspath(v) if v else v) for k, v in inputs.items()},
+              "count": report["count"], "scored": report["scored"],
+              "failed": [{"id": r["id"], "error": r["error"]} for r in report["rows"] if "error" in r],
+              "problems": problems, **{k: v for k, v in report.items() if k not in ("count", "scored")}}
+    for p in problems:
+        print(f"warning: {p}", file=sys.stderr)
+    if not args.quiet:
+        table = dict(report)
+        if "corpus" in report:
+            c = report["corpus"]
+            table["extra_lines"] = {"corpus": f"WER {_fmt(c['wer'], '.4f')}  CER {_fmt(c['cer'], '.4f')} "
+                                              f"({c['words']} words, {c['chars']} characters)"}
+        print_table(table, columns)
+    if args.json:
+        try:
+            write_json(args.json, report)
+        except OSError as e:
+            print(f"error: cannot write {args.json}: {e.strerror or e}", file=sys.stderr)
+            return 2
+        if not args.quiet:
+            print(f"wrote {args.json}")
+    return 0 if not report["failed"] and not problems else 1
+
+
+def _plot(plots: str | None, rid: str, gen, ref, title: str, problems: list[str]) -> None:
+    if plots:
+        try:
+            M.plot_mel_comparison(gen, ref, os.path.join(plots, f"{rid}.png"), SR, title=title)
+        except (OSError, ValueError) as e:
+            problems.append(f"{rid}: cannot write the plot: {e}")
+
+
+# ------------------------------------------------------------------------------------------------ subcommands
+
+VAE_COLUMNS = [("pesq", "PESQ", ".3f"), ("stoi", "STOI", ".3f"), ("log_mel_l1", "logmelL1", ".3f"),
+               ("si_sdr", "SI-SDR", ".2f"), ("reference_seconds", "seconds", ".2f")]
+TTS_COLUMNS = [("mcd", "MCD", ".2f"), ("baseline_mcd", "MCDcopy", ".2f"), ("generated_seconds", "gen_s", ".2f"),
+               ("reference_seconds", "ref_s", ".2f"), ("duration_rel_error", "dur_rel", ".3f"),
+               ("speaker_similarity_prompt", "spk_sim", ".3f"), ("speaker_similarity_others", "spk_oth", ".3f"),
+               ("speaker_top1", "spk_top1", ".2f")]
+ASR_COLUMNS = [("wer", "WER", ".4f"), ("cer", "CER", ".4f"), ("word_errors", "w_err", "d"), ("words", "words", "d")]
+
+
+def _generated_paths(generated: str, refs: dict, problems: list[str]) -> dict:
+    """id -> reconstruction path for ``vae --generated``."""
+    if os.path.isfile(generated) or (os.path.isdir(generated)
+                                     and os.path.isfile(os.path.join(generated, "results.jsonl"))):
+        rows, bad = read_rows(generated, "--generated results", need=("audio",))
+        problems += bad
+        found = {rid: r["audio"] for rid, r in rows.items()}
+        if os.path.isfile(generated):
+            return found
+    elif os.path.isdir(generated):
+        found = {}
+    else:
+        raise InputError(f"--generated {generated}: no such file or folder")
+    for rid, r in refs.items():
+        if rid not in found:
+            stem = os.path.splitext(os.path.basename(r["audio"]))[0]
+            for cand in (os.path.join(generated, f"{rid}.wav"), os.path.join(generated, f"{stem}.wav")):
+                if os.path.isfile(cand):
+                    found[rid] = cand
+                    break
+    return found
+
+
+def cmd_vae(args) -> int:
+    problems: list[str] = []
+    refs, bad = read_rows(args.reference, "--reference", need=("audio",), split=args.split)
+    problems += bad
+    gen = _generated_paths(args.generated, refs, problems)
+    if not refs:
+        raise InputError(f"--reference {args.reference}: no usable lines")
+    load = AudioCache()
+    rows = []
+    for rid, r in refs.items():
+        if rid not in gen:
+            rows.append({"id": rid, "error": f"no reconstruction for this id in {args.generated}"})
+            continue
+        try:
+            ref, out = load(r["audio"]), load(gen[rid])
+        except ValueError as e:
+            rows.append({"id": rid, "error": str(e)})
+            continue
+        row = M.evaluate_vae([(rid, ref, out)], SR, metrics=args.metrics)["rows"][0]
+        row.update(reference=r["audio"], generated=gen[rid])
+        rows.append(row)
+        _plot(args.plots, rid, out, ref, f"{rid}: reconstruction vs reference", problems)
+    report = M._report(rows, list(args.metrics))
+    return _finish(args, "vae", report, problems, {"reference": args.reference, "generated": args.generated},
+                   [c for c in VAE_COLUMNS if c[0] in args.metrics or c[0] == "reference_seconds"])
+
+
+def cmd_tts(args) -> int:
+    problems: list[str] = []
+    results, bad = read_rows(args.results, "--results", need=("audio",))
+    problems += bad
+    refs, bad = read_rows(args.reference, "--reference", need=("audio",))
+    problems += bad
+    requests = {}
+    if args.requests:
+        requests, bad = read_rows(args.requests, "--requests")
+        problems += bad
+    ids = list(results) + [rid for rid in requests if rid not in results]
+    if not ids:
+        raise InputError(f"--results {args.results}: no usable lines")
+    load = AudioCache()
+    items, failed = [], []
+    for rid in ids:
+        if rid not in results:
+            failed.append({"id": rid, "error": f"requested but no result in {args.results}"})
+            continue
+        if rid not in refs:
+            failed.append({"id": rid, "error": f"no reference for this id in {args.reference}"})
+            continue
+        ref_row = refs[rid]
+        prompt_path = requests.get(rid, {}).get("prompt_wav") or ref_row.get("prompt_wav") \
+            or results[rid].get("prompt_wav")
+        try:
+            item = {"id": rid, "generated": load(results[rid]["audio"]), "reference": load(ref_row["audio"])}
+            if prompt_path:
+                item["prompt"] = load(prompt_path)
+                item["voice"] = str(ref_row["speaker"]) if "speaker" in ref_row else f"prompt:{prompt_path}"
+        except ValueError as e:
+            failed.append({"id": rid, "error": str(e)})
+            continue
+        items.append(item)
+        _plot(args.plots, rid, item["generated"], item["reference"], f"{rid}: generated vs reference", problems)
+    report = M.evaluate_tts(items, SR)
+    by_id = {r["id"]: r for r in report["rows"] + failed}
+    rows = [by_id[rid] for rid in ids]
+    for r in rows:
+        if "error" not in r:
+            r.update(generated=results[r["id"]]["audio"], reference=refs[r["id"]]["audio"])
+    report = M._report(rows, list(M.TTS_KEYS))
+    return _finish(args, "tts", report, problems,
+                   {"results": args.results, "reference": args.reference, "requests": args.requests}, TTS_COLUMNS)
+
+
+def cmd_asr(args) -> int:
+    M._require("jiwer")
+    problems: list[str] = []
+    results, bad = read_rows(args.results, "--results", need=("text",))
+    problems += bad
+    manifest, bad = read_rows(args.manifest, "--manifest", need=("text",))
+    problems += bad
+    requests = {}
+    if args.requests:
+        requests, bad = read_rows(args.requests, "--requests")
+        problems += bad
+    ids = list(results) + [rid for rid in requests if rid not in results]
+    if not ids:
+        raise InputError(f"--results {args.results}: no usable lines")
+    pairs, failed = [], []
+    for rid in ids:
+        if rid not in results:
+            failed.append({"id": rid, "error": f"requested but no result in {args.results}"})
+        elif rid not in manifest:
+            failed.append({"id": rid, "error": f"no reference text for this id in {args.manifest}"})
+        else:
+            pairs.append((rid, manifest[rid]["text"], results[rid]["text"]))
+    scored = M.evaluate_asr(pairs, normalize=not args.no_normalize)
+    by_id = {r["id"]: r for r in scored["rows"] + failed}
+    report = M._report([by_id[rid] for rid in ids], list(M.ASR_KEYS))
+    report["corpus"] = scored["corpus"]
+    report["normalized"] = not args.no_normalize
+    return _finish(args, "asr", report, problems, {"results": args.results, "manifest": args.manifest,
+                                                  "requests": args.requests}, ASR_COLUMNS)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m unitok_jax.eval", description=__doc__.split("\n\n")[0],
+                                 epilog="Input formats: see the module docstring (python -m pydoc "
+                                        "unitok_jax.eval.__main__).")
+    sub = ap.add_subparsers(dest="command", required=True)
+    v = sub.add_parser("vae", help="VAE reconstruction: PESQ-WB, STOI, log-mel L1, SI-SDR")
+    v.add_argument("--reference", required=True, help='manifest JSONL {"id", "audio"} (or {"id", "wav"})')
+    v.add_argument("--generated", required=True,
+                   help="folder of reconstructions (<id>.wav or <reference stem>.wav) or results.jsonl {id, wav}")
+    v.add_argument("--split", help="only manifest lines with this 'split'")
+    v.add_argument("--metrics", default=",".join(M.VAE_KEYS),
+                   help=f"comma-separated subset of {','.join(M.VAE_KEYS)}")
+    v.add_argument("--plots", help="write <id>.png mel comparisons into this folder")
+    t = sub.add_parser("tts", help="TTS: MCD-DTW, duration error, copy-the-prompt baseline, speaker proxy")
+    t.add_argument("--results", required=True, help="sample.py tts results.jsonl (or its folder)")
+    t.add_argument("--reference", required=True,
+                   help='JSONL {"id", "audio", "speaker"?, "prompt_wav"?}: the same sentence in the prompt voice')
+    t.add_argument("--requests", help="sample.py tts requests JSONL (prompt_wav; requested ids must have results)")
+    t.add_argument("--plots", help="write <id>.png mel comparisons into this folder")
+    a = sub.add_parser("asr", help="ASR: WER and CER after normalisation")
+    a.add_argument("--results", required=True, help="sample.py asr results.jsonl (or its folder)")
+    a.add_argument("--manifest", required=True, help='manifest JSONL {"id", "text"} with the reference texts')
+    a.add_argument("--requests", help="sample.py asr requests JSONL (requested ids must have results)")
+    a.add_argument("--no-normalize", action="store_true", help="score raw texts (whitespace collapsed only)")
+    for p in (v, t, a):
+        p.add_argument("--json", help="write the report here (JSON, atomically)")
+        p.add_argument("--quiet", action="store_true", help="no table")
+    args = ap.parse_args(argv)
+    if args.command == "vae":
+        args.metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+        unknown = sorted(set(args.metrics) - set(M.VAE_KEYS))
+        if unknown or not args.metrics:
+            ap.error(f"--metrics: unknown {unknown}; choose from {','.join(M.VAE_KEYS)}")
+    try:
+        return {"vae": cmd_vae, "tts": cmd_tts, "asr": cmd_asr}[args.command](args)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except M.EvalDependencyError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
