@@ -150,8 +150,9 @@ def _fmt(v, spec: str) -> str:
     return str(v)
 
 
-def print_table(report: dict, columns: list[tuple[str, str, str]], file=sys.stdout) -> None:
+def print_table(report: dict, columns: list[tuple[str, str, str]], file=None) -> None:
     """Per-item rows, then the means (``columns``: (key, header, format spec))."""
+    file = file or sys.stdout
     rows = report["rows"]
     width = max([len(r["id"]) for r in rows] + [4])
     cw = [max(len(h), 7) for _, h, _ in columns]
