@@ -1,0 +1,347 @@
+#!/usr/bin/env python
+"""Training-step speed: one jitted, donated train step of the VAE stage (alternating GAN update) and of the LM stage
+(semantic module + BailingMoE LLM + flow head + stop head, AdamW), with step time, throughput, FLOPs per step and
+MFU. Random weights, float32, full-precision matmuls (like the other benchmarks).
+
+Rows (``--sizes``, default ``tiny`` with ``--quick`` and ``tiny,small`` otherwise):
+
+* ``vae``: ``configs/vae.py:tiny`` (64-wide backbones, ``DiscConfig.tiny()``), batch 4 x 1 s crops of real speech;
+  ``small``: the audio tokenizer of ``../shared/perf/small/config.json`` (256-wide) with the same discriminators.
+  Units: seconds of audio per second.
+* ``lm``: ``generate.TINY_BAILINGMM`` (vocab from a BPE trained on a few sentences) / the full small config
+  (512-wide LLM, 16 experts top-2 + 1 shared), batches from ``training.lm_data`` (half TTS, half ASR rows, random
+  latents), bucketed by ``make_batch``. Units: real (non-padding) tokens per second.
+
+In-run ratio: **grouped-matmul MoE vs dense MoE** (``moe_impl="auto"``, which on CPU resolves to the looped tile
+grouped matmul for training shapes, against ``"dense"``: every expert on every token), same weights and batches,
+repeats interleaved; the full run adds the batched ``"tiled"`` form and ``jax.lax.ragged_dot`` (masked dense on
+XLA:CPU).
+
+FLOPs: ``XLA GF`` is XLA's cost analysis of the compiled step (counts every loop body once: the scanned layer stacks
+and the looped MoE are undercounted); ``matmul GF`` is :func:`unitok_jax.training.monitor.matmul_flops` (matrix
+products of the traced step, loops times their trip counts, global); MFU uses the latter and the device's dense peak
+(:func:`~unitok_jax.training.monitor.peak_flops_per_device`; none is known for CPUs, so "n/a" unless
+``--peak-tflops`` is given).
+
+``--official``: the official-size LM train step (``configs/llm.py:official`` LLM in bfloat16 with the ``ragged``
+grouped matmul that TPU/GPU run, the ``configs/vae.py:official`` VAE estimate, a DiT with the reference class
+defaults) is only traced with abstract inputs (``jax.eval_shape``, nothing allocated) to count its FLOPs per step
+(and per token), and the time one step would take at 100 % of an H100's bf16 peak.
+
+  python bench/train.py [--quick] [--sizes tiny,small] [--official] [--peak-tflops X] [--json PATH]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import pathlib
+import platform
+import statistics
+import sys
+import time
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from configs import llm as llm_configs  # noqa: E402
+from configs import vae as vae_configs  # noqa: E402
+from unitok_jax import generate, model, moe, text, vae  # noqa: E402
+from unitok_jax.audio import load_audio  # noqa: E402
+from unitok_jax.training import lm_data, lm_step, monitor  # noqa: E402
+from unitok_jax.training.discriminators import DiscConfig  # noqa: E402
+from unitok_jax.training.vae_step import (  # noqa: E402
+    OptConfig,
+    VAETrainConfig,
+    init_vae_train_state,
+    vae_train_step,
+)
+
+SHARED = REPO.parent / "shared"
+SMALL = SHARED / "perf" / "small" / "config.json"
+SPEECH = SHARED / "data" / "librispeech-1089-134686-0000.flac"
+SENTENCES = ["he hoped there would be stew for dinner", "turnips and carrots and bruised potatoes",
+             "fat mutton pieces to be ladled out", "please translate the text to speech",
+             "English\tlet us go home now"]
+# The DiT of the official model is not in configs/ (its ditar_config comes with the checkpoint): the reference
+# FlowLoss class defaults (FlowConfig's, depth 8) stand in for it.
+OFFICIAL_DITAR = {"hidden_size": 1024, "depth": 8, "num_heads": 16, "mlp_ratio": 4.0}
+H100_BF16 = monitor.peak_flops_per_device(type("D", (), {"device_kind": "NVIDIA H100 80GB HBM3", "platform": "gpu"}))
+
+
+def small_config() -> dict | None:
+    return json.loads(SMALL.read_text()) if SMALL.is_file() else None
+
+
+# ------------------------------------------------------------------------------------------------ cases
+
+
+def random_params(init_fn, seed: int = 0):
+    """Random params with the structure of ``init_fn()`` (traced with ``jax.eval_shape``, not run: the eager
+    flax inits cost tens of seconds on CPU): norm scales 1, biases 0, other leaves N(0, 0.02^2)."""
+    abstract = jax.eval_shape(init_fn)
+    rng = np.random.default_rng(seed)
+
+    def make(path, x):
+        name = str(getattr(path[-1], "key", path[-1])) if path else ""
+        if name == "scale":
+            return jnp.ones(x.shape, x.dtype)
+        if name == "bias":
+            return jnp.zeros(x.shape, x.dtype)
+        return jnp.asarray(0.02 * rng.standard_normal(x.shape, np.float32), x.dtype)
+
+    return jax.block_until_ready(jax.tree_util.tree_map_with_path(make, abstract))
+
+
+class Case:
+    """A compiled, donated train step with its own state and one fixed batch; ``run()`` does one step."""
+
+    def __init__(self, label: dict, step_fn, state, batch, units: float):
+        self.label, self.units = label, units
+        self.batch = jax.block_until_ready(jax.tree.map(jnp.asarray, batch))
+        self.flops = monitor.matmul_flops(step_fn, state, self.batch)
+        t0 = time.perf_counter()
+        self.compiled = jax.jit(step_fn, donate_argnums=0).lower(state, self.batch).compile()
+        self.compile_s = time.perf_counter() - t0
+        self.xla_flops = monitor.compiled_flops(self.compiled)
+        self.state = state
+        self.throughput = monitor.Throughput(skip=1)  # the first (warm-up) call is not counted
+
+    def run(self) -> None:
+        self.throughput.start()  # cases are interleaved: time this step only
+        self.state, metrics = self.compiled(self.state, self.batch)
+        jax.block_until_ready((self.state, metrics))
+        self.throughput.update(units=self.units)
+
+    def row(self, peak, n_dev: int) -> dict:
+        s = self.throughput.summary()
+        step_s = statistics.median(self.throughput.step_times)
+        return {**self.label, "compile_s": self.compile_s, "repeats": s["steps"], "step_ms": 1e3 * step_s,
+                "step_ms_min": 1e3 * min(self.throughput.step_times), "units_per_s": self.units / step_s,
+                "xla_flops": self.xla_flops, "matmul_flops": float(self.flops),
+                "achieved_flops_per_s": self.flops / step_s,
+                "mfu": monitor.mfu(self.flops, step_s, n_dev, peak)}
+
+
+def time_cases(cases, budget_s: float, lo: int, hi: int) -> None:
+    """One warm-up call each, then interleaved repeats (machine noise hits all cases alike)."""
+    for c in cases:
+        c.run()
+    start = time.perf_counter()
+    i = 0
+    while i < lo or (i < hi and time.perf_counter() - start < budget_s * len(cases)):
+        for c in cases:
+            c.run()
+        i += 1
+
+
+def vae_case(size: str, kwargs: dict, batch: int, seconds: float, disc: DiscConfig) -> Case:
+    vcfg = vae.VAEConfig.from_reference(kwargs)
+    tcfg = VAETrainConfig(vae=vcfg)
+    ocfg = OptConfig(lr=3e-4)
+    params = random_params(lambda: vae.init_params(vcfg, jax.random.key(0)))
+    state = init_vae_train_state(tcfg, params, disc, ocfg, jax.random.key(1))
+    speech = load_audio(str(SPEECH))
+    n = int(seconds * vcfg.sample_rate)
+    starts = [(i * n) % max(len(speech) - n, 1) for i in range(batch)]
+    wave = np.stack([speech[s: s + n] for s in starts]).astype(np.float32)
+    data = {"wave": wave, "lengths": np.full((batch,), n, np.int32)}
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["gen_params"]))
+    label = {"stage": "vae", "size": size, "impl": "-", "batch": batch, "shape": f"{seconds:g} s",
+             "params_M": n_params / 1e6, "unit": "audio s/s"}
+    return Case(label, lambda s, b: vae_train_step(s, b, tcfg, disc, ocfg), state, data, batch * seconds)
+
+
+def lm_examples_batch(tok, latent_dim: int, frames: int, batch: int, patch: int, seed: int = 0) -> dict:
+    """Half TTS, half ASR rows of ``frames`` random latent frames each, bucketed by make_batch."""
+    rng = np.random.default_rng(seed)
+    exs = []
+    for i in range(batch):
+        lat = rng.standard_normal((frames, latent_dim)).astype(np.float32)
+        s = SENTENCES[i % len(SENTENCES)]
+        exs.append(lm_data.tts_example(tok, s, lat, patch) if i % 2 == 0 else lm_data.asr_example(tok, lat, s,
+                                                                                                 patch_size=patch))
+    return lm_data.make_batch(exs)
+
+
+def lm_setup(size: str):
+    """(bailingmm config dict, tokenizer, frames per row, batch) for a size."""
+    tok = text.train_tokenizer(SENTENCES * 4, vocab_size=320)
+    if size == "tiny":
+        conf, frames, batch = copy.deepcopy(generate.TINY_BAILINGMM), 180, 4
+        conf["llm_config"]["vocab_size"] = tok.vocab_size
+    else:
+        conf, frames, batch = copy.deepcopy(small_config()), 500, 4
+        conf["llm_config"]["vocab_size"] = max(tok.vocab_size, conf["llm_config"]["vocab_size"])
+    return conf, tok, frames, batch
+
+
+def lm_case(size: str, impl: str, conf: dict, tok, frames: int, batch: int) -> Case:
+    cfg = model.UniAudioConfig.from_bailingmm(conf, moe_impl=impl)
+    params = random_params(lambda: model.init_params(cfg, jax.random.key(0)))  # same weights for every impl
+    tx = lm_step.masked_optimizer(params, lm_step.adamw(1e-4, warmup_steps=0))
+    state = lm_step.init_lm_state(params, tx, jax.random.key(4))
+    data = lm_examples_batch(tok, cfg.vae.latent_dim, frames, batch, cfg.patch_size)
+    b, s = data["input_ids"].shape
+    rows = b * s * cfg.llm.num_experts_per_tok
+    resolved = moe.resolve_impl(impl, rows, cfg.llm.num_experts)
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params["model"]))
+    label = {"stage": "lm", "size": size, "impl": impl if impl == resolved else f"{impl}={resolved}", "batch": b,
+             "shape": f"{s} tok", "params_M": n_params / 1e6, "unit": "tok/s",
+             "valid_tokens": int(data["valid"].sum()), "padded_tokens": b * s,
+             "patches": int(data["num_patches"].sum())}
+    return Case(label, lm_step.make_lm_train_step(cfg, tx), state, data, float(data["valid"].sum()))
+
+
+# ------------------------------------------------------------------------------------------------ official size
+
+
+def llm_analytic_train_flops(cfg, tokens: int, context: int) -> float:
+    """3 x (2 x active LLM matmul params + attention over ``context`` keys) x tokens: the usual 6N estimate for the
+    LLM part alone (no semantic module, flow head, stop head)."""
+    c = cfg.llm
+    d, n, k, hd = c.width, c.num_heads, c.num_kv_heads, c.head_dim
+    attn = d * (n + 2 * k) * hd + n * hd * d
+    moe_p = d * c.num_experts + c.num_experts_per_tok * 3 * d * c.moe_intermediate_size + 3 * d * (c.shared_dim or 0)
+    active = c.num_moe_layers * (attn + moe_p) + c.num_dense_layers * (attn + 3 * d * c.mlp_dim) + d * c.vocab_size
+    return 3.0 * tokens * (2 * active + c.num_layers * 4 * context * n * hd)
+
+
+def official_lm(batch: int, frames: int) -> dict:
+    llm_cfg = llm_configs.get_config("official")
+    conf = {"llm_config": llm_cfg.llm_config.to_dict(),
+            "audio_tokenizer_config": {**vae_configs.get_config("official").vae.to_dict(), "patch_size": 5},
+            "ditar_config": OFFICIAL_DITAR}
+    cfg = model.UniAudioConfig.from_bailingmm(conf, moe_impl="ragged", dtype="bfloat16")
+    tok = text.train_tokenizer(SENTENCES * 4, vocab_size=320)
+    data = lm_examples_batch(tok, cfg.vae.latent_dim, frames, batch, cfg.patch_size)
+    t0 = time.perf_counter()
+    params = jax.eval_shape(lambda: model.init_params(cfg, jax.random.key(0)))
+    tx = lm_step.masked_optimizer(params, lm_step.adamw(1e-4, warmup_steps=0))
+    state = jax.eval_shape(lambda p: lm_step.init_lm_state(p, tx, jax.random.key(4)), params)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), data)
+    flops = monitor.matmul_flops(lm_step.make_lm_train_step(cfg, tx), state, abstract)
+    trace_s = time.perf_counter() - t0
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params["model"]))
+    b, s = data["input_ids"].shape
+    valid = int(data["valid"].sum())
+    analytic = llm_analytic_train_flops(cfg, b * s, s)
+    return {"stage": "lm", "size": "official", "impl": "ragged", "dtype": "bfloat16", "batch": b, "seq": s,
+            "patches": int(data["num_patches"].sum()), "valid_tokens": valid, "llm_params_B": n_params / 1e9,
+            "matmul_flops": float(flops), "flops_per_padded_token": flops / (b * s),
+            "llm_6n_flops": analytic, "trace_s": trace_s,
+            "h100_bf16_step_ms_at_peak": 1e3 * flops / H100_BF16}
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+
+def fmt(v, spec, na="n/a"):
+    return na if v is None else format(v, spec)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="tiny sizes, few repeats (< 2 min on 2 CPU cores)")
+    ap.add_argument("--sizes", help="comma-separated from tiny,small (default: tiny with --quick, else tiny,small)")
+    ap.add_argument("--official", action="store_true", help="also count the official-size LM step's FLOPs")
+    ap.add_argument("--official-batch", type=int, default=8)
+    ap.add_argument("--official-frames", type=int, default=1000, help="latent frames per row (50 per second)")
+    ap.add_argument("--peak-tflops", type=float, help="peak TFLOP/s per device for MFU (default: from the table)")
+    ap.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    args = ap.parse_args(argv)
+    jax.config.update("jax_default_matmul_precision", "highest")  # float32 throughout, like the other benchmarks
+    warnings.filterwarnings("ignore", message=".*donated buffers.*")
+
+    sizes = (args.sizes or ("tiny" if args.quick else "tiny,small")).split(",")
+    if "small" in sizes and small_config() is None:
+        print(f"note: {SMALL} not found, skipping the small size", file=sys.stderr)
+        sizes = [s for s in sizes if s != "small"]
+    budget, lo, hi = (1.0, 3, 6) if args.quick else (6.0, 5, 30)
+    impls = ("auto", "dense") if args.quick else ("auto", "dense", "tiled", "ragged")
+    dev = jax.devices()[0]
+    n_dev = jax.device_count()
+    peak = args.peak_tflops * 1e12 if args.peak_tflops else monitor.peak_flops_per_device(dev, "float32")
+
+    print(f"Train step, float32, random weights; device {dev.platform} ({dev.device_kind}) x{n_dev}, "
+          f"{os.cpu_count()} CPUs, jax {jax.__version__}; peak {fmt(peak and peak / 1e12, '.1f')} TFLOP/s/device")
+    header = (f"{'stage':<5} {'size':<5} {'moe':<11} {'B':>2} {'shape':>7} {'Mparam':>7} {'compile s':>9} "
+              f"{'step ms':>9} {'units/s':>9} {'unit':<9} {'XLA GF':>8} {'matmul GF':>9} {'GFLOP/s':>8} {'MFU':>5}")
+    print(header)
+    print("-" * len(header))
+    rows = []
+
+    def emit(r):
+        rows.append(r)
+        print(f"{r['stage']:<5} {r['size']:<5} {r['impl']:<11} {r['batch']:>2} {r['shape']:>7} {r['params_M']:>7.2f} "
+              f"{r['compile_s']:>9.1f} {r['step_ms']:>9.1f} {r['units_per_s']:>9.1f} {r['unit']:<9} "
+              f"{fmt(r['xla_flops'] and r['xla_flops'] / 1e9, '8.2f'):>8} {r['matmul_flops'] / 1e9:>9.2f} "
+              f"{r['achieved_flops_per_s'] / 1e9:>8.1f} {fmt(r['mfu'] and 100 * r['mfu'], '4.1f'):>5}", flush=True)
+
+    for size in sizes:
+        kwargs = vae_configs.get_config("tiny").vae.to_dict() if size == "tiny" else small_config()[
+            "audio_tokenizer_config"]
+        c = vae_case(size, kwargs, 4, 1.0, DiscConfig.tiny())
+        time_cases([c], budget, lo, hi)
+        emit(c.row(peak, n_dev))
+        del c
+
+    comparisons = {}
+    for size in sizes:
+        conf, tok, frames, batch = lm_setup(size)
+        cases = [lm_case(size, impl, conf, tok, frames, batch) for impl in impls]
+        time_cases(cases, budget, lo, hi)
+        lm_rows = [c.row(peak, n_dev) for c in cases]
+        for r in lm_rows:
+            emit(r)
+        grouped, dense = lm_rows[0], lm_rows[1]
+        comparisons[f"grouped_vs_dense/{size}"] = {
+            "grouped": grouped["impl"], "grouped_step_ms": grouped["step_ms"], "dense_step_ms": dense["step_ms"],
+            "speedup": dense["step_ms"] / grouped["step_ms"],
+            "matmul_flops_ratio": dense["matmul_flops"] / grouped["matmul_flops"]}
+        del cases
+
+    print("\nunits/s: seconds of audio (vae) or real, non-padding tokens (lm) per second; step ms: median of "
+          "interleaved repeats;\nXLA GF: cost analysis of the compiled step (loop bodies counted once); matmul GF: "
+          "matrix-product FLOPs of the traced step with loop trip counts (global; the looped / tiled MoE forms count "
+          "their padded worst-case tiles); GFLOP/s and MFU from matmul GF.")
+    print()
+    print(f"{'comparison':<24} {'grouped':<12} {'grouped ms':>10} {'dense ms':>10} {'dense/grouped':>13} "
+          f"{'FLOPs ratio':>11}")
+    for key, c in comparisons.items():
+        print(f"{key:<24} {c['grouped']:<12} {c['grouped_step_ms']:>10.1f} {c['dense_step_ms']:>10.1f} "
+              f"{c['speedup']:>13.2f} {c['matmul_flops_ratio']:>11.2f}")
+
+    official = None
+    if args.official:
+        official = official_lm(args.official_batch, args.official_frames)
+        o = official
+        print(f"\nofficial LM train step ({o['llm_params_B']:.1f} B LLM params, {o['dtype']}, MoE {o['impl']}), "
+              f"batch {o['batch']} x {o['seq']} tokens ({o['valid_tokens']} real, {o['patches']} audio patches), "
+              f"traced in {o['trace_s']:.1f} s:\n  matmul FLOPs/step {o['matmul_flops'] / 1e12:.2f} T "
+              f"({o['flops_per_padded_token'] / 1e9:.2f} GFLOP per position; the LLM's 6N + attention estimate "
+              f"alone: {o['llm_6n_flops'] / 1e12:.2f} T); one step at 100 % of an H100's dense bf16 peak: "
+              f"{o['h100_bf16_step_ms_at_peak']:.1f} ms")
+
+    if args.json:
+        out = {"benchmark": "train", "quick": args.quick, "sizes": sizes,
+               "environment": {"jax": jax.__version__, "platform": dev.platform, "device_kind": dev.device_kind,
+                               "device_count": n_dev, "cpu_count": os.cpu_count(),
+                               "python": platform.python_version(), "machine": platform.machine(),
+                               "peak_flops_per_device": peak},
+               "rows": rows, "comparisons": comparisons, "official": official}
+        pathlib.Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2)
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
