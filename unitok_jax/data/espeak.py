@@ -1,22 +1,31 @@
 """Offline speech synthesis with eSpeak NG, loaded with ``ctypes`` from the ``espeakng-loader`` wheel.
 
-The wheel ships ``libespeak-ng`` and its voice data, so nothing is needed from the system. eSpeak keeps one
-global synthesiser state per process: every call here holds a module lock, and the library is initialised once
-(on first use). Output is deterministic: the noise generator is re-seeded before each utterance.
+The wheel ships ``libespeak-ng`` and its voice data, so nothing is needed from the system.
+
+Determinism: eSpeak keeps synthesiser state in C statics that outlive ``espeak_Terminate`` (pitch flutter
+phase, wave phase, echo buffer) and draws noise from libc ``rand()``, so the same text would come out slightly
+differently depending on what was spoken before. Each :func:`synthesize` call therefore opens a private copy of
+the library (copied once per process into a temporary folder, so nobody else holds it), initialises it, seeds
+both random generators, speaks, and unloads it again (about 1 ms of overhead): the same arguments always give
+the same samples, in any order, in any process. A module lock serialises the calls.
 
 Voices are eSpeak names: a language voice (``"en-us"``, ``"en-gb"``, ``"en-gb-scotland"``, ``"en-029"``, ...)
 optionally followed by a variant (``"en-us+f2"``, ``"en-gb+m3"``; see :func:`list_variants`).
 """
 from __future__ import annotations
 
+import atexit
 import ctypes
 import os
+import shutil
+import sys
+import tempfile
 import threading
 from typing import Optional
 
 import numpy as np
 
-__all__ = ["EspeakError", "synthesize", "version", "list_voices", "list_variants", "check_voice", "native_rate"]
+__all__ = ["EspeakError", "synthesize", "version", "native_rate", "list_voices", "list_variants", "check_voice"]
 
 # espeak_AUDIO_OUTPUT, espeak_PARAMETER, flags (speak_lib.h)
 _AUDIO_OUTPUT_SYNCHRONOUS = 2
@@ -41,99 +50,133 @@ class _VOICE(ctypes.Structure):
 
 
 _lock = threading.RLock()
-_state: dict = {}  # lib, rate, data, version, callback, chunks
+_chunks: list = []
+_info: dict = {}  # path, data, rate, version, voices, resolved
 
 
-def _load() -> dict:
-    """Load and initialise the library once (caller holds the lock)."""
-    if _state:
-        return _state
+def _collect(wav, n, _events) -> int:
+    if n > 0 and wav:
+        _chunks.append(np.ctypeslib.as_array(wav, shape=(n,)).copy())
+    return 0
+
+
+_callback = _SYNTH_CB(_collect)
+
+
+def _libc():
+    if "libc" not in _info:
+        _info["libc"] = ctypes.cdll.msvcrt if sys.platform == "win32" else ctypes.CDLL(None)
+        _info["libc"].srand.argtypes = [ctypes.c_uint]
+    return _info["libc"]
+
+
+def _paths() -> tuple[str, str]:
+    """(private copy of the library, voice data folder); copies the library on first use."""
+    if "path" in _info:
+        return _info["path"], _info["data"]
     try:
         import espeakng_loader
     except ImportError as e:
         raise EspeakError("the espeakng-loader package is not installed (pip install espeakng-loader)") from e
-    lib_path = espeakng_loader.get_library_path()
+    src = espeakng_loader.get_library_path()
+    if not os.path.isfile(src):
+        raise EspeakError(f"the eSpeak NG library is missing: {src}")
     try:
         data = espeakng_loader.get_data_path()
     except RuntimeError as e:
         raise EspeakError(f"eSpeak NG voice data not found: {e}") from e
-    try:
-        lib = ctypes.CDLL(lib_path)
-    except OSError as e:
-        raise EspeakError(f"cannot load the eSpeak NG library {lib_path}: {e}") from e
+    folder = tempfile.mkdtemp(prefix="unitok-espeak-")
+    atexit.register(shutil.rmtree, folder, True)
+    path = os.path.join(folder, os.path.basename(src))
+    shutil.copyfile(src, path)
+    _info.update(path=path, data=data, src=src)
+    return path, data
 
+
+def _open() -> ctypes.CDLL:
+    """A freshly loaded, initialised library instance (caller holds the lock; release with :func:`_close`)."""
+    path, data = _paths()
+    try:
+        lib = ctypes.CDLL(path, mode=getattr(os, "RTLD_LOCAL", 0))
+    except OSError as e:
+        raise EspeakError(f"cannot load the eSpeak NG library {_info['src']}: {e}") from e
     lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
-    lib.espeak_Initialize.restype = ctypes.c_int
     lib.espeak_SetSynthCallback.argtypes = [_SYNTH_CB]
     lib.espeak_SetSynthCallback.restype = None
     lib.espeak_SetVoiceByName.argtypes = [ctypes.c_char_p]
-    lib.espeak_SetVoiceByName.restype = ctypes.c_int
     lib.espeak_SetParameter.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
-    lib.espeak_SetParameter.restype = ctypes.c_int
     lib.espeak_Synth.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int, ctypes.c_uint,
                                  ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p]
-    lib.espeak_Synth.restype = ctypes.c_int
-    lib.espeak_Synchronize.restype = ctypes.c_int
     lib.espeak_Info.argtypes = [ctypes.c_void_p]
     lib.espeak_Info.restype = ctypes.c_char_p
     lib.espeak_ListVoices.argtypes = [ctypes.c_void_p]
     lib.espeak_ListVoices.restype = ctypes.POINTER(ctypes.POINTER(_VOICE))
     lib.espeak_ng_SetRandSeed.argtypes = [ctypes.c_long]
     lib.espeak_ng_SetRandSeed.restype = None
-
     rate = lib.espeak_Initialize(_AUDIO_OUTPUT_SYNCHRONOUS, 0, os.fsencode(data), _INITIALIZE_DONT_EXIT)
     if rate <= 0:
+        _close(lib, terminate=False)
         raise EspeakError(f"eSpeak NG failed to initialise (data path {data}, status {rate})")
-    chunks: list = []
+    lib.espeak_SetSynthCallback(_callback)
+    _info.setdefault("rate", rate)
+    return lib
 
-    def _collect(wav, n, _events):
-        if n > 0 and wav:
-            chunks.append(np.ctypeslib.as_array(wav, shape=(n,)).copy())
-        return 0
 
-    callback = _SYNTH_CB(_collect)  # kept referenced in _state for the process lifetime
-    lib.espeak_SetSynthCallback(callback)
-    _state.update(lib=lib, rate=rate, data=data, version=lib.espeak_Info(None).decode(), callback=callback,
-                  chunks=chunks, resolved={})
-    return _state
+def _close(lib: ctypes.CDLL, terminate: bool = True) -> None:
+    if terminate:
+        lib.espeak_Terminate()
+    import _ctypes
+
+    (_ctypes.FreeLibrary if sys.platform == "win32" else _ctypes.dlclose)(lib._handle)
+
+
+def _load_info() -> dict:
+    """Version, native rate and voice list (read once; caller holds the lock)."""
+    if "voices" not in _info:
+        lib = _open()
+        try:
+            version = lib.espeak_Info(None).decode()
+            arr = lib.espeak_ListVoices(None)
+            voices, i = [], 0
+            while arr[i]:
+                v = arr[i].contents
+                langs, ptr = [], v.languages  # sequence of (priority byte, NUL-terminated code), then a 0 byte
+                while ptr and ctypes.string_at(ptr, 1) != b"\x00":
+                    code = ctypes.string_at(ptr + 1)
+                    langs.append(code.decode())
+                    ptr += len(code) + 2
+                voices.append({"name": v.name.decode(), "identifier": v.identifier.decode(), "languages": langs})
+                i += 1
+        finally:
+            _close(lib)
+        folder = os.path.join(_info["data"], "voices", "!v")
+        variants = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+        _info.update(version=version, voices=voices, variants=variants, resolved={})
+    return _info
 
 
 def version() -> str:
     """The eSpeak NG library version, e.g. ``"1.52.0"``."""
     with _lock:
-        return _load()["version"]
+        return _load_info()["version"]
 
 
 def native_rate() -> int:
     """eSpeak's own output sample rate (22050 Hz)."""
     with _lock:
-        return _load()["rate"]
+        return _load_info()["rate"]
 
 
 def list_voices() -> list[dict]:
     """Installed language voices: ``{"name", "identifier", "languages"}`` (languages: list of codes)."""
     with _lock:
-        lib = _load()["lib"]
-        arr = lib.espeak_ListVoices(None)
-        out = []
-        i = 0
-        while arr[i]:
-            v = arr[i].contents
-            langs, ptr = [], v.languages  # sequence of (priority byte, NUL-terminated code), then a 0 byte
-            while ptr and ctypes.string_at(ptr, 1) != b"\x00":
-                code = ctypes.string_at(ptr + 1)
-                langs.append(code.decode())
-                ptr += len(code) + 2
-            out.append({"name": v.name.decode(), "identifier": v.identifier.decode(), "languages": langs})
-            i += 1
-        return out
+        return [dict(v) for v in _load_info()["voices"]]
 
 
 def list_variants() -> list[str]:
     """Voice variant names usable after ``+`` (``m1``..``m8``, ``f1``..``f5``, ...)."""
     with _lock:
-        folder = os.path.join(_load()["data"], "voices", "!v")
-    return sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+        return list(_load_info()["variants"])
 
 
 def check_voice(voice: str) -> str:
@@ -143,18 +186,17 @@ def check_voice(voice: str) -> str:
     (``en-gb``). eSpeak itself falls back silently on unknown variants, so both parts are checked against the
     installed voice data. Raises :class:`EspeakError` for an unknown voice or variant."""
     with _lock:
-        st = _load()
-        if voice in st["resolved"]:
-            return st["resolved"][voice]
+        info = _load_info()
+        if voice in info["resolved"]:
+            return info["resolved"][voice]
         base, _, variant = voice.partition("+")
         key, spec = base.lower(), None
-        voices = list_voices()
-        for v in voices:
+        for v in info["voices"]:
             if key in (v["name"].lower(), v["identifier"].lower(), os.path.basename(v["identifier"]).lower()):
                 spec = v["identifier"]
                 break
         else:  # a language code: prefer the voice it is the primary language of
-            for v in sorted(voices, key=lambda v: v["languages"][:1] != [key]):
+            for v in sorted(info["voices"], key=lambda v: v["languages"][:1] != [key]):
                 if key in v["languages"]:
                     spec = v["identifier"]
                     break
@@ -162,27 +204,26 @@ def check_voice(voice: str) -> str:
             raise EspeakError(f"unknown eSpeak voice {base!r} in {voice!r} (e.g. en-us, en-gb, en-gb-scotland, "
                               f"en-029; see unitok_jax.data.espeak.list_voices())")
         if variant:
-            if variant not in list_variants():
+            if variant not in info["variants"]:
                 raise EspeakError(f"unknown eSpeak voice variant {variant!r} in {voice!r} "
                                   f"(e.g. m1..m8, f1..f5; see unitok_jax.data.espeak.list_variants())")
             spec += "+" + variant
-        if st["lib"].espeak_SetVoiceByName(spec.encode()) != 0:
-            raise EspeakError(f"eSpeak NG could not select voice {voice!r} (as {spec!r})")
-        st["resolved"][voice] = spec
+        info["resolved"][voice] = spec
         return spec
 
 
 def synthesize(text: str, voice: str = "en-us", rate: int = 175, pitch: int = 50, *, pitch_range: int = 50,
                volume: int = 100, word_gap: int = 0, gain_db: float = 0.0,
                sample_rate: Optional[int] = 16000) -> np.ndarray:
-    """Speak ``text`` and return mono float32 samples in [-1, 1] at ``sample_rate`` Hz.
+    """Speak ``text`` and return mono float32 samples in [-1, 1] at ``sample_rate`` Hz (deterministic).
 
     Args:
       text: plain UTF-8 text (no SSML).
       voice: eSpeak voice, ``"lang"`` or ``"lang+variant"`` (e.g. ``"en-gb+f2"``).
       rate: speaking rate in words per minute (80..450).
       pitch: base pitch 0..100 (50 = the voice's default), ``pitch_range``: intonation range 0..100.
-      volume: eSpeak amplitude 0..200 (100 = default); ``gain_db``: extra gain applied to the samples (clipped).
+      volume: eSpeak amplitude 0..200 (100 = default; loud voices may clip above ~80);
+        ``gain_db``: extra gain applied to the samples (then clipped to [-1, 1]).
       word_gap: extra pause between words, in units of 10 ms.
       sample_rate: output rate (resampled with soxr); None keeps eSpeak's native rate (:func:`native_rate`).
 
@@ -196,23 +237,26 @@ def synthesize(text: str, voice: str = "en-us", rate: int = 175, pitch: int = 50
                                   ("word_gap", word_gap, (0, 1000))):
         if not lo <= value <= hi:
             raise EspeakError(f"{name}={value} is out of range [{lo}, {hi}]")
+    data = text.encode("utf-8") + b"\x00"
     with _lock:
-        st = _load()
-        lib = st["lib"]
         spec = check_voice(voice)
-        if lib.espeak_SetVoiceByName(spec.encode()) != 0:
-            raise EspeakError(f"eSpeak NG could not select voice {voice!r}")
-        for param, value in ((_RATE, rate), (_PITCH, pitch), (_RANGE, pitch_range), (_VOLUME, volume),
-                             (_WORDGAP, word_gap), (_PUNCTUATION, 0)):
-            lib.espeak_SetParameter(param, int(value), 0)
-        lib.espeak_ng_SetRandSeed(_SEED)
-        data = text.encode("utf-8") + b"\x00"
-        st["chunks"].clear()
-        status = lib.espeak_Synth(data, len(data), 0, _POS_CHARACTER, 0, _CHARS_UTF8, None, None)
-        lib.espeak_Synchronize()
-        chunks = list(st["chunks"])
-        st["chunks"].clear()
-        native = st["rate"]
+        native = _info["rate"]
+        lib = _open()
+        try:
+            if lib.espeak_SetVoiceByName(spec.encode()) != 0:
+                raise EspeakError(f"eSpeak NG could not select voice {voice!r} (as {spec!r})")
+            for param, value in ((_RATE, rate), (_PITCH, pitch), (_RANGE, pitch_range), (_VOLUME, volume),
+                                 (_WORDGAP, word_gap), (_PUNCTUATION, 0)):
+                lib.espeak_SetParameter(param, int(value), 0)
+            lib.espeak_ng_SetRandSeed(_SEED)
+            _libc().srand(_SEED)
+            _chunks.clear()
+            status = lib.espeak_Synth(data, len(data), 0, _POS_CHARACTER, 0, _CHARS_UTF8, None, None)
+            lib.espeak_Synchronize()
+            chunks = list(_chunks)
+            _chunks.clear()
+        finally:
+            _close(lib)
     if status != 0:
         raise EspeakError(f"eSpeak NG synthesis failed (status {status}) for {text[:60]!r}")
     if not chunks:
