@@ -28,7 +28,7 @@ grouped matmul that TPU/GPU run, the ``configs/vae.py:official`` VAE estimate, a
 defaults) is only traced with abstract inputs (``jax.eval_shape``, nothing allocated) to count its FLOPs per step
 (and per token), and the time one step would take at 100 % of an H100's bf16 peak.
 
-  python bench/train.py [--quick] [--sizes tiny,small] [--official] [--peak-tflops X] [--json PATH]
+  python bench/train.py [--quick] [--sizes tiny,small|none] [--official] [--peak-tflops X] [--json PATH]
 """
 from __future__ import annotations
 
@@ -226,8 +226,12 @@ def official_lm(batch: int, frames: int) -> dict:
     tx = lm_step.masked_optimizer(params, lm_step.adamw(1e-4, warmup_steps=0))
     state = jax.eval_shape(lambda p: lm_step.init_lm_state(p, tx, jax.random.key(4)), params)
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), data)
-    flops = monitor.matmul_flops(lm_step.make_lm_train_step(cfg, tx), state, abstract)
+    step = lm_step.make_lm_train_step(cfg, tx)
+    flops = monitor.matmul_flops(step, state, abstract)
     trace_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    xla = monitor.compiled_flops(jax.jit(step, donate_argnums=0).lower(state, abstract).compile())
+    compile_s = time.perf_counter() - t0
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params["model"]))
     b, s = data["input_ids"].shape
     valid = int(data["valid"].sum())
@@ -235,7 +239,7 @@ def official_lm(batch: int, frames: int) -> dict:
     return {"stage": "lm", "size": "official", "impl": "ragged", "dtype": "bfloat16", "batch": b, "seq": s,
             "patches": int(data["num_patches"].sum()), "valid_tokens": valid, "llm_params_B": n_params / 1e9,
             "matmul_flops": float(flops), "flops_per_padded_token": flops / (b * s),
-            "llm_6n_flops": analytic, "trace_s": trace_s,
+            "llm_6n_flops": analytic, "trace_s": trace_s, "xla_cpu_flops": xla, "cpu_compile_s": compile_s,
             "h100_bf16_step_ms_at_peak": 1e3 * flops / H100_BF16}
 
 
@@ -249,7 +253,8 @@ def fmt(v, spec, na="n/a"):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny sizes, few repeats (< 2 min on 2 CPU cores)")
-    ap.add_argument("--sizes", help="comma-separated from tiny,small (default: tiny with --quick, else tiny,small)")
+    ap.add_argument("--sizes", help="comma-separated from tiny,small, or none (default: tiny with --quick, else "
+                    "tiny,small)")
     ap.add_argument("--official", action="store_true", help="also count the official-size LM step's FLOPs")
     ap.add_argument("--official-batch", type=int, default=8)
     ap.add_argument("--official-frames", type=int, default=1000, help="latent frames per row (50 per second)")
@@ -260,6 +265,7 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore", message=".*donated buffers.*")
 
     sizes = (args.sizes or ("tiny" if args.quick else "tiny,small")).split(",")
+    sizes = [x for x in sizes if x not in ("", "none")]  # --sizes none: only --official
     if "small" in sizes and small_config() is None:
         print(f"note: {SMALL} not found, skipping the small size", file=sys.stderr)
         sizes = [s for s in sizes if s != "small"]
@@ -273,8 +279,9 @@ def main(argv=None) -> int:
           f"{os.cpu_count()} CPUs, jax {jax.__version__}; peak {fmt(peak and peak / 1e12, '.1f')} TFLOP/s/device")
     header = (f"{'stage':<5} {'size':<5} {'moe':<11} {'B':>2} {'shape':>7} {'Mparam':>7} {'compile s':>9} "
               f"{'step ms':>9} {'units/s':>9} {'unit':<9} {'XLA GF':>8} {'matmul GF':>9} {'GFLOP/s':>8} {'MFU':>5}")
-    print(header)
-    print("-" * len(header))
+    if sizes:
+        print(header)
+        print("-" * len(header))
     rows = []
 
     def emit(r):
@@ -307,16 +314,17 @@ def main(argv=None) -> int:
             "matmul_flops_ratio": dense["matmul_flops"] / grouped["matmul_flops"]}
         del cases
 
-    print("\nunits/s: seconds of audio (vae) or real, non-padding tokens (lm) per second; step ms: median of "
-          "interleaved repeats;\nXLA GF: cost analysis of the compiled step (loop bodies counted once); matmul GF: "
-          "matrix-product FLOPs of the traced step with loop trip counts (global; the looped / tiled MoE forms count "
-          "their padded worst-case tiles); GFLOP/s and MFU from matmul GF.")
-    print()
-    print(f"{'comparison':<24} {'grouped':<12} {'grouped ms':>10} {'dense ms':>10} {'dense/grouped':>13} "
-          f"{'FLOPs ratio':>11}")
-    for key, c in comparisons.items():
-        print(f"{key:<24} {c['grouped']:<12} {c['grouped_step_ms']:>10.1f} {c['dense_step_ms']:>10.1f} "
-              f"{c['speedup']:>13.2f} {c['matmul_flops_ratio']:>11.2f}")
+    if rows:
+        print("\nunits/s: seconds of audio (vae) or real, non-padding tokens (lm) per second; step ms: median of "
+              "interleaved repeats;\nXLA GF: cost analysis of the compiled step (loop bodies counted once); "
+              "matmul GF: matrix-product FLOPs of the traced step with loop trip counts (global; the looped / tiled "
+              "MoE forms count their padded worst-case tiles); GFLOP/s and MFU from matmul GF.")
+        print()
+        print(f"{'comparison':<24} {'grouped':<12} {'grouped ms':>10} {'dense ms':>10} {'dense/grouped':>13} "
+              f"{'FLOPs ratio':>11}")
+        for key, c in comparisons.items():
+            print(f"{key:<24} {c['grouped']:<12} {c['grouped_step_ms']:>10.1f} {c['dense_step_ms']:>10.1f} "
+                  f"{c['speedup']:>13.2f} {c['matmul_flops_ratio']:>11.2f}")
 
     official = None
     if args.official:
@@ -324,9 +332,12 @@ def main(argv=None) -> int:
         o = official
         print(f"\nofficial LM train step ({o['llm_params_B']:.1f} B LLM params, {o['dtype']}, MoE {o['impl']}), "
               f"batch {o['batch']} x {o['seq']} tokens ({o['valid_tokens']} real, {o['patches']} audio patches), "
-              f"traced in {o['trace_s']:.1f} s:\n  matmul FLOPs/step {o['matmul_flops'] / 1e12:.2f} T "
-              f"({o['flops_per_padded_token'] / 1e9:.2f} GFLOP per position; the LLM's 6N + attention estimate "
-              f"alone: {o['llm_6n_flops'] / 1e12:.2f} T); one step at 100 % of an H100's dense bf16 peak: "
+              f"abstract inputs:\n  matmul FLOPs/step {o['matmul_flops'] / 1e12:.2f} T "
+              f"({o['flops_per_padded_token'] / 1e9:.2f} GFLOP per position; traced in {o['trace_s']:.1f} s); the "
+              f"LLM alone, 6N + attention estimate: {o['llm_6n_flops'] / 1e12:.2f} T;\n  XLA:CPU cost analysis "
+              f"{fmt(o['xla_cpu_flops'] and o['xla_cpu_flops'] / 1e12, '.2f')} T (compiled in "
+              f"{o['cpu_compile_s']:.1f} s; layer loops counted once, ragged_dot as a dense product over all "
+              f"experts on CPU: not the GPU count);\n  one step at 100 % of an H100's dense bf16 peak: "
               f"{o['h100_bf16_step_ms_at_peak']:.1f} ms")
 
     if args.json:
