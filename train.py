@@ -108,7 +108,13 @@ def train_vae(config, workdir: str, stop_after=None) -> int:
     return 0
 
 
-STAGES = {"vae": train_vae}
+def train_lm(config, workdir: str, stop_after=None) -> int:
+    from unitok_jax.training import lm_train
+
+    return lm_train.run(config, workdir, stop_after)
+
+
+STAGES = {"vae": train_vae, "lm": train_lm}
 
 
 def main(argv):

@@ -285,6 +285,16 @@ def expert_parallel_ffn(x, idx, weights, w_gate, w_up, w_down, impl: str = "auto
             wg = jax.lax.all_gather(wg, a, axis=1, tiled=True)
             wu = jax.lax.all_gather(wu, a, axis=1, tiled=True)
             wd = jax.lax.all_gather(wd, a, axis=2, tiled=True)
+        if bat:
+            # The weights are the same on every batch shard; mark them device-varying over the batch axes here, so
+            # that the sum of their gradients over the batch shards (the transpose of this cast) happens once,
+            # outside the grouped matmul. Left implicit, it lands inside the loop implementation's lax.cond,
+            # where devices whose tiles differ take different branches and the collective deadlocks.
+            def vary(w):
+                axes = tuple(a for a in bat if a not in jax.typeof(w).mat.varying)
+                return jax.lax.pcast(w, axes, to="varying") if axes else w
+
+            wg, wu, wd = vary(wg), vary(wu), vary(wd)
         e_loc = wg.shape[0]
         shard = 0
         for a in ex:

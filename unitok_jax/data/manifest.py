@@ -1,5 +1,6 @@
 """Speech manifests: JSONL, one utterance per line: ``{"id", "audio", "text", "speaker"}`` (+ optional
-``"duration"`` in seconds, ``"split"``). Relative audio paths are relative to the manifest file.
+``"duration"`` in seconds, ``"split"``, ``"latents"``: a file of the latent cache, see
+:mod:`unitok_jax.data.latent_cache`). Relative audio / latents paths are relative to the manifest file.
 
 Reading is forgiving by design (training must go on): a broken line, a missing or mistyped field is reported
 with its line number and skipped; :class:`Manifest` keeps the count and the messages.
@@ -12,7 +13,7 @@ import os
 from typing import Optional
 
 FIELDS = {"id": (str, int), "audio": str, "text": str, "speaker": (str, int)}
-OPTIONAL = {"duration": (int, float), "split": str}
+OPTIONAL = {"duration": (int, float), "split": str, "latents": str}  # latents: a latent-cache file (LM stage)
 
 
 @dataclasses.dataclass
@@ -79,7 +80,7 @@ def read_manifest(path: str, *, require_text: bool = True, add_durations: bool =
     records, errors = [], []
     required = {k: t for k, t in FIELDS.items() if require_text or k != "text"}
     optional = {**OPTIONAL, **({} if require_text else {"text": str})}
-    for _, where, rec, problem in read_jsonl(path, required, optional, path_keys=("audio",)):
+    for _, where, rec, problem in read_jsonl(path, required, optional, path_keys=("audio", "latents")):
         if problem is not None:
             errors.append(f"{where}: {problem}")
             continue

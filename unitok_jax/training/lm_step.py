@@ -178,8 +178,22 @@ def _tree_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
 
+_SUMMED = ("text_tokens", "flow_patches", "tokens")  # metrics that are counts: summed over micro-batches
+
+
+def _micro_batches(batch: dict, n: int) -> dict:
+    """[B, ...] -> [n, B / n, ...] with micro-batch i = rows i, i + n, i + 2n, ... (each device keeps its rows when
+    the batch dim is sharded)."""
+    def split(x):
+        if x.shape[0] % n:
+            raise ValueError(f"batch of {x.shape[0]} rows is not divisible into {n} micro-batches")
+        return jnp.swapaxes(x.reshape((x.shape[0] // n, n) + x.shape[1:]), 0, 1)
+
+    return jax.tree.map(split, batch)
+
+
 def make_lm_train_step(cfg: UniAudioConfig, optimizer: optax.GradientTransformation, *,
-                       train_semantic: bool = False, **loss_kwargs) -> Callable:
+                       train_semantic: bool = False, accum_steps: int = 1, **loss_kwargs) -> Callable:
     """A pure ``step(state, batch) -> (state, metrics)`` (jit it, donating ``state``).
 
     ``optimizer`` must be the masked one (:func:`masked_optimizer`, built with the same ``train_semantic``), so that
@@ -187,14 +201,37 @@ def make_lm_train_step(cfg: UniAudioConfig, optimizer: optax.GradientTransformat
     ``freeze_semantic`` follows ``not train_semantic``. The key of step k is ``fold_in(state["rng"], k)``, so a
     resumed run draws the same noise. If the loss or any gradient is not finite, params and optimizer state stay as
     they were, ``skipped`` is incremented and ``metrics["skipped_step"]`` is 1; ``step`` advances in both cases.
-    Metrics also carry ``grad_norm`` (trainable gradients, before clipping)."""
+    Metrics also carry ``grad_norm`` (trainable gradients, before clipping).
+
+    ``accum_steps`` > 1 accumulates gradients over that many micro-batches of the batch (rows i::accum_steps, one
+    ``lax.scan``): the update uses the mean of the micro-batch gradients (so the loss is the mean of micro-batch
+    means, each averaged over its own labelled tokens / patches); count metrics are summed, the others averaged."""
     loss_kwargs = {"freeze_semantic": not train_semantic, **loss_kwargs}
+    if accum_steps < 1:
+        raise ValueError(f"accum_steps={accum_steps} must be >= 1")
+
+    def grads_and_metrics(params, batch, key):
+        grad_fn = jax.value_and_grad(lambda p, b, k: lm_loss(p, cfg, b, k, **loss_kwargs), has_aux=True)
+        if accum_steps == 1:
+            return grad_fn(params, batch, key)
+        micro = _micro_batches(batch, accum_steps)
+
+        def body(carry, xs):
+            i, mb = xs
+            out = grad_fn(params, mb, jax.random.fold_in(key, i))
+            return jax.tree.map(jnp.add, carry, out), None
+
+        zero = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype),
+                            jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro), key))
+        total, _ = jax.lax.scan(body, zero, (jnp.arange(accum_steps), micro))
+        (loss, metrics), grads = total
+        metrics = {k: v if k in _SUMMED else v / accum_steps for k, v in metrics.items()}
+        return (loss / accum_steps, metrics), jax.tree.map(lambda g: g / accum_steps, grads)
 
     def step(state, batch):
         key = jax.random.fold_in(state["rng"], state["step"])
         params = state["params"]
-        grad_fn = jax.value_and_grad(lambda p: lm_loss(p, cfg, batch, key, **loss_kwargs), has_aux=True)
-        (loss, metrics), grads = grad_fn(params)
+        (loss, metrics), grads = grads_and_metrics(params, batch, key)
         labels = trainable_labels(params, train_semantic)
         trainable_grads = jax.tree.map(lambda g, lab: g if lab != "frozen" else jnp.zeros_like(g), grads, labels)
         finite = jnp.isfinite(loss) & _tree_finite(trainable_grads)

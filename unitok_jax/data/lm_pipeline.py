@@ -1,0 +1,112 @@
+"""grain input pipeline of the LM stage: whole utterances, length-bucketed, as this process's rows of each global
+batch.
+
+Every process plans the *same* global batches (:func:`unitok_jax.data.pipeline.plan_buckets` over the durations,
+deterministic in the seed and epoch) and loads only its own contiguous rows of each, so
+
+* the bucket length of a batch (from the durations of all its rows) is the same on every process: the per-process
+  pieces assemble into one global array without any communication;
+* the data order does not depend on the number of processes: a run on 2 hosts sees exactly the batches of a run
+  on 1 host.
+
+Two sources:
+
+* ``"audio"``: ``{"wave" [b, L], "lengths" [b] samples}`` (the frozen VAE encodes them in the training loop);
+* ``"latents"``: ``{"mean", "std" [b, T, C], "lengths" [b] frames}`` from the latent cache
+  (:mod:`unitok_jax.data.latent_cache`; records carry a ``latents`` file).
+
+Both add ``"ok" [b]`` (false for an unreadable record: zeros, length 0, counted and skipped by the trainer),
+``"text"``, ``"speaker"``, ``"id"`` (object arrays) and ``"row"`` [b] (the global row index). The iterator is a grain
+``DatasetIterator``: ``get_state`` / ``set_state`` give an exact, checkpointable position.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import grain
+import numpy as np
+
+from unitok_jax.audio import SAMPLE_RATE
+from unitok_jax.data.pipeline import _EpochPlans, _load, _shard, bucket_length
+
+
+def load_latents(path: str) -> Optional[np.ndarray]:
+    """A cache file -> posterior ``[T, 2, C]`` float32 (mean, std), or None if unreadable."""
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except (OSError, ValueError):
+        return None
+    if arr.ndim != 3 or arr.shape[1] != 2 or not np.all(np.isfinite(arr)):
+        return None
+    return arr.astype(np.float32)
+
+
+def lm_batches(records: Sequence[dict], *, batch_size: int, seed: int, source: str = "audio",
+               hop: int = 320, buckets_seconds: Sequence[float] = (2.0, 4.0, 8.0, 16.0, 32.0),
+               max_seconds: float = 32.0, sample_rate: int = SAMPLE_RATE, process_index: Optional[int] = None,
+               process_count: Optional[int] = None, num_epochs: int = 1000, window: int = 64):
+    """This process's ``batch_size / process_count`` rows of each global batch of ``batch_size`` (see the module
+    docstring). ``hop``: waveform samples per latent frame (latent source: the bucket length in frames). Records need
+    ``duration`` (``read_manifest(add_durations=True)``; the latent cache writes it)."""
+    if source not in ("audio", "latents"):
+        raise ValueError(f"source={source!r}: choose 'audio' or 'latents'")
+    index, count = _shard(process_index, process_count)
+    if batch_size % count:
+        raise ValueError(f"global batch {batch_size} is not divisible by {count} processes")
+    local = batch_size // count
+    recs = list(records)
+    if not recs:
+        raise ValueError("no records to train on")
+    if source == "latents":
+        missing = [r["id"] for r in recs if "latents" not in r]
+        if missing:
+            raise ValueError(f"{len(missing)} records have no 'latents' file (first: {missing[0]!r}); "
+                             f"build the cache with python -m unitok_jax.data.latent_cache")
+    durations = [min(float(r["duration"]), max_seconds) for r in recs]
+    plans = grain.MapDataset.source(_EpochPlans(durations, batch_size, seed, window, num_epochs))
+
+    def meta(rows: list[int], idx: list[int]) -> dict:
+        return {"text": np.array([recs[i].get("text", "") for i in idx], dtype=object),
+                "speaker": np.array([recs[i]["speaker"] for i in idx], dtype=object),
+                "id": np.array([recs[i]["id"] for i in idx], dtype=object),
+                "row": np.asarray(rows, np.int32)}
+
+    def load_audio_batch(plan: list[int]) -> dict:
+        rows = list(range(index * local, (index + 1) * local))
+        idx = [plan[r] for r in rows]
+        length = int(bucket_length(max(durations[i] for i in plan), buckets_seconds) * sample_rate)
+        wave = np.zeros((local, length), np.float32)
+        lengths = np.zeros((local,), np.int32)
+        ok = np.zeros((local,), bool)
+        for k, i in enumerate(idx):
+            w = _load(recs[i], sample_rate)
+            if w is not None and len(w):
+                w = w[:length]
+                wave[k, : len(w)] = w
+                lengths[k], ok[k] = len(w), True
+        return {"wave": wave, "lengths": lengths, "ok": ok, **meta(rows, idx)}
+
+    c = None
+
+    def load_latent_batch(plan: list[int]) -> dict:
+        nonlocal c
+        rows = list(range(index * local, (index + 1) * local))
+        idx = [plan[r] for r in rows]
+        frames = int(math.ceil(bucket_length(max(durations[i] for i in plan), buckets_seconds) * sample_rate / hop))
+        loaded = [load_latents(recs[i]["latents"]) for i in idx]
+        if c is None:
+            c = next((x.shape[2] for x in loaded if x is not None), None)
+        ch = c or 1
+        mean = np.zeros((local, frames, ch), np.float32)
+        std = np.zeros((local, frames, ch), np.float32)
+        lengths = np.zeros((local,), np.int32)
+        ok = np.zeros((local,), bool)
+        for k, x in enumerate(loaded):
+            if x is not None and x.shape[2] == ch and len(x):
+                x = x[:frames]
+                mean[k, : len(x)], std[k, : len(x)] = x[:, 0], x[:, 1]
+                lengths[k], ok[k] = len(x), True
+        return {"mean": mean, "std": std, "lengths": lengths, "ok": ok, **meta(rows, idx)}
+
+    return plans.map(load_audio_batch if source == "audio" else load_latent_batch).to_iter_dataset()

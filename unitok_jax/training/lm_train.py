@@ -1,0 +1,350 @@
+"""The LM stage driver behind ``train.py --config configs/lm.py:...`` (spec §5.7, §5.8, §7.2).
+
+One loop, any mesh, any number of processes:
+
+1. the model config from ``config.model.bailingmm`` (the VAE part from the VAE checkpoint when one is given), the
+   text tokenizer (a folder, or a BPE trained on the manifest's texts and kept in the workdir);
+2. one mesh (:mod:`unitok_jax.sharding`); the train state ``{step, params, opt_state, rng, skipped}`` created
+   directly in its shardings (:mod:`unitok_jax.training.sharded`); the step is one ``jax.jit`` with in/out
+   shardings and donated state (:func:`unitok_jax.training.lm_step.make_lm_train_step`);
+3. data: every process loads its rows of each global batch (:mod:`unitok_jax.data.lm_pipeline`); the frozen VAE's
+   posterior comes from the latent cache or is computed on the fly; each row becomes a TTS or an ASR sequence
+   (:mod:`unitok_jax.training.lm_data`) with a per-(step, row) RNG, so what a row trains on does not depend on how
+   many processes share the batch;
+4. orbax checkpoints every N steps and on SIGTERM (with the data position), resume, metrics (console, JSONL,
+   TensorBoard), export of the inference params + tokenizer for ``sample.py``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from unitok_jax import text as text_lib
+from unitok_jax.model import UniAudioConfig
+from unitok_jax.training import lm_data
+
+
+class SetupError(ValueError):
+    """A configuration or input problem found before training starts (printed without a traceback)."""
+
+
+# ------------------------------------------------------------------------------------------------ config / setup
+
+
+def model_config(config, vae_cfg=None, vocab_size: Optional[int] = None) -> UniAudioConfig:
+    """UniAudioConfig of an LM-stage config; ``vae_cfg`` (a VAEConfig) replaces the VAE part, ``vocab_size``
+    the LLM vocabulary (a trained tokenizer's size)."""
+    conf = config.model.bailingmm.to_dict() if hasattr(config.model.bailingmm, "to_dict") else dict(
+        config.model.bailingmm)
+    conf = json.loads(json.dumps(conf))  # plain, deep-copied
+    if vocab_size is not None:
+        conf["llm_config"]["vocab_size"] = int(vocab_size)
+    dtype = config.model.dtype
+    cfg = UniAudioConfig.from_bailingmm(conf, moe_impl=config.model.moe_impl, dtype=dtype)
+    flow = dataclasses.replace(cfg.flow, dtype=dtype)
+    if vae_cfg is not None:
+        cfg = dataclasses.replace(cfg, vae=vae_cfg, heads=dataclasses.replace(cfg.heads, semantic_dim=vae_cfg.unified_dim))
+        flow = dataclasses.replace(flow, z_channels=vae_cfg.latent_dim)
+    return dataclasses.replace(cfg, flow=flow)
+
+
+def tokenizer(config, texts, workdir: str) -> text_lib.TextTokenizer:
+    """The configured tokenizer folder; else the one saved in ``workdir/tokenizer`` by an earlier run; else a BPE
+    trained on ``texts`` (then saved there by process 0, so a resumed run keeps its ids)."""
+    if config.tokenizer.path:
+        return text_lib.TextTokenizer.from_dir(config.tokenizer.path)
+    folder = os.path.join(workdir, "tokenizer")
+    if os.path.isfile(os.path.join(folder, "tokenizer.json")):
+        return text_lib.TextTokenizer.from_dir(folder)
+    tok = text_lib.train_tokenizer(texts, config.tokenizer.vocab_size)
+    if jax.process_index() == 0:
+        tok.save(folder)
+    return tok
+
+
+def optimizer(config, params):
+    from unitok_jax.training import lm_step
+
+    t = config.train
+    base = lm_step.adamw(t.lr, weight_decay=t.weight_decay, clip_norm=t.clip_norm or None,
+                         warmup_steps=t.warmup_steps)
+    return lm_step.masked_optimizer(params, base, train_semantic=t.train_semantic)
+
+
+def step_function(config, cfg, opt):
+    from unitok_jax.training import lm_step
+
+    t = config.train
+    return lm_step.make_lm_train_step(cfg, opt, train_semantic=t.train_semantic, accum_steps=t.accum_steps,
+                                      stop_weight=t.stop_weight, flow_weight=t.flow_weight,
+                                      text_weight=t.text_weight, aux_weight=t.aux_weight, z_weight=t.z_weight)
+
+
+# ------------------------------------------------------------------------------------------------ batches
+
+
+def examples_from_rows(rows: dict, mean: np.ndarray, std: np.ndarray, frames: np.ndarray,
+                       tok: text_lib.TextTokenizer, patch_size: int, *, seed: int, step: int,
+                       tts_fraction: float) -> tuple[list, list[int], int]:
+    """Examples of this process's rows: row r (global index ``rows["row"][k]``) samples its latents
+    (mean + std * eps) and its task (TTS with probability ``tts_fraction``, else ASR) from an RNG seeded by
+    (seed, step, r). Returns (examples, local positions they belong at, number of rows skipped: unreadable, shorter
+    than a patch, or without text)."""
+    examples, where, skipped = [], [], 0
+    for k in range(len(rows["row"])):
+        n = int(frames[k])
+        txt = str(rows["text"][k]).strip()
+        if not rows["ok"][k] or n < patch_size or not txt:
+            skipped += 1
+            continue
+        rng = np.random.default_rng([seed, step, int(rows["row"][k])])
+        is_tts = rng.random() < tts_fraction
+        lat = mean[k, :n] + std[k, :n] * rng.standard_normal(mean[k, :n].shape).astype(np.float32)
+        if is_tts:
+            examples.append(lm_data.tts_example(tok, txt, lat, patch_size))
+        else:
+            examples.append(lm_data.asr_example(tok, lat, txt, text_lib.detect_lang(txt), patch_size))
+        where.append(k)
+    return examples, where, skipped
+
+
+def place(examples: list, where: list[int], rows: int, max_len: int, max_patches: int, pad_id: int,
+          latent_dim: int, patch_size: int) -> dict:
+    """``make_batch`` of the examples with example j at local row ``where[j]`` (other rows all-invalid)."""
+    if not examples:  # a batch with nothing usable: all rows invalid (the step then changes nothing)
+        dummy = {"task": "asr", "input_ids": np.zeros(1, np.int32), "audio_patch_mask": np.zeros(1, bool),
+                 "audio_gate": np.zeros(1, bool), "text_labels": np.full(1, lm_data.IGNORE, np.int32),
+                 "latents": np.zeros((patch_size, latent_dim), np.float32), "patch_start": 0, "num_patches": 1,
+                 "gen_patches": 0, "patch_cond_index": np.zeros(1, np.int32)}
+        b = lm_data.make_batch([dummy], max_len, max_patches, batch_size=rows, pad_id=pad_id)
+        b["valid"][:] = False
+        b["latent_valid"][:] = False
+        return b
+    b = lm_data.make_batch(examples, max_len, max_patches, batch_size=rows, pad_id=pad_id)
+    order = list(where) + [k for k in range(rows) if k not in set(where)]
+    inv = np.argsort(order)
+    return {k: v[inv] for k, v in b.items()}
+
+
+def agreed_sizes(examples: list) -> tuple[int, int]:
+    """(max_len, max_patches) buckets for this batch, the maximum over all processes."""
+    longest = max((len(e["input_ids"]) for e in examples), default=1)
+    most = max((e["num_patches"] for e in examples), default=1)
+    sizes = np.array([lm_data.bucket(longest, lm_data.LEN_BUCKETS), lm_data.bucket(most, lm_data.PATCH_BUCKETS)])
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        sizes = np.max(multihost_utils.process_allgather(sizes), axis=0)
+    return int(sizes[0]), int(sizes[1])
+
+
+# ------------------------------------------------------------------------------------------------ the loop
+
+
+def run(config, workdir: str, stop_after: Optional[int] = None) -> int:
+    try:
+        return _run(config, workdir, stop_after)
+    except SetupError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(config, workdir: str, stop_after: Optional[int]) -> int:
+    from tqdm import tqdm
+
+    from configs import lm as lm_configs
+    from unitok_jax import model as model_lib
+    from unitok_jax import sharding as shd
+    from unitok_jax import vae as vae_lib
+    from unitok_jax.convert import Checkpoint, load, save
+    from unitok_jax.data.lm_pipeline import lm_batches
+    from unitok_jax.data.manifest import read_manifest
+    from unitok_jax.training import sharded
+    from unitok_jax.training.checkpoint import Preemption, TrainCheckpointer
+    from unitok_jax.training.lm_step import init_lm_state
+    from unitok_jax.training.monitor import MetricWriter, Throughput, matmul_flops, mfu, peak_flops_per_device
+
+    sharded.maybe_initialize_distributed(config.distributed)
+    pid, nproc = jax.process_index(), jax.process_count()
+
+    # ---- data + tokenizer + model config
+    if not config.data.manifest:
+        raise SetupError("set --config.data.manifest=PATH (a JSONL of {id, audio, text, speaker})")
+    if not os.path.isfile(config.data.manifest):
+        raise SetupError(f"manifest {config.data.manifest} does not exist")
+    manifest = read_manifest(config.data.manifest, require_text=True, add_durations=True)
+    if pid == 0:
+        for e in manifest.errors:
+            print(f"skipped {e}", file=sys.stderr)
+    if not manifest.records:
+        raise SetupError(f"{config.data.manifest} has no usable records")
+    init_params, vae_cfg = None, None
+    if config.init.checkpoint:
+        ck = load(config.init.checkpoint)
+        if "uniaudio" not in ck.configs:
+            raise SetupError(f"{config.init.checkpoint} is not a full model checkpoint (use init.vae for a VAE)")
+        cfg, init_params = ck.configs["uniaudio"], ck.params["uniaudio"]
+        tok = (text_lib.TextTokenizer.from_dir(config.tokenizer.path or config.init.checkpoint))
+    else:
+        if config.init.vae:
+            vae_cfg, vae_params = load(config.init.vae).vae()
+        tok = tokenizer(config, [r["text"] for r in manifest.records], workdir)
+        cfg = model_config(config, vae_cfg, None if config.tokenizer.path else tok.vocab_size)
+    if tok.vocab_size > cfg.llm.vocab_size:
+        raise SetupError(f"the tokenizer has {tok.vocab_size} ids but the LLM only {cfg.llm.vocab_size}")
+    p, c = cfg.patch_size, cfg.vae.latent_dim
+
+    # ---- mesh + sharded state
+    mesh = shd.make_mesh({"mesh": lm_configs.mesh_sizes(config)})
+    rules = shd.DEFAULT_RULES
+    if config.data.batch_size % sharded.batch_shards(mesh):
+        raise SetupError(f"global batch {config.data.batch_size} is not divisible by the mesh's data x fsdp = "
+                         f"{sharded.batch_shards(mesh)}")
+    if (config.data.batch_size // sharded.batch_shards(mesh)) % config.train.accum_steps:
+        raise SetupError(f"per-shard batch is not divisible by accum_steps={config.train.accum_steps}")
+    key = jax.random.key(config.seed)
+    k_init, k_state = jax.random.split(key)
+    params_abs = jax.eval_shape(lambda: model_lib.init_params(cfg, k_init))
+    opt = optimizer(config, params_abs)
+    state_abs = jax.eval_shape(lambda: init_lm_state(model_lib.init_params(cfg, k_init), opt, k_state))
+    param_sh = sharded.param_shardings(cfg, params_abs, mesh, rules)
+    state_sh = sharded.state_shardings(state_abs, opt, param_sh, mesh)
+    # A full checkpoint gives all params; a VAE checkpoint replaces the random VAE. Both enter the jitted init as
+    # arguments already placed in their shardings.
+    fixed = jax.device_put(init_params, param_sh) if init_params is not None else None
+    fixed_vae = jax.device_put(vae_params, param_sh["audio"]) if vae_cfg is not None else None
+
+    def init_fn(k, fixed, fixed_vae):
+        params = fixed if fixed is not None else model_lib.init_params(cfg, k)
+        if fixed_vae is not None:
+            params = {**params, "audio": fixed_vae}
+        return init_lm_state(params, opt, k_state)
+
+    ckpt = TrainCheckpointer(workdir, every_steps=config.checkpoint.every_steps, keep=config.checkpoint.keep)
+    state = None
+    if ckpt.latest_step() is None:
+        state = jax.jit(init_fn, out_shardings=state_sh)(k_init, fixed, fixed_vae)
+    del fixed, fixed_vae
+
+    # ---- data pipeline
+    data = lm_batches(manifest.records, batch_size=config.data.batch_size, seed=config.seed,
+                      source=config.data.source, hop=cfg.vae.hop, buckets_seconds=tuple(config.data.buckets_seconds),
+                      max_seconds=config.data.max_seconds, sample_rate=cfg.vae.sample_rate)
+    it = iter(data)
+    restored = ckpt.restore(sharded.abstract_state(state_abs, state_sh))
+    if restored is not None:
+        step0, state, data_state = restored
+        it.set_state(data_state)
+        if pid == 0:
+            print(f"resumed {workdir} at step {step0}")
+    # The frozen encoder runs per process on its own rows, with its own copy of the VAE params on a local device
+    # (the state's buffers are donated to the train step).
+    if config.data.source == "audio":
+        if nproc > 1:
+            from jax.experimental import multihost_utils
+
+            host_audio = multihost_utils.process_allgather(state["params"]["audio"], tiled=True)
+        else:
+            host_audio = jax.device_get(state["params"]["audio"])
+        audio_params = jax.device_put(host_audio, jax.local_devices()[0])
+        del host_audio
+    encode = jax.jit(lambda prm, w, n: vae_lib.encode(prm, cfg.vae, w, n, sample=False))
+    local_rows = config.data.batch_size // nproc
+
+    step_fn = sharded.jit_step(step_function(config, cfg, opt), state_sh, mesh, rules)
+    flops_by_shape: dict = {}
+    peak = peak_flops_per_device(jax.devices()[0], config.model.dtype)
+
+    def run_step(state, batch):
+        """One step; also the global matmul FLOPs of the step for this batch shape (traced once per shape)."""
+        sig = tuple((k, v.shape) for k, v in sorted(batch.items()))
+        if sig not in flops_by_shape:
+            with shd.use_sharding(mesh, rules):
+                flops_by_shape[sig] = float(matmul_flops(step_fn.raw, state, batch))
+        return step_fn(state, batch), flops_by_shape[sig]
+
+    preempt = Preemption()
+    writer = MetricWriter(workdir, tensorboard=config.tensorboard)
+    start = step = int(state["step"])
+    total = config.train.steps
+    bar = tqdm(total=total, initial=start, desc="train lm", unit="step", disable=pid != 0)
+    thr = Throughput(skip=1)  # the first logged interval includes compilation
+    interval: list = []
+    bad = 0
+    try:
+        while step < total:
+            rows = next(it)
+            if config.data.source == "latents":
+                mean, std, frames = rows["mean"], rows["std"], rows["lengths"]
+            else:
+                enc = encode(audio_params, jnp.asarray(rows["wave"]), jnp.asarray(rows["lengths"]))
+                mean, std, frames = np.asarray(enc.mean), np.asarray(enc.std), np.asarray(enc.frame_num)
+                frames = np.where(rows["ok"], frames, 0)
+            examples, where, skipped = examples_from_rows(
+                rows, mean, std, frames, tok, p, seed=config.seed, step=step, tts_fraction=config.data.tts_fraction)
+            bad += skipped
+            max_len, max_patches = agreed_sizes(examples)
+            local = place(examples, where, local_rows, max_len, max_patches, tok.id("eos"), c, p)
+            local.pop("is_tts")
+            batch = sharded.global_batch(local, mesh)
+            (state, metrics), flops = run_step(state, batch)
+            step += 1
+            interval.append(float(local["valid"].sum()) * nproc)
+            if step % config.log_every == 0 or step == total:
+                m = {k: float(v) for k, v in jax.device_get(metrics).items()}  # waits for the step
+                t = thr.update(units=sum(interval), steps=len(interval))
+                interval.clear()
+                m.update(step=step, bad_records=bad)
+                if t is not None:
+                    m.update(step_s=t["step_s"], tokens_per_s=t["units_per_s"])
+                    if flops and peak:
+                        m["mfu"] = mfu(flops, t["step_s"], jax.device_count(), peak)
+                writer.scalars(step, m)
+                bar.set_postfix(loss=f"{m['loss']:.3f}", text=f"{m['text_ce']:.3f}", flow=f"{m['flow']:.3f}",
+                                tok_s=f"{m.get('tokens_per_s') or 0:.0f}")
+            bar.update(1)
+            ckpt.save(step, state, it.get_state())
+            stop = preempt.requested or (stop_after is not None and step - start >= stop_after)
+            if nproc > 1:
+                from jax.experimental import multihost_utils
+
+                stop = bool(np.any(multihost_utils.process_allgather(np.array([stop]))))
+            if stop and step < total:
+                ckpt.save(step, state, it.get_state(), force=True)
+                ckpt.wait()
+                if pid == 0:
+                    print(f"\nstopped at step {step} ({'SIGTERM' if preempt.requested else 'stop_after'}); "
+                          f"checkpoint saved in {ckpt.directory}")
+                return 0
+        ckpt.save(step, state, it.get_state(), force=True)
+        ckpt.wait()
+    finally:
+        bar.close()
+        preempt.restore()
+        ckpt.close()
+        writer.close()
+
+    # ---- export for sample.py (process 0 writes)
+    if nproc > 1:
+        from jax.experimental import multihost_utils
+
+        host = multihost_utils.process_allgather(state["params"], tiled=True)
+    else:
+        host = jax.device_get(state["params"])
+    export = os.path.join(workdir, "export")
+    tok_dir = os.path.join(workdir, "tokenizer")
+    if pid == 0:
+        if config.tokenizer.path or config.init.checkpoint:
+            tok.save(tok_dir)
+        save(Checkpoint({"uniaudio": cfg}, {"uniaudio": host}, source="train.py lm", path=tok_dir), export,
+             overwrite=True)
+        print(f"done: {step} steps ({bad} rows skipped); checkpoints in {ckpt.directory}; model in {export} "
+              f"(python sample.py tts --checkpoint {export} ...)")
+    return 0
