@@ -77,6 +77,9 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     c.data.tts_fraction = 0.75  # TTS : ASR = 3 : 1 (reference gen:und ratio)
     c.data.buckets_seconds = (2.0, 4.0, 8.0) if tiny else (2.0, 4.0, 8.0, 16.0, 32.0)
     c.data.max_seconds = 8.0 if tiny else 32.0
+    # Fixed batch shapes (one compilation; rows that do not fit are skipped and counted). 0: length buckets.
+    c.data.seq_len = 0
+    c.data.max_patches = 0
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = 300 if tiny else 100_000

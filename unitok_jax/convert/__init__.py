@@ -143,7 +143,14 @@ def save(ckpt: Checkpoint, dst: str, *, overwrite: bool = False) -> None:
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.tmp-", dir=parent)
     try:
-        ckptr = ocp.StandardCheckpointer()
+        import jax
+
+        if jax.process_count() > 1:  # a single process writes (host params): no cross-process barriers
+            me = jax.process_index()
+            ckptr = ocp.StandardCheckpointer(multiprocessing_options=ocp.options.MultiprocessingOptions(
+                primary_host=me, active_processes={me}, barrier_sync_key_prefix=f"export{me}"))
+        else:
+            ckptr = ocp.StandardCheckpointer()
         ckptr.save(os.path.join(tmp, PARAMS_DIR), ckpt.params)
         ckptr.wait_until_finished()
         meta = {

@@ -133,11 +133,15 @@ def place(examples: list, where: list[int], rows: int, max_len: int, max_patches
     return {k: v[inv] for k, v in b.items()}
 
 
-def agreed_sizes(examples: list) -> tuple[int, int]:
-    """(max_len, max_patches) buckets for this batch, the maximum over all processes."""
+def agreed_sizes(examples: list, seq_len: int = 0, max_patches: int = 0) -> tuple[int, int]:
+    """(max_len, max_patches) of this batch: the fixed sizes when given (> 0), else the buckets of the longest
+    example, the maximum over all processes."""
+    if seq_len > 0 and max_patches > 0:
+        return seq_len, max_patches
     longest = max((len(e["input_ids"]) for e in examples), default=1)
     most = max((e["num_patches"] for e in examples), default=1)
-    sizes = np.array([lm_data.bucket(longest, lm_data.LEN_BUCKETS), lm_data.bucket(most, lm_data.PATCH_BUCKETS)])
+    sizes = np.array([seq_len or lm_data.bucket(longest, lm_data.LEN_BUCKETS),
+                      max_patches or lm_data.bucket(most, lm_data.PATCH_BUCKETS)])
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
@@ -149,6 +153,9 @@ def agreed_sizes(examples: list) -> tuple[int, int]:
 
 
 def run(config, workdir: str, stop_after: Optional[int] = None) -> int:
+    from absl import logging
+
+    logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
     try:
         return _run(config, workdir, stop_after)
     except SetupError as e:
@@ -289,8 +296,14 @@ def _run(config, workdir: str, stop_after: Optional[int]) -> int:
                 frames = np.where(rows["ok"], frames, 0)
             examples, where, skipped = examples_from_rows(
                 rows, mean, std, frames, tok, p, seed=config.seed, step=step, tts_fraction=config.data.tts_fraction)
+            if config.data.seq_len or config.data.max_patches:  # fixed shapes: rows that do not fit are skipped
+                fits = [j for j, e in enumerate(examples)
+                        if (not config.data.seq_len or len(e["input_ids"]) <= config.data.seq_len)
+                        and (not config.data.max_patches or e["num_patches"] <= config.data.max_patches)]
+                skipped += len(examples) - len(fits)
+                examples, where = [examples[j] for j in fits], [where[j] for j in fits]
             bad += skipped
-            max_len, max_patches = agreed_sizes(examples)
+            max_len, max_patches = agreed_sizes(examples, config.data.seq_len, config.data.max_patches)
             local = place(examples, where, local_rows, max_len, max_patches, tok.id("eos"), c, p)
             local.pop("is_tts")
             batch = sharded.global_batch(local, mesh)

@@ -1,0 +1,147 @@
+"""train.py stage lm end to end in real processes, on a few seconds of real speech (tiny configs, CPU):
+
+* the loss goes down (text CE on the ASR rows, flow matching on the TTS rows);
+* two processes with ``jax.distributed`` (one CPU device each, a data-parallel mesh of 2) == one process with two
+  devices: same losses every step, same exported params;
+* stop after N/2 steps, resume, N/2 more == N straight (params and per-step losses);
+* the export loads for inference (``UniAudio.load``) with the tokenizer trained for the run.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+import soundfile as sf
+
+from conftest import REPO, SHARED_DATA
+from unitok_jax.convert import load
+
+STEPS = 8
+TEXTS = ["he hoped there would be stew for dinner", "turnips and carrots and bruised potatoes",
+         "and fat mutton pieces to be ladled out", "in thick peppered flour fattened sauce"]
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lm_speech")
+    wave, sr = sf.read(SHARED_DATA / "librispeech-1089-134686-0000.flac", dtype="float32")
+    lines = []
+    for i, t in enumerate(TEXTS):  # 1.5 s pieces of real speech
+        sf.write(root / f"p{i}.wav", wave[i * 24000 : (i + 1) * 24000], sr)
+        lines.append(json.dumps({"id": f"p{i}", "audio": f"p{i}.wav", "text": t, "speaker": "1089"}))
+    (root / "m.jsonl").write_text("\n".join(lines) + "\n")
+    return str(root / "m.jsonl")
+
+
+def _args(workdir, manifest, *extra):
+    return ["train.py", "--config", "configs/lm.py:tiny", "--workdir", str(workdir),
+            f"--config.data.manifest={manifest}", f"--config.train.steps={STEPS}", "--config.log_every=1",
+            "--config.data.batch_size=4", "--config.train.warmup_steps=0", "--config.train.lr=3e-3",
+            "--config.mesh.data=2", "--config.mesh.fsdp=1", "--config.checkpoint.every_steps=100",
+            "--config.data.seq_len=256", "--config.data.max_patches=16", *extra]  # one compilation per run
+
+
+def _env(**kw):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", **kw)
+    for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+        if k not in kw:
+            env.pop(k, None)
+    return env
+
+
+def _single(workdir, manifest, *extra):
+    env = _env(XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    proc = subprocess.run([sys.executable, *_args(workdir, manifest, *extra)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def _metrics(workdir):
+    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    return {r["step"]: r for r in rows}  # a resumed run re-logs nothing twice; last record of a step wins
+
+
+def _params(workdir):
+    return load(os.path.join(workdir, "export")).params["uniaudio"]
+
+
+def _max_diff(a, b):
+    return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in
+               zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+@pytest.fixture(scope="module")
+def straight(manifest, tmp_path_factory):
+    w = tmp_path_factory.mktemp("lm_straight")
+    _single(w, manifest)
+    return w
+
+
+def test_lm_stage_loss_goes_down_and_exports(straight):
+    m = _metrics(straight)
+    assert sorted(m) == list(range(1, STEPS + 1))
+    text = [m[s]["text_ce"] for s in m if m[s]["text_tokens"] > 0]
+    flow = [m[s]["flow"] for s in m if m[s]["flow_patches"] > 0]
+    assert len(text) >= 3 and len(flow) >= 3  # both tasks were trained (tts_fraction 0.75 per row)
+    assert text[-1] < 0.8 * text[0], text
+    assert flow[-1] < 0.9 * flow[0], flow
+    assert all(m[s]["skipped_step"] == 0 for s in m)
+    assert m[STEPS]["bad_records"] == 0  # every row fitted the fixed shapes
+    assert os.listdir(os.path.join(straight, "tb"))  # TensorBoard event files
+
+    from unitok_jax.api import UniAudio
+
+    model = UniAudio.load(os.path.join(straight, "export"))
+    assert model.tok.vocab_size <= model.cfg.llm.vocab_size
+    assert model.cfg.llm.num_experts == 4 and model.cfg.patch_size == 5
+
+
+def test_lm_stage_resume_equals_straight(straight, manifest, tmp_path):
+    proc = _single(tmp_path, manifest, f"--stop_after={STEPS // 2}")
+    assert f"stopped at step {STEPS // 2}" in proc.stdout
+    assert not os.path.exists(tmp_path / "export")
+    proc = _single(tmp_path, manifest)
+    assert f"resumed {tmp_path} at step {STEPS // 2}" in proc.stdout
+    a, b = _metrics(straight), _metrics(tmp_path)
+    assert sorted(b) == sorted(a)
+    for s in a:  # same data order and noise: the same loss at every step
+        assert abs(a[s]["loss"] - b[s]["loss"]) <= 1e-6 * max(1.0, abs(a[s]["loss"])), s
+    assert _max_diff(_params(straight), _params(tmp_path)) <= 1e-6
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_lm_stage_two_processes_equal_one(straight, manifest, tmp_path):
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, *_args(tmp_path, manifest)], cwd=REPO,
+                              env=_env(JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2",
+                                       JAX_PROCESS_ID=str(i)),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = []
+    for p in procs:
+        try:
+            outs.append(p.communicate(timeout=600))
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-4000:]
+    assert "done:" in outs[0][0] and "done:" not in outs[1][0]  # process 0 reports and exports
+    a, b = _metrics(straight), _metrics(tmp_path)
+    assert sorted(b) == sorted(a)  # only process 0 writes metrics
+    for s in a:
+        assert abs(a[s]["loss"] - b[s]["loss"]) <= 1e-5 * max(1.0, abs(a[s]["loss"])), (s, a[s], b[s])
+        assert a[s]["tokens"] == b[s]["tokens"]
+    assert _max_diff(_params(straight), _params(tmp_path)) <= 1e-5
