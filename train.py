@@ -3,15 +3,25 @@
 
   python train.py --config configs/vae.py:tiny --workdir DIR [--config.key=value ...]
 
-The config names the stage. Implemented: ``vae`` (tokenizer stage S0: mel + adversarial + feature matching + KL,
-alternating generator / discriminator updates). A workdir that already holds a checkpoint resumes it exactly
-(params, optimizer states, step, RNG and the data position). SIGTERM saves a checkpoint and exits cleanly.
-Metrics go to the console (progress bar) and to ``DIR/metrics.jsonl``; at the end the inference params are
-exported to ``DIR/export`` (a checkpoint ``sample.py`` loads).
+The config names the stage: ``vae`` (tokenizer stage S0: mel + adversarial + feature matching + KL, alternating
+generator / discriminator updates) or ``lm`` (:mod:`unitok_jax.training.lm_train`). A workdir that already holds a
+checkpoint resumes it exactly (params, optimizer states, step, RNG and the data position). SIGTERM saves a
+checkpoint and exits cleanly. At the end the inference params are exported to ``DIR/export`` (a checkpoint
+``sample.py`` loads).
+
+Both stages run on one device mesh (``--config.mesh_preset`` or ``--config.mesh.*``; several processes when the
+environment describes them, ``--config.distributed``): the train state is created in its shardings, the step is
+one jit with in/out shardings and donated state, every process loads its rows of each global batch.
+
+Monitoring (stage vae): a progress bar (step, generator loss, step time, seconds of audio per second, MFU where the
+device's peak is known); every ``log_every`` steps the step's metrics go to ``DIR/metrics.jsonl`` (one
+``{"step": ..., metric: value}`` line) and TensorBoard (``DIR/tb``); every ``sample_every`` steps a fixed batch of
+held-out clips (``data.heldout_manifest``, else fixed crops of training records) is reconstructed: mel L1,
+SI-SDR and log-mel distance (``heldout/*``), plus reference / reconstruction audio and mel-spectrogram comparison
+images for the first ``sample_audio`` clips in TensorBoard.
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -26,74 +36,333 @@ flags.DEFINE_integer("stop_after", None, "stop (with a checkpoint) after this ma
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def train_vae(config, workdir: str, stop_after=None) -> int:
-    import jax
-    from tqdm import tqdm
+def vae_mesh_sizes(config) -> dict:
+    """Mesh axis sizes of a VAE-stage config: ``mesh_preset`` (a key of ``configs.lm.MESH_PRESETS``) or ``mesh.*``.
 
+    The VAE has neither experts nor tensor-parallel layers, so the ``tensor`` and ``expert`` axes of the layout are
+    folded into ``data`` (the devices stay busy on more batch rows instead of repeating the same work); params are
+    FSDP-sharded over ``fsdp`` and the batch is split over ``data`` x ``fsdp``. E.g. the 8xH100 preset (fsdp 4,
+    expert 2) becomes data 2 x fsdp 4."""
+    from configs import lm as lm_configs
+
+    sizes = {a: int(v) for a, v in lm_configs.mesh_sizes(config).items()}
+    fold = [sizes.get("tensor", 1), sizes.get("expert", 1)]
+    if -1 in fold:  # "the rest of the devices" -> data takes the rest (data and fsdp are then explicit)
+        sizes["data"] = -1
+    elif sizes.get("data", 1) != -1:
+        sizes["data"] = sizes.get("data", 1) * fold[0] * fold[1]
+    sizes["tensor"] = sizes["expert"] = 1
+    return sizes
+
+
+def vae_objects(config):
+    """(VAEConfig, VAETrainConfig, DiscConfig, OptConfig) of a VAE-stage config."""
     from unitok_jax import vae
-    from unitok_jax.convert import Checkpoint, save
-    from unitok_jax.data.manifest import read_manifest
-    from unitok_jax.data.pipeline import vae_batches
-    from unitok_jax.training.checkpoint import Preemption, TrainCheckpointer, abstract_like
     from unitok_jax.training.discriminators import DiscConfig
-    from unitok_jax.training.vae_step import OptConfig, VAETrainConfig, init_vae_train_state, vae_train_step
+    from unitok_jax.training.vae_step import OptConfig, VAETrainConfig
 
-    if not config.data.manifest:
-        print("error: set --config.data.manifest=PATH (a JSONL of {id, audio, speaker})", file=sys.stderr)
-        return 2
-    manifest = read_manifest(config.data.manifest, require_text=False)
-    for e in manifest.errors:
-        print(f"skipped {e}", file=sys.stderr)
-    if not manifest.records:
-        print(f"error: {config.data.manifest} has no usable records", file=sys.stderr)
-        return 2
     vcfg = vae.VAEConfig.from_reference(config.vae.to_dict())
     tcfg = VAETrainConfig(vae=vcfg, gan_loss=config.train.gan_loss, noise_tau=config.train.noise_tau,
                           adv_start_step=config.train.adv_start_step)
     dcfg = DiscConfig.tiny() if config.train.tiny_discriminators else DiscConfig()
-    ocfg = OptConfig(lr=config.train.lr)
+    return vcfg, tcfg, dcfg, OptConfig(lr=config.train.lr)
+
+
+def vae_init_fn(config, objects=None):
+    """``init(key) -> train state`` (``jax.eval_shape`` it for the abstract state, jit it with out_shardings to
+    create it sharded)."""
+    import jax
+
+    from unitok_jax import vae
+    from unitok_jax.training.vae_step import init_vae_train_state
+
+    vcfg, tcfg, dcfg, ocfg = objects or vae_objects(config)
+
+    def init(key):
+        k_init, k_state = jax.random.split(key)
+        return init_vae_train_state(tcfg, vae.init_params(vcfg, k_init), dcfg, ocfg, k_state)
+
+    return init
+
+
+def vae_state_shardings(state_abs: dict, tcfg, ocfg, mesh) -> dict:
+    """Shardings of a VAE train state: generator and discriminator params FSDP-sharded over ``fsdp`` where a leaf is
+    big enough (:func:`unitok_jax.training.sharded.fsdp_spec`; replicated otherwise, so with fsdp = 1 the state is
+    plain data parallel), Adam moments like their params, counters / step / RNG replicated."""
+    import jax
+    import optax
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from unitok_jax.training import sharded
+    from unitok_jax.training.vae_step import disc_optimizer, gen_optimizer
+
+    rep = NamedSharding(mesh, P())
+
+    def params(tree):
+        return jax.tree.map(lambda x: NamedSharding(mesh, sharded.fsdp_spec(x.shape, mesh, stacked=True)), tree)
+
+    def opt_state(opt, state, param_sh):
+        out = optax.tree_map_params(opt, lambda x, s: x if isinstance(x, optax.MaskedNode) else s, state, param_sh,
+                                    transform_non_params=lambda _: rep,
+                                    is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+        return jax.tree.map(lambda x: rep if x is None else x, out,
+                            is_leaf=lambda x: x is None or isinstance(x, NamedSharding))
+
+    gen, disc = params(state_abs["gen_params"]), params(state_abs["disc_params"])
+    return {"step": rep, "gen_params": gen, "disc_params": disc,
+            "gen_opt_state": opt_state(gen_optimizer(tcfg, ocfg), state_abs["gen_opt_state"], gen),
+            "disc_opt_state": opt_state(disc_optimizer(ocfg), state_abs["disc_opt_state"], disc),
+            "rng": rep, "num_skipped": rep}
+
+
+def vae_step_fn(tcfg, dcfg, ocfg, state_sh, mesh):
+    """The VAE train step ``(state, {"wave", "lengths"}) -> (state, metrics)`` as one jit with in/out shardings
+    (state in ``state_sh``, batch split over data x fsdp, metrics replicated) and donated state, traced under the
+    mesh and the logical rules (the backbones' activations are batch-sharded by the same rules)."""
+    import functools
+
+    from unitok_jax import sharding as shd
+    from unitok_jax.training import sharded
+    from unitok_jax.training.vae_step import vae_train_step
+
+    step = functools.partial(vae_train_step, cfg=tcfg, disc_cfg=dcfg, opt_cfg=ocfg)
+    return sharded.jit_step(step, state_sh, mesh, shd.DEFAULT_RULES)
+
+
+def heldout_batch(config, train_records, sample_rate: int = 16000, hop: int = 320):
+    """The fixed batch the VAE stage reconstructs every ``sample_every`` steps: ``data.heldout_size`` records spread
+    evenly over ``data.heldout_manifest`` (else over the training manifest: then the clips are *not* held out),
+    each centre-cropped to ``data.heldout_seconds`` (rounded to whole frames). Unreadable records are skipped.
+    Returns ({"wave" [N, L] f32, "lengths" [N] i32, "ids"}, a line describing the source), or (None, reason)."""
+    import numpy as np
+
+    from unitok_jax.audio import AudioError, load_audio
+    from unitok_jax.data.manifest import read_manifest
+
+    if config.data.heldout_manifest:
+        records = read_manifest(config.data.heldout_manifest, require_text=False).records
+        source = f"held-out manifest {config.data.heldout_manifest}"
+    else:
+        records = list(train_records)
+        source = "training manifest (no data.heldout_manifest: fixed crops of training records, not held out)"
+    n = int(config.data.heldout_size)
+    length = max(hop, int(round(config.data.heldout_seconds * sample_rate / hop)) * hop)
+    if n < 1 or not records:
+        return None, f"no held-out clips ({source}: {len(records)} records, heldout_size={n})"
+    order = list(dict.fromkeys(int(i * len(records) / n) for i in range(n)))  # spread evenly, then the rest
+    order += [i for i in range(len(records)) if i not in set(order)]
+    waves, lengths, ids = [], [], []
+    for i in order:
+        if len(waves) == n:
+            break
+        try:
+            w = load_audio(records[i]["audio"], sample_rate)
+        except AudioError:
+            continue
+        if w.size == 0:
+            continue
+        start = max((len(w) - length) // 2, 0)
+        piece = w[start : start + length]
+        waves.append(np.pad(piece, (0, length - len(piece))).astype(np.float32))
+        lengths.append(len(piece))
+        ids.append(str(records[i].get("id", i)))
+    if not waves:
+        return None, f"no readable held-out clips in the {source}"
+    batch = {"wave": np.stack(waves), "lengths": np.asarray(lengths, np.int32), "ids": ids}
+    return batch, f"{len(waves)} clips of {length / sample_rate:.2f} s from the {source}"
+
+
+def heldout_metrics(ref, rec, lengths, sample_rate: int = 16000) -> dict:
+    """Mean SI-SDR (dB) and log-mel L1 distance (:mod:`unitok_jax.eval.metrics`) over the clips (host numpy)."""
+    import numpy as np
+
+    from unitok_jax.eval import metrics as em
+
+    sdr, lmd = [], []
+    for r, x, n in zip(ref, rec, lengths):
+        r, x = np.asarray(r[:n], np.float64), np.asarray(x[:n], np.float64)
+        sdr.append(em.si_sdr(r, x))
+        lmd.append(em.log_mel_distance(r, x, sample_rate))
+    return {"heldout/si_sdr": float(np.mean(sdr)), "heldout/log_mel_dist": float(np.mean(lmd))}
+
+
+class VAESetupError(ValueError):
+    """A configuration or input problem of the VAE stage found before training starts (no traceback)."""
+
+
+def train_vae(config, workdir: str, stop_after=None) -> int:
+    from absl import logging
+
+    logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
+    try:
+        return _train_vae(config, workdir, stop_after)
+    except VAESetupError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _train_vae(config, workdir: str, stop_after=None) -> int:
+    import jax
+    import numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    from tqdm import tqdm
+
+    from unitok_jax import sharding as shd
+    from unitok_jax import vae
+    from unitok_jax.convert import Checkpoint, save
+    from unitok_jax.data.manifest import read_manifest
+    from unitok_jax.data.pipeline import vae_batches
+    from unitok_jax.training import sharded
+    from unitok_jax.training import vae_losses as L
+    from unitok_jax.training.checkpoint import Preemption, TrainCheckpointer
+    from unitok_jax.training.monitor import (MetricWriter, Throughput, matmul_flops, mel_comparison, mfu,
+                                             peak_flops_per_device)
+
+    sharded.maybe_initialize_distributed(config.distributed)
+    pid, nproc = jax.process_index(), jax.process_count()
+    say = print if pid == 0 else (lambda *a, **k: None)
+
+    # ---- data + model config
+    if not config.data.manifest:
+        raise VAESetupError("set --config.data.manifest=PATH (a JSONL of {id, audio, speaker})")
+    if not os.path.isfile(config.data.manifest):
+        raise VAESetupError(f"manifest {config.data.manifest} does not exist")
+    manifest = read_manifest(config.data.manifest, require_text=False)
+    for e in manifest.errors:
+        say(f"skipped {e}", file=sys.stderr)
+    if not manifest.records:
+        raise VAESetupError(f"{config.data.manifest} has no usable records")
+    objects = vae_objects(config)
+    vcfg, tcfg, dcfg, ocfg = objects
+
+    # ---- mesh + sharded state (born sharded, or restored into its shardings)
+    mesh = shd.make_mesh({"mesh": vae_mesh_sizes(config)})
+    gb = config.data.batch_size
+    if gb % sharded.batch_shards(mesh) or gb % nproc:
+        raise VAESetupError(f"global batch {gb} is not divisible by the mesh's data x fsdp = "
+                            f"{sharded.batch_shards(mesh)} and the {nproc} processes")
+    init = vae_init_fn(config, objects)
     key = jax.random.key(config.seed)
-    k_init, k_state = jax.random.split(key)
-    state = init_vae_train_state(tcfg, vae.init_params(vcfg, k_init), dcfg, ocfg, k_state)
-    data = vae_batches(manifest.records, batch_size=config.data.batch_size, crop_seconds=config.data.crop_seconds,
-                       seed=config.seed)
-    it = iter(data)
+    state_abs = jax.eval_shape(init, key)
+    state_sh = vae_state_shardings(state_abs, tcfg, ocfg, mesh)
     ckpt = TrainCheckpointer(workdir, every_steps=config.checkpoint.every_steps, keep=config.checkpoint.keep)
-    restored = ckpt.restore(abstract_like(state))
+    state = None
+    if ckpt.latest_step() is None:
+        state = jax.jit(init, out_shardings=state_sh)(key)
+    data = vae_batches(manifest.records, batch_size=gb // nproc, crop_seconds=config.data.crop_seconds,
+                       seed=config.seed)  # this process's rows of every global batch
+    it = iter(data)
+    restored = ckpt.restore(sharded.abstract_state(state_abs, state_sh))
     if restored is not None:
         step0, state, data_state = restored
         it.set_state(data_state)
-        print(f"resumed {workdir} at step {step0}")
-    step_fn = jax.jit(vae_train_step, static_argnums=(2, 3, 4), donate_argnums=0)
+        say(f"resumed {workdir} at step {step0}")
+    step_fn = vae_step_fn(tcfg, dcfg, ocfg, state_sh, mesh)
+    say(f"mesh {dict(mesh.shape)} over {jax.device_count()} devices ({nproc} processes); global batch {gb}")
+
+    # ---- held-out reconstruction (every sample_every steps): replicated batch, params as they are sharded
+    rep = NamedSharding(mesh, P())
+    held, held_dev, reconstruct = None, None, None
+    if config.sample_every:
+        held, why = heldout_batch(config, manifest.records, vcfg.sample_rate, vcfg.hop)
+        say(f"held-out samples: {why}")
+    if held is not None:
+        def replicated(x):  # every process holds the whole held-out batch
+            return jax.device_put(x, rep) if nproc == 1 else jax.make_array_from_process_local_data(rep, x)
+
+        held_dev = (replicated(held["wave"]), replicated(held["lengths"]))
+
+        def _reconstruct(gen_params, wave, lengths):
+            enc = vae.encode(gen_params, vcfg, wave, lengths, sample=False)
+            rec = L.mask_waveform(vae.decode(gen_params, vcfg, enc.latent, enc.frame_num)[:, : wave.shape[1]],
+                                  lengths)
+            return rec, L.multi_resolution_mel_loss(L.mask_waveform(wave, lengths), rec, lengths, tcfg.mel)
+
+        reconstruct = jax.jit(_reconstruct, in_shardings=(state_sh["gen_params"], rep, rep),
+                              out_shardings=(rep, rep))
+
+    writer = MetricWriter(workdir, tensorboard=config.tensorboard)
+    logged_refs: set = set()
+
+    def sample(step: int, state) -> dict:
+        rec, mel = reconstruct(state["gen_params"], *held_dev)
+        out = {"heldout/mel_l1": float(mel)}
+        if pid != 0:
+            return out
+        rec = np.asarray(rec)
+        out.update(heldout_metrics(held["wave"], rec, held["lengths"], vcfg.sample_rate))
+        for i in range(min(int(config.sample_audio), len(rec))):
+            n = int(held["lengths"][i])
+            if i not in logged_refs:
+                writer.audio(step, f"heldout/{i}/reference", held["wave"][i, :n], vcfg.sample_rate)
+                logged_refs.add(i)
+            writer.audio(step, f"heldout/{i}/reconstruction", rec[i, :n], vcfg.sample_rate)
+            writer.image(step, f"heldout/{i}/mel", mel_comparison(held["wave"][i, :n], rec[i, :n],
+                                                                  vcfg.sample_rate))
+        return out
+
+    # ---- throughput / MFU: the clock skips the held-out evaluations
+    paused = [0.0]
+    thr = Throughput(skip=1, clock=lambda: time.perf_counter() - paused[0])  # first interval compiles
+    # float32 matmuls run as TF32 on NVIDIA tensor cores and as bf16 passes on TPU (default precision)
+    dev = jax.devices()[0]
+    peak = peak_flops_per_device(dev, "bfloat16" if dev.platform == "tpu" else "tfloat32")
+    flops = None
     preempt = Preemption()
-    start = int(state["step"])
+    start = step = int(state["step"])
     total = config.train.steps
-    log_path = os.path.join(workdir, "metrics.jsonl")
-    bar = tqdm(total=total, initial=start, desc="train vae", unit="step")
-    bad_records, t_last, audio_s = 0, time.perf_counter(), 0.0
-    step = start
+    bar = tqdm(total=total, initial=start, desc="train vae", unit="step", disable=pid != 0)
+    bad_records, interval_audio, interval_steps = 0, 0.0, 0
     try:
         while step < total:
-            batch = next(it)
-            bad_records += int((~batch["ok"]).sum())
-            state, metrics = step_fn(state, {"wave": batch["wave"], "lengths": batch["lengths"]}, tcfg, dcfg, ocfg)
+            local = next(it)
+            bad_records += int((~local["ok"]).sum())
+            batch = sharded.global_batch({"wave": local["wave"], "lengths": local["lengths"]}, mesh)
+            if flops is None and peak is not None:  # global matmul FLOPs of one step (traced once)
+                with shd.use_sharding(mesh, shd.DEFAULT_RULES):
+                    flops = float(matmul_flops(step_fn.raw, state, batch))
+            state, metrics = step_fn(state, batch)
             step += 1
-            audio_s += float(batch["lengths"].sum()) / vcfg.sample_rate
+            interval_audio += float(local["lengths"].sum()) * nproc / vcfg.sample_rate
+            interval_steps += 1
+            held_m = {}
+            if reconstruct is not None and (step % config.sample_every == 0 or step == total):
+                jax.block_until_ready(state)
+                t0 = time.perf_counter()
+                held_m = sample(step, state)
+                paused[0] += time.perf_counter() - t0
             if step % config.log_every == 0 or step == total:
-                m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                dt = time.perf_counter() - t_last
-                m.update(step=step, bad_records=bad_records, audio_s_per_s=audio_s / max(dt, 1e-9))
-                t_last, audio_s = time.perf_counter(), 0.0
-                with open(log_path, "a") as f:
-                    f.write(json.dumps(m) + "\n")
-                bar.set_postfix(loss_g=f"{m['loss_g']:.3f}", mel=f"{m['mel']:.3f}", audio_s=f"{m['audio_s_per_s']:.1f}")
+                m = {k: float(v) for k, v in jax.device_get(metrics).items()}  # waits for the step
+                t = thr.update(units=interval_audio, steps=interval_steps)
+                interval_audio, interval_steps = 0.0, 0
+                m.update(step=step, bad_records=bad_records)
+                if t is not None:
+                    m.update(step_s=t["step_s"], audio_s_per_s=t["units_per_s"])
+                    u = mfu(flops, t["step_s"], jax.device_count(), peak)
+                    if u is not None:
+                        m["mfu"] = u
+                m.update(held_m)
+                writer.scalars(step, m)
+                bar.set_postfix(loss=f"{m['loss_g']:.3f}", mel=f"{m['mel']:.3f}",
+                                step_s=f"{m['step_s']:.3f}" if "step_s" in m else "n/a",
+                                audio_s=f"{m['audio_s_per_s']:.1f}" if "audio_s_per_s" in m else "n/a",
+                                mfu=f"{m['mfu']:.1%}" if "mfu" in m else "n/a")
+            elif held_m:
+                writer.scalars(step, held_m)
+            if held_m:
+                writer.flush()
             bar.update(1)
             ckpt.save(step, state, it.get_state())
-            if preempt.requested or (stop_after is not None and step - start >= stop_after):
+            stop = preempt.requested or (stop_after is not None and step - start >= stop_after)
+            if nproc > 1:
+                from jax.experimental import multihost_utils
+
+                stop = bool(np.any(multihost_utils.process_allgather(np.array([stop]))))
+            if stop and step < total:
                 ckpt.save(step, state, it.get_state(), force=True)
                 ckpt.wait()
-                print(f"\nstopped at step {step} ({'SIGTERM' if preempt.requested else 'stop_after'}); "
-                      f"checkpoint saved in {ckpt.directory}")
+                say(f"\nstopped at step {step} ({'SIGTERM' if preempt.requested else 'stop_after'}); "
+                    f"checkpoint saved in {ckpt.directory}")
                 return 0
         ckpt.save(step, state, it.get_state(), force=True)
         ckpt.wait()
@@ -101,10 +370,20 @@ def train_vae(config, workdir: str, stop_after=None) -> int:
         bar.close()
         preempt.restore()
         ckpt.close()
+        writer.close()
+
+    # ---- export for sample.py (process 0 writes)
+    if nproc > 1:
+        from jax.experimental import multihost_utils
+
+        host = multihost_utils.process_allgather(state["gen_params"], tiled=True)
+    else:
+        host = jax.device_get(state["gen_params"])
     export = os.path.join(workdir, "export")
-    save(Checkpoint({"vae": vcfg}, {"vae": jax.device_get(state["gen_params"])}), export, overwrite=True)
-    print(f"done: {step} steps; checkpoints in {ckpt.directory}; inference params in {export} "
-          f"(python sample.py reconstruct --checkpoint {export} ...)")
+    if pid == 0:
+        save(Checkpoint({"vae": vcfg}, {"vae": host}), export, overwrite=True)
+        print(f"done: {step} steps; checkpoints in {ckpt.directory}; inference params in {export} "
+              f"(python sample.py reconstruct --checkpoint {export} ...)")
     return 0
 
 

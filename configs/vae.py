@@ -30,6 +30,11 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     c.data.manifest = ml_collections.config_dict.placeholder(str)  # JSONL {id, audio, text?, speaker}
     c.data.crop_seconds = 1.0 if tiny else 2.0
     c.data.batch_size = 4 if tiny else 64  # global batch
+    # Reconstructed every `sample_every` steps: `heldout_size` clips spread over the held-out manifest (unset: over
+    # the training manifest, then not held out), centre crops of `heldout_seconds`.
+    c.data.heldout_manifest = ml_collections.config_dict.placeholder(str)
+    c.data.heldout_size = 4 if tiny else 8
+    c.data.heldout_seconds = 2.0 if tiny else 4.0
     c.train = ml_collections.ConfigDict()
     c.train.steps = 200 if tiny else 200_000
     c.train.gan_loss = "hinge"  # "hinge" | "lsgan"
@@ -41,4 +46,12 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     c.checkpoint.every_steps = 50 if tiny else 2000
     c.checkpoint.keep = 3
     c.log_every = 10 if tiny else 100
+    c.sample_every = 50 if tiny else 2000  # held-out reconstruction metrics, audio and mel images; 0 = off
+    c.sample_audio = 2  # held-out clips logged as audio + mel comparison images
+    c.tensorboard = True  # DIR/tb next to DIR/metrics.jsonl
+    # Device mesh as in configs/lm.py (the preset, a key of configs.lm.MESH_PRESETS, wins); the VAE folds the
+    # tensor and expert axes into data (train.py vae_mesh_sizes).
+    c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1, "expert": 1})
+    c.mesh_preset = ""
+    c.distributed = "auto"  # jax.distributed.initialize: "auto" | "on" | "off"
     return c

@@ -1,4 +1,6 @@
-"""train.py (stage vae) end to end in real processes: resume equals an uninterrupted run; SIGTERM saves and exits."""
+"""train.py (stage vae) end to end in real processes: resume equals an uninterrupted run (which also logs held-out
+samples: TensorBoard scalars, audio and mel images, held-out metrics in metrics.jsonl); SIGTERM saves and exits (on
+two simulated devices: the state and batch sharded over the mesh)."""
 from __future__ import annotations
 
 import json
@@ -25,16 +27,17 @@ def manifest(tmp_path_factory):
     for i in range(4):  # 2 s pieces of real speech
         sf.write(root / f"p{i}.wav", wave[i * 32000 : (i + 1) * 32000], sr)
         lines.append(json.dumps({"id": f"p{i}", "audio": f"p{i}.wav", "speaker": "1089"}))
+    (root / "held.jsonl").write_text("\n".join(lines[2:]) + "\n")  # two clips for the held-out samples
     lines.append("{broken line")
     (root / "m.jsonl").write_text("\n".join(lines) + "\n")
     return str(root / "m.jsonl")
 
 
-def _cmd(workdir, manifest, *extra):
+def _cmd(workdir, manifest, *extra, sample_every=0):
     return [sys.executable, "train.py", "--config", "configs/vae.py:tiny", "--workdir", str(workdir),
             f"--config.data.manifest={manifest}", "--config.train.steps=4", "--config.log_every=1",
             "--config.checkpoint.every_steps=100", "--config.data.batch_size=2", "--config.data.crop_seconds=0.5",
-            *extra]
+            f"--config.sample_every={sample_every}", *extra]
 
 
 def _params(workdir):
@@ -42,9 +45,13 @@ def _params(workdir):
 
 
 def test_resume_equals_uninterrupted_run(manifest, tmp_path):
-    straight = subprocess.run(_cmd(tmp_path / "a", manifest), cwd=REPO, capture_output=True, text=True)
+    held = os.path.join(os.path.dirname(manifest), "held.jsonl")
+    straight = subprocess.run(_cmd(tmp_path / "a", manifest, f"--config.data.heldout_manifest={held}",
+                                   "--config.data.heldout_seconds=1.0", sample_every=2),
+                              cwd=REPO, capture_output=True, text=True)
     assert straight.returncode == 0, straight.stderr[-2000:]
     assert "m.jsonl:5" in straight.stderr  # the broken manifest line is reported and skipped
+    assert "2 clips of 1.00 s from the held-out manifest" in straight.stdout
     first = subprocess.run(_cmd(tmp_path / "b", manifest, "--stop_after=2"), cwd=REPO, capture_output=True,
                            text=True)
     assert first.returncode == 0 and "stopped at step 2" in first.stdout, first.stderr[-2000:]
@@ -54,12 +61,38 @@ def test_resume_equals_uninterrupted_run(manifest, tmp_path):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=1e-6)
     logs = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in logs] == [1, 2, 3, 4] and all(np.isfinite(m["loss_g"]) for m in logs)
+    _check_monitoring(tmp_path / "a", logs)
+
+
+def _check_monitoring(workdir, logs):
+    """The uninterrupted run's monitoring: throughput from the 2nd step on (the 1st compiles), no MFU on CPU,
+    held-out metrics every 2 steps, TensorBoard scalars / audio / mel images."""
+    from test_monitor import read_events, summaries
+
+    assert "step_s" not in logs[0] and all(m["step_s"] > 0 and m["audio_s_per_s"] > 0 for m in logs[1:])
+    assert not any("mfu" in m for m in logs)
+    held = ("heldout/mel_l1", "heldout/si_sdr", "heldout/log_mel_dist")
+    assert [m["step"] for m in logs if all(k in m for k in held)] == [2, 4]
+    assert all(np.isfinite(m[k]) for m in logs[1::2] for k in held) and logs[1]["heldout/mel_l1"] > 0
+    vals = summaries(read_events(str(workdir / "tb")))
+    scalars = {(s, t) for s, t, v in vals if v.HasField("simple_value")}
+    assert {(s, "loss_g") for s in (1, 2, 3, 4)} <= scalars and {(s, k) for s in (2, 4) for k in held} <= scalars
+    audio = {(s, t): v.audio for s, t, v in vals if v.HasField("audio")}
+    # the reference once, the reconstruction at every sample, for both clips
+    assert set(audio) == {(2, "heldout/0/reference"), (2, "heldout/1/reference")} | {
+        (s, f"heldout/{i}/reconstruction") for s in (2, 4) for i in (0, 1)}
+    assert audio[(4, "heldout/1/reconstruction")].sample_rate == 16000
+    assert audio[(4, "heldout/1/reconstruction")].length_frames == 16000
+    images = {(s, t): v.image for s, t, v in vals if v.HasField("image")}
+    assert set(images) == {(s, f"heldout/{i}/mel") for s in (2, 4) for i in (0, 1)}
+    assert images[(2, "heldout/0/mel")].encoded_image_string[:4] == b"\x89PNG"
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(manifest, tmp_path):
     work = tmp_path / "c"
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
     proc = subprocess.Popen(_cmd(work, manifest, "--config.train.steps=1000"), cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, env=env)
     log = work / "metrics.jsonl"
     deadline = time.time() + 240
     while time.time() < deadline and not (log.exists() and log.read_text().strip()):
@@ -69,5 +102,6 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(manifest, tmp_path):
     out, err = proc.communicate(timeout=240)
     assert proc.returncode == 0, err[-2000:]
     assert "SIGTERM" in out
+    assert "mesh {'data': 1, 'fsdp': 2, 'tensor': 1, 'expert': 1} over 2 devices" in out
     steps = sorted(int(d) for d in os.listdir(work / "checkpoints") if d.isdigit())
     assert steps and steps[-1] >= 1
