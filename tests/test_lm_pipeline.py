@@ -1,0 +1,97 @@
+"""LM-stage data: the latent cache command and the per-process rows of global batches."""
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import soundfile as sf
+
+from conftest import SHARED_DATA
+from unitok_jax import vae
+from unitok_jax.convert import Checkpoint, save
+from unitok_jax.data import latent_cache
+from unitok_jax.data.lm_pipeline import lm_batches
+from unitok_jax.data.manifest import read_manifest
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lm_pipe")
+    wave, sr = sf.read(SHARED_DATA / "librispeech-1089-134686-0000.flac", dtype="float32")
+    lines = []
+    for i in range(6):  # 0.5 .. 1.75 s pieces
+        n = 8000 + 4000 * i
+        sf.write(root / f"u{i}.wav", wave[i * 8000 : i * 8000 + n], sr)
+        lines.append(json.dumps({"id": f"u{i}", "audio": f"u{i}.wav", "text": f"words {i}", "speaker": "s"}))
+    lines.append(json.dumps({"id": "bad", "audio": "missing.wav", "text": "x", "speaker": "s"}))
+    (root / "m.jsonl").write_text("\n".join(lines) + "\n")
+    from configs import vae as vae_configs
+
+    cfg = vae.VAEConfig.from_reference(vae_configs.get_config("tiny").vae.to_dict())
+    params = vae.init_params(cfg, jax.random.key(0))
+    save(Checkpoint({"vae": cfg}, {"vae": params}), str(root / "vae"))
+    return root, cfg, params
+
+
+@pytest.fixture(scope="module")
+def cache(corpus):
+    root = corpus[0]
+    latent_cache.build_cache(str(root / "vae"), str(root / "m.jsonl"), str(root / "cache"), progress=False)
+    return read_manifest(str(root / "cache" / "manifest.jsonl")).records
+
+
+def test_latent_cache_matches_the_encoder_and_resumes(corpus, capsys):
+    root, cfg, params = corpus
+    out = root / "cache_cli"
+    rc = latent_cache.main(["--vae", str(root / "vae"), "--manifest", str(root / "m.jsonl"), "--out", str(out),
+                            "--batch-size", "4"])
+    assert rc == 1  # one unreadable file: reported, left out, the rest cached
+    assert "missing.wav" in capsys.readouterr().err
+    m = read_manifest(str(out / "manifest.jsonl"))
+    assert [r["id"] for r in m.records] == [f"u{i}" for i in range(6)] and not m.errors
+    for r in m.records[:3:2]:
+        post = np.load(r["latents"])
+        wave, _ = sf.read(r["audio"], dtype="float32")
+        enc = vae.encode(params, cfg, jnp.asarray(wave)[None], sample=False)
+        assert post.shape == (int(enc.frame_num[0]), 2, cfg.latent_dim) == (r["frames"], 2, cfg.latent_dim)
+        np.testing.assert_allclose(post[:, 0], np.asarray(enc.mean[0]), atol=1e-5)
+        np.testing.assert_allclose(post[:, 1], np.asarray(enc.std[0]), atol=1e-5)
+        assert r["duration"] == pytest.approx(len(wave) / 16000)
+    # a second run keeps what is there
+    res = latent_cache.build_cache(str(root / "vae"), str(root / "m.jsonl"), str(out), progress=False)
+    assert res["written"] == 0 and res["kept"] == 6
+
+
+def test_per_process_rows_assemble_the_global_batch(corpus):
+    root, cfg, _ = corpus
+    recs = read_manifest(str(root / "m.jsonl"), add_durations=True).records  # "bad" dropped (no duration)
+    kw = dict(batch_size=4, seed=3, hop=cfg.hop, buckets_seconds=(1.0, 2.0))
+    whole = iter(lm_batches(recs, process_index=0, process_count=1, **kw))
+    parts = [iter(lm_batches(recs, process_index=i, process_count=2, **kw)) for i in range(2)]
+    for _ in range(4):  # more than one epoch of 1 batch
+        w = next(whole)
+        a, b = next(parts[0]), next(parts[1])
+        assert len(a["row"]) == 2 and list(a["row"]) + list(b["row"]) == list(w["row"]) == [0, 1, 2, 3]
+        np.testing.assert_array_equal(np.concatenate([a["wave"], b["wave"]]), w["wave"])
+        assert list(a["id"]) + list(b["id"]) == list(w["id"])
+        assert a["wave"].shape[1] == b["wave"].shape[1] in (16000, 32000)  # one bucket for the global batch
+    with pytest.raises(ValueError, match="not divisible by 3 processes"):
+        lm_batches(recs, process_index=0, process_count=3, **kw)
+
+
+def test_latent_source_needs_the_cache(corpus, cache):
+    root, cfg, _ = corpus
+    recs = read_manifest(str(root / "m.jsonl"), add_durations=True).records
+    with pytest.raises(ValueError, match="latent_cache"):
+        lm_batches(recs, batch_size=2, seed=0, source="latents", process_index=0, process_count=1)
+    batch = next(iter(lm_batches(cache, batch_size=2, seed=0, source="latents", hop=cfg.hop,
+                                 buckets_seconds=(2.0,), process_index=0, process_count=1)))
+    assert batch["mean"].shape == (2, 100, cfg.latent_dim) and batch["ok"].all()
+    for k in range(2):
+        n = int(batch["lengths"][k])
+        rec = next(r for r in cache if r["id"] == batch["id"][k])
+        np.testing.assert_array_equal(batch["mean"][k, :n], np.load(rec["latents"])[:, 0])
+        assert not batch["mean"][k, n:].any()
