@@ -242,3 +242,51 @@ def test_non_finite_batch_is_skipped(setup, trainer):
     assert all(jax.tree.leaves(same))
     state, m = step(state, good)
     assert int(m["skipped_step"]) == 0 and np.isfinite(float(m["loss"])) and int(state["skipped"]) == 1
+
+
+# ------------------------------------------------------------------------------------------------ edit sequences
+
+
+@pytest.mark.parametrize("semantic", [True, False])
+def test_edit_example_labels_and_targets(setup, semantic):
+    tok, _, _, lat = setup
+    markup = "he hoped <edit><framePatch></edit> stew" if semantic else None
+    ex = lm_data.edit_example(tok, lat[:17], "delete the word there", lat[20:42], markup)  # 3 source, 4 target
+    ids, labels = ex["input_ids"], ex["text_labels"]
+    prompt, src = text.edit_prompt(tok, 3, "delete the word there", semantic=semantic)
+    sp = text.SPECIAL_TOKENS
+    assist = tok.encode((sp["cot_text"] + markup + sp["cot_text_end"] if semantic else "") + sp["gen_audio"])
+    assert list(ids) == prompt + assist + [tok.id("audio_patch")] * 4
+    assert (ids[-5] == tok.id("gen_audio")) and (tok.id("answer") in prompt) == semantic
+    # labels: exactly the assistant text (shifted by one), <gen_audio> included, nothing on the audio
+    labelled = np.flatnonzero(labels != lm_data.IGNORE)
+    np.testing.assert_array_equal(labelled, len(prompt) - 1 + np.arange(len(assist)))
+    np.testing.assert_array_equal(labels[labelled], ids[labelled + 1])
+    # audio inputs: source patches in the prompt, then the target patches
+    tgt = len(ids) - 4
+    np.testing.assert_array_equal(np.flatnonzero(ex["audio_patch_mask"]), list(src + np.arange(3)) + list(tgt + np.arange(4)))
+    np.testing.assert_array_equal(ex["latents"], np.concatenate([lat[:15], lat[20:40]]))
+    assert ex["gen_start"] == 3 and ex["gen_patches"] == 4 and ex["patch_start"] == tgt and not ex["audio_gate"].any()
+    np.testing.assert_array_equal(ex["patch_cond_index"][3:], tgt - 1 + np.arange(4))  # <gen_audio>, then patches
+    b = lm_data.make_batch([ex, lm_data.tts_example(tok, SENTENCES[0], lat[:30])])
+    np.testing.assert_array_equal(b["flow_mask"][0, :8], [False] * 3 + [True] * 4 + [False])
+    np.testing.assert_array_equal(b["flow_mask"][1, :8], [True] * 6 + [False] * 2)
+
+
+def test_edit_rows_train_the_target_with_zero_history(setup, loss_fn):
+    tok, cfg, params, lat = setup
+    ex = lm_data.edit_example(tok, lat[:50], "make it louder", lat[100:150])
+    batch = {k: jnp.asarray(v) for k, v in lm_data.make_batch([ex]).items()}
+    key = jax.random.key(0)
+    loss, m = loss_fn(params, cfg, batch, key, deterministic=True)
+    assert np.isfinite(float(loss)) and int(m["flow_patches"]) == 10 and int(m["text_tokens"]) == 1
+    # With LinearPooling zero-initialised (as init_params does), latents reach the loss only as flow targets and
+    # flow history. The source is no target, and the first target patch's history is zeros, not the last source
+    # patch: changing the source leaves the loss unchanged; changing target patch 0 does not.
+    u = jax.random.normal(jax.random.key(1), (2, 5, cfg.heads.semantic_dim))
+    pooled = model.pool(params, cfg, u)
+    np.testing.assert_array_equal(pooled[0], pooled[1])  # the premise: pooling ignores its input at init
+    src_moved = dict(batch, latents=batch["latents"].at[0, :50].add(1.0))
+    tgt_moved = dict(batch, latents=batch["latents"].at[0, 50:55].add(1.0))
+    assert float(loss_fn(params, cfg, src_moved, key, deterministic=True)[0]) == pytest.approx(float(loss), abs=1e-6)
+    assert float(loss_fn(params, cfg, tgt_moved, key, deterministic=True)[0]) != pytest.approx(float(loss), abs=1e-3)

@@ -1,6 +1,7 @@
 """LLM-stage training sequences (spec §5.2, §5.4, §5.7, §5.8): numpy builders from examples to fixed-shape batches.
 
-An *example* is one sequence, a dict of numpy arrays (unpadded) plus ``task`` ("tts" / "asr"):
+An *example* is one sequence, a dict of numpy arrays (unpadded) plus ``task`` ("tts" / "asr" / "edit", see
+:func:`edit_example` for the edit layout):
 
 * ``input_ids`` [S] int32 — the token ids, ``<audioPatch>`` at the audio positions.
 * ``audio_patch_mask`` [S] bool — the ``<audioPatch>`` positions; their inputs are the pooled ground-truth patches
@@ -71,6 +72,7 @@ def tts_example(tok: text_lib.TextTokenizer, text: str, latents, patch_size: int
         "patch_start": start,
         "num_patches": p,
         "gen_patches": p,
+        "gen_start": 0,
         "patch_cond_index": (start - 1 + np.arange(p)).astype(np.int32),
     }
 
@@ -101,7 +103,58 @@ def asr_example(tok: text_lib.TextTokenizer, latents, transcript: str, lang: str
         "patch_start": start,
         "num_patches": p,
         "gen_patches": 0,
+        "gen_start": 0,
         "patch_cond_index": np.zeros(p, np.int32),
+    }
+
+
+def edit_example(tok: text_lib.TextTokenizer, source_latents, instruction: str, target_latents,
+                 target_markup: Optional[str] = None, patch_size: int = 5) -> dict:
+    """An edit training sequence (spec §1.4, §7.3): :func:`text.edit_prompt` over the P_s source patches, then the
+    assistant's text, then P_t ``<audioPatch>`` target patches:
+
+    * semantic edit (``target_markup`` given: the target transcript with its ``<edit>`` span):
+      ``<answer>`` (in the prompt) + ``<cot_text>{target_markup}</cot_text><gen_audio>``;
+    * acoustic edit (``target_markup`` None): ``<gen_audio>``.
+
+    Labels (shifted, as ASR): the assistant's text tokens, ``<gen_audio>`` included. Flow / stop targets: the P_t
+    target patches only (``gen_start`` = P_s), the first conditioned on the ``<gen_audio>`` hidden with a zero
+    history (as the edit loop). ``latents`` is source then target, so the causal semantic module over the row runs
+    over the target with its context continuing from the source, as at inference. ``patch_start`` is the first
+    *target* patch position (stop labels). No audio gate (the edit loop prefills without it)."""
+    src, ps = _patches(source_latents, patch_size, "edit_example source")
+    tgt, pt = _patches(target_latents, patch_size, "edit_example target")
+    semantic = target_markup is not None
+    prompt, src_start = text_lib.edit_prompt(tok, ps, instruction, semantic=semantic)
+    sp = text_lib.SPECIAL_TOKENS
+    answer = (sp["cot_text"] + text_lib._require_text(target_markup, "target_markup") + sp["cot_text_end"]
+              if semantic else "") + sp["gen_audio"]
+    assist = tok.encode(answer)
+    if assist[-1] != tok.id("gen_audio"):
+        raise AssertionError("<gen_audio> did not encode as its special token")
+    ids = np.asarray(prompt + assist + [tok.id("audio_patch")] * pt, np.int32)
+    s = len(ids)
+    n = len(prompt)
+    tgt_start = n + len(assist)
+    mask = np.zeros(s, bool)
+    mask[src_start:src_start + ps] = True
+    mask[tgt_start:] = True
+    labels = np.full(s, IGNORE, np.int32)
+    labels[n - 1:tgt_start - 1] = ids[n:tgt_start]
+    cond = np.zeros(ps + pt, np.int32)
+    cond[ps:] = tgt_start - 1 + np.arange(pt)
+    return {
+        "task": "edit",
+        "input_ids": ids,
+        "audio_patch_mask": mask,
+        "audio_gate": np.zeros(s, bool),
+        "text_labels": labels,
+        "latents": np.concatenate([src, tgt]),
+        "patch_start": tgt_start,
+        "num_patches": ps + pt,
+        "gen_patches": pt,
+        "gen_start": ps,
+        "patch_cond_index": cond,
     }
 
 
@@ -119,7 +172,8 @@ def make_batch(examples: Sequence[dict], max_len: Optional[int] = None, max_patc
       ``audio_patch_mask`` [B, S] bool, ``audio_gate`` [B, S] bool;
     * ``latents`` [B, N * p, C] float32, ``latent_valid`` [B, N * p] bool;
     * ``patch_start`` [B], ``num_patches`` [B], ``gen_patches`` [B] int32; ``patch_cond_index`` [B, N] int32;
-      ``flow_mask`` [B, N] bool (the generation targets: ``j < gen_patches``); ``is_tts`` [B] bool.
+      ``gen_start`` [B] int32 (first generated patch: 0 for TTS, P_s for edits); ``flow_mask`` [B, N] bool (the
+      generation targets: ``gen_start <= j < gen_start + gen_patches``); ``is_tts`` [B] bool.
     """
     if not examples:
         raise ValueError("make_batch needs at least one example")
@@ -149,7 +203,7 @@ def make_batch(examples: Sequence[dict], max_len: Optional[int] = None, max_patc
     out["valid"] = np.zeros((b, s), bool)
     out["latents"] = np.zeros((b, n * p, c), np.float32)
     out["latent_valid"] = np.zeros((b, n * p), bool)
-    for k in ("patch_start", "num_patches", "gen_patches"):
+    for k in ("patch_start", "num_patches", "gen_patches", "gen_start"):
         out[k] = np.zeros((b,), np.int32)
     out["patch_cond_index"] = np.zeros((b, n), np.int32)
     out["is_tts"] = np.zeros((b,), bool)
@@ -163,9 +217,11 @@ def make_batch(examples: Sequence[dict], max_len: Optional[int] = None, max_patc
         out["patch_start"][i] = e["patch_start"]
         out["num_patches"][i] = P
         out["gen_patches"][i] = e["gen_patches"]
+        out["gen_start"][i] = e.get("gen_start", 0)
         out["patch_cond_index"][i, :P] = e["patch_cond_index"]
         out["is_tts"][i] = e["task"] == "tts"
-    out["flow_mask"] = np.arange(n)[None, :] < out["gen_patches"][:, None]
+    j = np.arange(n)[None, :]
+    out["flow_mask"] = (j >= out["gen_start"][:, None]) & (j < (out["gen_start"] + out["gen_patches"])[:, None])
     return out
 
 

@@ -95,6 +95,9 @@ def lm_loss(params, cfg: UniAudioConfig, batch: dict, key: jax.Array, *, stop_we
     cond = jnp.take_along_axis(hidden, batch["patch_cond_index"][:, :, None], axis=1)  # [B, N, D]
     target = latents.reshape(b, n, p, latents.shape[-1])
     history = jnp.concatenate([jnp.zeros_like(target[:, :1]), target[:, :-1]], axis=1)
+    if "gen_start" in batch:  # the first generated patch (an edit's first target patch) has a zero history
+        first = jnp.arange(n)[None, :] == batch["gen_start"][:, None]
+        history = jnp.where(first[:, :, None, None], 0.0, history)
     flow_mask = batch["flow_mask"]
     flow_loss, _ = flow.dit_loss(params["flowloss"], cfg.flow, key, cond.reshape(b * n, 1, -1),
                                  target.reshape(b * n, p, -1), history.reshape(b * n, p, -1),
