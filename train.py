@@ -193,12 +193,17 @@ class VAESetupError(ValueError):
 def train_vae(config, workdir: str, stop_after=None) -> int:
     from absl import logging
 
+    from unitok_jax.training.guard import NonFiniteError
+
     logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
     try:
         return _train_vae(config, workdir, stop_after)
     except VAESetupError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except NonFiniteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
 
 
 def _train_vae(config, workdir: str, stop_after=None) -> int:
@@ -215,6 +220,7 @@ def _train_vae(config, workdir: str, stop_after=None) -> int:
     from unitok_jax.training import sharded
     from unitok_jax.training import vae_losses as L
     from unitok_jax.training.checkpoint import Preemption, TrainCheckpointer
+    from unitok_jax.training.guard import BadSteps
     from unitok_jax.training.monitor import (MetricWriter, Throughput, matmul_flops, mel_comparison, mfu,
                                              peak_flops_per_device)
 
@@ -313,6 +319,7 @@ def _train_vae(config, workdir: str, stop_after=None) -> int:
     total = config.train.steps
     bar = tqdm(total=total, initial=start, desc="train vae", unit="step", disable=pid != 0)
     bad_records, interval_audio, interval_steps = 0, 0.0, 0
+    guard = BadSteps(config.train.max_bad_steps, report=lambda msg: pid == 0 and print(msg, file=sys.stderr))
     try:
         while step < total:
             local = next(it)
@@ -323,6 +330,7 @@ def _train_vae(config, workdir: str, stop_after=None) -> int:
                     flops = float(matmul_flops(step_fn.raw, state, batch))
             state, metrics = step_fn(state, batch)
             step += 1
+            guard.add(step, metrics["skipped"])
             interval_audio += float(local["lengths"].sum()) * nproc / vcfg.sample_rate
             interval_steps += 1
             held_m = {}
@@ -333,6 +341,7 @@ def _train_vae(config, workdir: str, stop_after=None) -> int:
                 paused[0] += time.perf_counter() - t0
             if step % config.log_every == 0 or step == total:
                 m = {k: float(v) for k, v in jax.device_get(metrics).items()}  # waits for the step
+                guard.check()
                 t = thr.update(units=interval_audio, steps=interval_steps)
                 interval_audio, interval_steps = 0.0, 0
                 m.update(step=step, bad_records=bad_records)

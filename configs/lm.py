@@ -94,6 +94,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     c.train.z_weight = 0.0  # router z loss
     c.train.train_semantic = False  # unfreeze the semantic module (decoder fc2 + semantic transformer)
     c.train.accum_steps = 1  # gradient accumulation micro-batches per step
+    c.train.max_bad_steps = 10  # abort after this many consecutive non-finite steps (0: never)
 
     c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1, "expert": 1})
     c.mesh_preset = ""  # a key of MESH_PRESETS, overriding c.mesh

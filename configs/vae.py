@@ -42,6 +42,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     c.train.noise_tau = 0.0  # RAE decoder-input noise (spec 7.4a); 0 = off
     c.train.lr = 1e-4 if not tiny else 3e-4
     c.train.tiny_discriminators = tiny
+    c.train.max_bad_steps = 10  # abort after this many consecutive non-finite steps (0: never)
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 50 if tiny else 2000
     c.checkpoint.keep = 3

@@ -29,6 +29,7 @@ import numpy as np
 from unitok_jax import text as text_lib
 from unitok_jax.model import UniAudioConfig
 from unitok_jax.training import lm_data
+from unitok_jax.training.guard import NonFiniteError
 
 
 class SetupError(ValueError):
@@ -161,6 +162,9 @@ def run(config, workdir: str, stop_after: Optional[int] = None) -> int:
     except SetupError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except NonFiniteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
 
 
 def _run(config, workdir: str, stop_after: Optional[int]) -> int:
@@ -175,6 +179,7 @@ def _run(config, workdir: str, stop_after: Optional[int]) -> int:
     from unitok_jax.data.manifest import read_manifest
     from unitok_jax.training import sharded
     from unitok_jax.training.checkpoint import Preemption, TrainCheckpointer
+    from unitok_jax.training.guard import BadSteps
     from unitok_jax.training.lm_step import init_lm_state
     from unitok_jax.training.monitor import MetricWriter, Throughput, matmul_flops, mfu, peak_flops_per_device
 
@@ -285,6 +290,7 @@ def _run(config, workdir: str, stop_after: Optional[int]) -> int:
     thr = Throughput(skip=1)  # the first logged interval includes compilation
     interval: list = []
     bad = 0
+    guard = BadSteps(config.train.max_bad_steps, report=lambda msg: pid == 0 and print(msg, file=sys.stderr))
     try:
         while step < total:
             rows = next(it)
@@ -309,9 +315,11 @@ def _run(config, workdir: str, stop_after: Optional[int]) -> int:
             batch = sharded.global_batch(local, mesh)
             (state, metrics), flops = run_step(state, batch)
             step += 1
+            guard.add(step, metrics["skipped_step"])
             interval.append(float(local["valid"].sum()) * nproc)
             if step % config.log_every == 0 or step == total:
                 m = {k: float(v) for k, v in jax.device_get(metrics).items()}  # waits for the step
+                guard.check()
                 t = thr.update(units=sum(interval), steps=len(interval))
                 interval.clear()
                 m.update(step=step, bad_records=bad)
