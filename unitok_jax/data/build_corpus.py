@@ -17,6 +17,7 @@ in a temporary sibling folder and renamed into place at the end: an interrupted 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -112,25 +113,14 @@ def build_corpus(out: str, *, sentences: Optional[int] = None, seed: int = 0, pe
     from unitok_jax.audio import save_audio
     from unitok_jax.data.manifest import write_manifest
 
-    out = os.path.abspath(out)
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise CorpusError(f"{out} exists and is not a folder")
-    if os.path.isdir(out) and os.listdir(out):
-        if not overwrite:
-            raise CorpusError(f"{out} is not empty; pass --overwrite to replace it")
-        if not os.path.isfile(os.path.join(out, "corpus.json")):
-            raise CorpusError(f"{out} is not empty and holds no corpus.json; refusing to replace a folder this "
-                              f"tool did not write")
+    out = check_output(out, overwrite)
     all_sentences = load_sentences(text_file)
     utts = plan(all_sentences, seed=seed, per_sentence=per_sentence, limit=sentences)
     by_id = {s["id"]: s for s in SPEAKERS}
     for s in SPEAKERS:  # fail before any work on an unknown voice
         espeak.check_voice(s["voice"])
 
-    parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.partial-", dir=parent)
-    try:
+    with atomic_output(out) as tmp:
         records: dict[str, list] = {"train": [], "heldout": []}
         for u in tqdm(utts, desc="synthesising", unit="utt", disable=not progress, file=sys.stderr):
             spk = by_id[u["speaker"]]
@@ -146,6 +136,34 @@ def build_corpus(out: str, *, sentences: Optional[int] = None, seed: int = 0, pe
         with open(os.path.join(tmp, "corpus.json"), "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=2)
             f.write("\n")
+    return summary
+
+
+def check_output(out: str, overwrite: bool) -> str:
+    """Absolute ``out`` after checking it may be written: absent, an empty folder, or (with ``overwrite``) a
+    folder holding a previous ``corpus.json``. Raises :class:`CorpusError` otherwise."""
+    out = os.path.abspath(out)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise CorpusError(f"{out} exists and is not a folder")
+    if os.path.isdir(out) and os.listdir(out):
+        if not overwrite:
+            raise CorpusError(f"{out} is not empty; pass --overwrite to replace it")
+        if not os.path.isfile(os.path.join(out, "corpus.json")):
+            raise CorpusError(f"{out} is not empty and holds no corpus.json; refusing to replace a folder this "
+                              f"tool did not write")
+    return out
+
+
+@contextlib.contextmanager
+def atomic_output(out: str):
+    """Yield a fresh temporary sibling folder of ``out`` to write into; when the block ends normally it replaces
+    ``out`` (renamed into place), on an exception it is deleted and ``out`` is left untouched."""
+    out = os.path.abspath(out)
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.partial-", dir=parent)
+    try:
+        yield tmp
         os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
         if os.path.isdir(out):
             old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=parent)
@@ -157,7 +175,6 @@ def build_corpus(out: str, *, sentences: Optional[int] = None, seed: int = 0, pe
     finally:
         if os.path.isdir(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
-    return summary
 
 
 def _summary(records: dict, utts: list, all_sentences: list, *, seed: int, per_sentence: int,
