@@ -75,6 +75,9 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     c.data.source = "audio"  # "audio": encode with the frozen VAE on the fly; "latents": a latent cache
     c.data.batch_size = 4 if tiny else 256  # global batch (rows)
     c.data.tts_fraction = 0.75  # TTS : ASR = 3 : 1 (reference gen:und ratio)
+    # Edit pairs (python -m unitok_jax.data.build_edit_corpus): a whole step of them with probability edit_fraction
+    c.data.edit_manifest = ml_collections.config_dict.placeholder(str)
+    c.data.edit_fraction = 0.25
     c.data.buckets_seconds = (2.0, 4.0, 8.0) if tiny else (2.0, 4.0, 8.0, 16.0, 32.0)
     c.data.max_seconds = 8.0 if tiny else 32.0
     # Fixed batch shapes (one compilation; rows that do not fit are skipped and counted). 0: length buckets.

@@ -95,3 +95,34 @@ def test_latent_source_needs_the_cache(corpus, cache):
         rec = next(r for r in cache if r["id"] == batch["id"][k])
         np.testing.assert_array_equal(batch["mean"][k, :n], np.load(rec["latents"])[:, 0])
         assert not batch["mean"][k, n:].any()
+
+
+def test_edit_pairs_load_source_and_target_and_become_edit_sequences(corpus):
+    from unitok_jax import text
+    from unitok_jax.training import lm_train
+
+    root, cfg, params = corpus
+    lines = [json.dumps({"id": f"e{i}", "audio": f"u{i}.wav", "text": f"words {i}", "speaker": "s",
+                         "target_audio": f"u{i + 1}.wav", "target_duration": 0.75 + 0.25 * i,
+                         "instruction": f"please edit {i}", "edit_type": "delete" if i % 2 else "faster",
+                         "target_markup": f"words <edit></edit> {i}" if i % 2 else None}) for i in range(4)]
+    (root / "edits.jsonl").write_text("\n".join(lines) + "\n")
+    recs = read_manifest(str(root / "edits.jsonl"), add_durations=True).records
+    assert recs[0]["target_audio"] == str(root / "u1.wav")  # made absolute like audio
+    rows = next(iter(lm_batches(recs, batch_size=2, seed=0, hop=cfg.hop, buckets_seconds=(2.0,),
+                                process_index=0, process_count=1)))
+    for k in range(2):
+        i = int(rows["id"][k][1:])
+        want, _ = sf.read(root / f"u{i + 1}.wav", dtype="float32")
+        np.testing.assert_array_equal(rows["target_wave"][k, : len(want)], want)
+        assert rows["target_lengths"][k] == len(want) and rows["instruction"][k] == f"please edit {i}"
+    tok = text.train_tokenizer(["words please edit faster"] * 4, vocab_size=300)
+    post = lambda w, n: (np.asarray(vae.encode(params, cfg, jnp.asarray(w), jnp.asarray(n), sample=False).mean),) * 2
+    src = (*post(rows["wave"], rows["lengths"]), rows["lengths"] // cfg.hop)
+    tgt = (*post(rows["target_wave"], rows["target_lengths"]), rows["target_lengths"] // cfg.hop)
+    ex, where, skipped = lm_train.edit_examples_from_rows(rows, src, tgt, tok, 5, seed=0, step=0)
+    assert where == [0, 1] and skipped == 0
+    for e, k in zip(ex, where):
+        semantic = rows["target_markup"][k] is not None
+        assert e["task"] == "edit" and (tok.id("answer") in e["input_ids"]) == semantic
+        assert e["gen_start"] == int(src[2][k]) // 5 and e["gen_patches"] == int(tgt[2][k]) // 5

@@ -15,6 +15,10 @@ Two sources:
 * ``"latents"``: ``{"mean", "std" [b, T, C], "lengths" [b] frames}`` from the latent cache
   (:mod:`unitok_jax.data.latent_cache`; records carry a ``latents`` file).
 
+Edit pairs (records with ``target_audio`` and ``instruction``, see :mod:`unitok_jax.data.build_edit_corpus`; audio
+source only) add ``"target_wave"``, ``"target_lengths"`` and the ``instruction`` / ``target_markup`` / ``edit_type``
+of each row; the bucket holds the longer of source and target.
+
 Both add ``"ok" [b]`` (false for an unreadable record: zeros, length 0, counted and skipped by the trainer),
 ``"text"``, ``"speaker"``, ``"id"`` (object arrays) and ``"row"`` [b] (the global row index). The iterator is a grain
 ``DatasetIterator``: ``get_state`` / ``set_state`` give an exact, checkpointable position.
@@ -66,8 +70,23 @@ def lm_batches(records: Sequence[dict], *, batch_size: int, seed: int, source: s
     durations = [min(float(r["duration"]), max_seconds) for r in recs]
     plans = grain.MapDataset.source(_EpochPlans(durations, batch_size, seed, window, num_epochs))
 
+    edit = any("target_audio" in r for r in recs)
+    if edit:
+        missing = [r["id"] for r in recs if "target_audio" not in r or "instruction" not in r]
+        if missing:
+            raise ValueError(f"{len(missing)} edit records lack target_audio / instruction (first: {missing[0]!r})")
+        if source != "audio":
+            raise ValueError("edit pairs are encoded on the fly: use source='audio'")
+        durations = [min(max(float(r["duration"]), float(r.get("target_duration", r["duration"]))), max_seconds)
+                     for r in recs]
+        plans = grain.MapDataset.source(_EpochPlans(durations, batch_size, seed, window, num_epochs))
+
     def meta(rows: list[int], idx: list[int]) -> dict:
-        return {"text": np.array([recs[i].get("text", "") for i in idx], dtype=object),
+        extra = {}
+        if edit:
+            extra = {k: np.array([recs[i].get(k) for i in idx], dtype=object)
+                     for k in ("instruction", "target_markup", "edit_type")}
+        return {**extra, "text": np.array([recs[i].get("text", "") for i in idx], dtype=object),
                 "speaker": np.array([recs[i]["speaker"] for i in idx], dtype=object),
                 "id": np.array([recs[i]["id"] for i in idx], dtype=object),
                 "row": np.asarray(rows, np.int32)}
@@ -85,7 +104,20 @@ def lm_batches(records: Sequence[dict], *, batch_size: int, seed: int, source: s
                 w = w[:length]
                 wave[k, : len(w)] = w
                 lengths[k], ok[k] = len(w), True
-        return {"wave": wave, "lengths": lengths, "ok": ok, **meta(rows, idx)}
+        out = {"wave": wave, "lengths": lengths, "ok": ok, **meta(rows, idx)}
+        if edit:  # the target speech of each pair, same bucket length
+            tw = np.zeros_like(wave)
+            tl = np.zeros_like(lengths)
+            for k, i in enumerate(idx):
+                w = _load({"audio": recs[i]["target_audio"]}, sample_rate)
+                if w is not None and len(w):
+                    w = w[:length]
+                    tw[k, : len(w)] = w
+                    tl[k] = len(w)
+                else:
+                    ok[k] = False
+            out.update(target_wave=tw, target_lengths=tl)
+        return out
 
     c = None
 

@@ -13,7 +13,8 @@ import os
 from typing import Optional
 
 FIELDS = {"id": (str, int), "audio": str, "text": str, "speaker": (str, int)}
-OPTIONAL = {"duration": (int, float), "split": str, "latents": str}  # latents: a latent-cache file (LM stage)
+# latents: a latent-cache file (LM stage); target_audio: an edit pair's target (build_edit_corpus)
+OPTIONAL = {"duration": (int, float), "split": str, "latents": str, "target_audio": str}
 
 
 @dataclasses.dataclass
@@ -80,7 +81,7 @@ def read_manifest(path: str, *, require_text: bool = True, add_durations: bool =
     records, errors = [], []
     required = {k: t for k, t in FIELDS.items() if require_text or k != "text"}
     optional = {**OPTIONAL, **({} if require_text else {"text": str})}
-    for _, where, rec, problem in read_jsonl(path, required, optional, path_keys=("audio", "latents")):
+    for _, where, rec, problem in read_jsonl(path, required, optional, path_keys=("audio", "latents", "target_audio")):
         if problem is not None:
             errors.append(f"{where}: {problem}")
             continue

@@ -116,6 +116,28 @@ def examples_from_rows(rows: dict, mean: np.ndarray, std: np.ndarray, frames: np
     return examples, where, skipped
 
 
+def edit_examples_from_rows(rows: dict, src: tuple, tgt: tuple, tok: text_lib.TextTokenizer, patch_size: int, *,
+                            seed: int, step: int) -> tuple[list, list[int], int]:
+    """Edit examples (:func:`lm_data.edit_example`) of this process's rows of an edit batch: ``src`` / ``tgt`` are
+    (mean, std, frames) of the source and target speech; each row samples both latents from an RNG seeded by
+    (seed, step, row). Semantic pairs (a ``target_markup``) get the ``<cot_text>`` chain, acoustic ones go straight
+    to ``<gen_audio>``."""
+    examples, where, skipped = [], [], 0
+    for k in range(len(rows["row"])):
+        ns, nt = int(src[2][k]), int(tgt[2][k])
+        instruction = rows["instruction"][k]
+        if not rows["ok"][k] or min(ns, nt) < patch_size or not instruction:
+            skipped += 1
+            continue
+        rng = np.random.default_rng([seed, step, int(rows["row"][k])])
+        lat = [m[k, :n] + s[k, :n] * rng.standard_normal(m[k, :n].shape).astype(np.float32)
+               for (m, s, _), n in ((src, ns), (tgt, nt))]
+        markup = rows["target_markup"][k]
+        examples.append(lm_data.edit_example(tok, lat[0], str(instruction), lat[1], markup or None, patch_size))
+        where.append(k)
+    return examples, where, skipped
+
+
 def place(examples: list, where: list[int], rows: int, max_len: int, max_patches: int, pad_id: int,
           latent_dim: int, patch_size: int) -> dict:
     """``make_batch`` of the examples with example j at local row ``where[j]`` (other rows all-invalid)."""
@@ -197,6 +219,14 @@ def _run(config, workdir: str, stop_after: Optional[int]) -> int:
             print(f"skipped {e}", file=sys.stderr)
     if not manifest.records:
         raise SetupError(f"{config.data.manifest} has no usable records")
+    edits = None
+    if config.data.edit_manifest:
+        edits = read_manifest(config.data.edit_manifest, require_text=True, add_durations=True)
+        if pid == 0:
+            for e in edits.errors:
+                print(f"skipped {e}", file=sys.stderr)
+        if not edits.records:
+            raise SetupError(f"{config.data.edit_manifest} has no usable records")
     init_params, vae_cfg = None, None
     if config.init.checkpoint:
         ck = load(config.init.checkpoint)
@@ -207,7 +237,10 @@ def _run(config, workdir: str, stop_after: Optional[int]) -> int:
     else:
         if config.init.vae:
             vae_cfg, vae_params = load(config.init.vae).vae()
-        tok = tokenizer(config, [r["text"] for r in manifest.records], workdir)
+        texts = [r["text"] for r in manifest.records]
+        if edits is not None:
+            texts += [r[k] for r in edits.records for k in ("instruction", "target_text") if r.get(k)]
+        tok = tokenizer(config, texts, workdir)
         cfg = model_config(config, vae_cfg, None if config.tokenizer.path else tok.vocab_size)
     if tok.vocab_size > cfg.llm.vocab_size:
         raise SetupError(f"the tokenizer has {tok.vocab_size} ids but the LLM only {cfg.llm.vocab_size}")
@@ -250,10 +283,26 @@ def _run(config, workdir: str, stop_after: Optional[int]) -> int:
                       source=config.data.source, hop=cfg.vae.hop, buckets_seconds=tuple(config.data.buckets_seconds),
                       max_seconds=config.data.max_seconds, sample_rate=cfg.vae.sample_rate)
     it = iter(data)
+    edit_it = None
+    if config.data.edit_manifest:
+        if config.data.source != "audio":
+            raise SetupError("edit pairs are encoded on the fly: data.edit_manifest needs data.source=audio")
+        try:
+            edit_it = iter(lm_batches(edits.records, batch_size=config.data.batch_size, seed=config.seed + 1,
+                                      hop=cfg.vae.hop, buckets_seconds=tuple(config.data.buckets_seconds),
+                                      max_seconds=config.data.max_seconds, sample_rate=cfg.vae.sample_rate))
+        except ValueError as e:
+            raise SetupError(f"{config.data.edit_manifest}: {e}") from None
+
+    def data_state() -> dict:
+        return {"speech": it.get_state(), **({"edit": edit_it.get_state()} if edit_it is not None else {})}
+
     restored = ckpt.restore(sharded.abstract_state(state_abs, state_sh))
     if restored is not None:
-        step0, state, data_state = restored
-        it.set_state(data_state)
+        step0, state, saved = restored
+        it.set_state(saved.get("speech", saved))
+        if edit_it is not None and "edit" in saved:
+            edit_it.set_state(saved["edit"])
         if pid == 0:
             print(f"resumed {workdir} at step {step0}")
     # The frozen encoder runs per process on its own rows, with its own copy of the VAE params on a local device
@@ -269,6 +318,10 @@ def _run(config, workdir: str, stop_after: Optional[int]) -> int:
         del host_audio
     encode = jax.jit(lambda prm, w, n: vae_lib.encode(prm, cfg.vae, w, n, sample=False))
     local_rows = config.data.batch_size // nproc
+
+    def encode_rows(wave, lengths, ok):
+        enc = encode(audio_params, jnp.asarray(wave), jnp.asarray(lengths))
+        return np.asarray(enc.mean), np.asarray(enc.std), np.where(ok, np.asarray(enc.frame_num), 0)
 
     step_fn = sharded.jit_step(step_function(config, cfg, opt), state_sh, mesh, rules)
     flops_by_shape: dict = {}
@@ -293,15 +346,21 @@ def _run(config, workdir: str, stop_after: Optional[int]) -> int:
     guard = BadSteps(config.train.max_bad_steps, report=lambda msg: pid == 0 and print(msg, file=sys.stderr))
     try:
         while step < total:
-            rows = next(it)
+            # a whole step of edit pairs with probability data.edit_fraction (the same choice on every process)
+            use_edit = (edit_it is not None
+                        and np.random.default_rng([config.seed, step, 7]).random() < config.data.edit_fraction)
+            rows = next(edit_it if use_edit else it)
             if config.data.source == "latents":
                 mean, std, frames = rows["mean"], rows["std"], rows["lengths"]
             else:
-                enc = encode(audio_params, jnp.asarray(rows["wave"]), jnp.asarray(rows["lengths"]))
-                mean, std, frames = np.asarray(enc.mean), np.asarray(enc.std), np.asarray(enc.frame_num)
-                frames = np.where(rows["ok"], frames, 0)
-            examples, where, skipped = examples_from_rows(
-                rows, mean, std, frames, tok, p, seed=config.seed, step=step, tts_fraction=config.data.tts_fraction)
+                mean, std, frames = encode_rows(rows["wave"], rows["lengths"], rows["ok"])
+            if use_edit:
+                tgt = encode_rows(rows["target_wave"], rows["target_lengths"], rows["ok"])
+                examples, where, skipped = edit_examples_from_rows(rows, (mean, std, frames), tgt, tok, p,
+                                                                   seed=config.seed, step=step)
+            else:
+                examples, where, skipped = examples_from_rows(rows, mean, std, frames, tok, p, seed=config.seed,
+                                                              step=step, tts_fraction=config.data.tts_fraction)
             if config.data.seq_len or config.data.max_patches:  # fixed shapes: rows that do not fit are skipped
                 fits = [j for j, e in enumerate(examples)
                         if (not config.data.seq_len or len(e["input_ids"]) <= config.data.seq_len)
@@ -322,7 +381,7 @@ def _run(config, workdir: str, stop_after: Optional[int]) -> int:
                 guard.check()
                 t = thr.update(units=sum(interval), steps=len(interval))
                 interval.clear()
-                m.update(step=step, bad_records=bad)
+                m.update(step=step, bad_records=bad, edit_step=int(use_edit))
                 if t is not None:
                     m.update(step_s=t["step_s"], tokens_per_s=t["units_per_s"])
                     if flops and peak:
@@ -331,7 +390,7 @@ def _run(config, workdir: str, stop_after: Optional[int]) -> int:
                 bar.set_postfix(loss=f"{m['loss']:.3f}", text=f"{m['text_ce']:.3f}", flow=f"{m['flow']:.3f}",
                                 tok_s=f"{m.get('tokens_per_s') or 0:.0f}")
             bar.update(1)
-            ckpt.save(step, state, it.get_state())
+            ckpt.save(step, state, data_state())
             stop = preempt.requested or (stop_after is not None and step - start >= stop_after)
             if nproc > 1:
                 from jax.experimental import multihost_utils
