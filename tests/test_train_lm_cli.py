@@ -1,9 +1,9 @@
 """train.py stage lm end to end in real processes, on a few seconds of real speech (tiny configs, CPU):
 
 * the loss goes down (text CE on the ASR rows, flow matching on the TTS rows);
-* two processes with ``jax.distributed`` (one CPU device each, a data-parallel mesh of 2) == one process with two
-  devices: same losses every step, same exported params;
-* stop after N/2 steps, resume, N/2 more == N straight (params and per-step losses);
+* N steps straight in two processes with ``jax.distributed`` (one CPU device each, a data-parallel mesh of 2) ==
+  N/2 steps in one process with two devices, stopped, resumed, N/2 more: same losses every step, same exported
+  params (one comparison checks both resume and multi-process training, for one run fewer);
 * the export loads for inference (``UniAudio.load``) with the tokenizer trained for the run.
 """
 from __future__ import annotations
@@ -78,14 +78,20 @@ def _max_diff(a, b):
 
 
 @pytest.fixture(scope="module")
-def straight(manifest, tmp_path_factory):
-    w = tmp_path_factory.mktemp("lm_straight")
-    _single(w, manifest)
-    return w
+def resumed(manifest, tmp_path_factory):
+    """STEPS // 2 steps, stop (with a checkpoint), then resume to STEPS: the run the other tests look at."""
+    w = tmp_path_factory.mktemp("lm_resumed")
+    proc = _single(w, manifest, f"--stop_after={STEPS // 2}")
+    first = (proc.stdout, os.path.exists(w / "export"))
+    proc = _single(w, manifest)
+    return w, first, proc.stdout
 
 
-def test_lm_stage_loss_goes_down_and_exports(straight):
-    m = _metrics(straight)
+def test_lm_stage_loss_goes_down_and_exports(resumed):
+    w, (stop_out, exported_early), resume_out = resumed
+    assert f"stopped at step {STEPS // 2}" in stop_out and not exported_early
+    assert f"resumed {w} at step {STEPS // 2}" in resume_out
+    m = _metrics(w)
     assert sorted(m) == list(range(1, STEPS + 1))
     text = [m[s]["text_ce"] for s in m if m[s]["text_tokens"] > 0]
     flow = [m[s]["flow"] for s in m if m[s]["flow_patches"] > 0]
@@ -94,26 +100,13 @@ def test_lm_stage_loss_goes_down_and_exports(straight):
     assert flow[-1] < 0.9 * flow[0], flow
     assert all(m[s]["skipped_step"] == 0 for s in m)
     assert m[STEPS]["bad_records"] == 0  # every row fitted the fixed shapes
-    assert os.listdir(os.path.join(straight, "tb"))  # TensorBoard event files
+    assert os.listdir(os.path.join(w, "tb"))  # TensorBoard event files
 
     from unitok_jax.api import UniAudio
 
-    model = UniAudio.load(os.path.join(straight, "export"))
+    model = UniAudio.load(os.path.join(w, "export"))
     assert model.tok.vocab_size <= model.cfg.llm.vocab_size
     assert model.cfg.llm.num_experts == 4 and model.cfg.patch_size == 5
-
-
-def test_lm_stage_resume_equals_straight(straight, manifest, tmp_path):
-    proc = _single(tmp_path, manifest, f"--stop_after={STEPS // 2}")
-    assert f"stopped at step {STEPS // 2}" in proc.stdout
-    assert not os.path.exists(tmp_path / "export")
-    proc = _single(tmp_path, manifest)
-    assert f"resumed {tmp_path} at step {STEPS // 2}" in proc.stdout
-    a, b = _metrics(straight), _metrics(tmp_path)
-    assert sorted(b) == sorted(a)
-    for s in a:  # same data order and noise: the same loss at every step
-        assert abs(a[s]["loss"] - b[s]["loss"]) <= 1e-6 * max(1.0, abs(a[s]["loss"])), s
-    assert _max_diff(_params(straight), _params(tmp_path)) <= 1e-6
 
 
 def _free_port() -> int:
@@ -122,7 +115,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_lm_stage_two_processes_equal_one(straight, manifest, tmp_path):
+def test_lm_stage_two_processes_straight_equal_one_process_resumed(resumed, manifest, tmp_path):
+    """2 processes (1 CPU device each) for STEPS straight == 1 process (2 devices) stopped halfway and resumed:
+    the same loss at every step (same data order and noise) and the same params. Equality of the two checks both
+    the resume and the multi-process run."""
     port = _free_port()
     procs = [subprocess.Popen([sys.executable, *_args(tmp_path, manifest)], cwd=REPO,
                               env=_env(JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2",
@@ -139,9 +135,9 @@ def test_lm_stage_two_processes_equal_one(straight, manifest, tmp_path):
     for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err[-4000:]
     assert "done:" in outs[0][0] and "done:" not in outs[1][0]  # process 0 reports and exports
-    a, b = _metrics(straight), _metrics(tmp_path)
+    a, b = _metrics(resumed[0]), _metrics(tmp_path)
     assert sorted(b) == sorted(a)  # only process 0 writes metrics
     for s in a:
         assert abs(a[s]["loss"] - b[s]["loss"]) <= 1e-5 * max(1.0, abs(a[s]["loss"])), (s, a[s], b[s])
         assert a[s]["tokens"] == b[s]["tokens"]
-    assert _max_diff(_params(straight), _params(tmp_path)) <= 1e-5
+    assert _max_diff(_params(resumed[0]), _params(tmp_path)) <= 1e-5
