@@ -281,7 +281,8 @@ def run_task(args) -> int:
                     for r, o in zip(rs, outs):
                         save_audio(os.path.join(args.out, f"{r.id}.wav"), np.nan_to_num(o.wave), sr)
                         results[r.id] = {"id": r.id, "line": r.line, "wav": f"{r.id}.wav", "text": o.text,
-                                         "target_transcript": o.target_transcript, "seconds": len(o.wave) / sr}
+                                         "target_transcript": o.target_transcript, "target_markup": o.markup,
+                                         "seconds": len(o.wave) / sr}
                         done += 1
         _write_results(results_path, results)  # after every batch: a killed run keeps what it finished
         wall = time.perf_counter() - t0

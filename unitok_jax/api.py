@@ -29,6 +29,7 @@ class EditOutput:
     text: str  # the model's text (special tokens stripped)
     target_transcript: Optional[str]  # the <cot_text> transcript of a semantic edit, if any
     wave: np.ndarray  # edited speech (empty if the model produced no audio)
+    markup: Optional[str] = None  # the raw <cot_text> content, <edit>…</edit> spans kept (None: no <cot_text>)
 
 
 class UniAudio:
@@ -171,5 +172,5 @@ class UniAudio:
             raw = self.tok.decode(res.tokens[i, : res.n[i]].tolist(), skip_special_tokens=False)
             parsed = text.parse_edit_output(raw)
             out.append(EditOutput(self.tok.decode(res.tokens[i, : res.n[i]].tolist()), parsed.get("transcript"),
-                                  res.waves[i, : res.counts[i] * spp]))
+                                  res.waves[i, : res.counts[i] * spp], parsed.get("markup")))
         return out

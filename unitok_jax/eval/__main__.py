@@ -57,9 +57,12 @@ _OPTIONAL = {"audio": str, "wav": str, "text": str, "speaker": (str, int), "prom
              "split": str, "duration": (int, float), "seconds": (int, float), "language": str}
 
 
-def read_rows(path: str, what: str, need: tuple = (), split: str | None = None) -> tuple[dict, list[str]]:
+def read_rows(path: str, what: str, need: tuple = (), split: str | None = None,
+              extra_path_keys: tuple = ()) -> tuple[dict, list[str]]:
     """``{id: record}`` of a JSONL file and one message per bad line. ``need``: fields a line must have, where
-    ``"audio"`` is satisfied by ``audio`` or ``wav`` (stored as ``record["audio"]``)."""
+    ``"audio"`` is satisfied by ``audio`` or ``wav`` (stored as ``record["audio"]``). ``extra_path_keys``: more
+    fields holding paths (made absolute relative to the file, as ``audio`` / ``wav`` / ``prompt_wav``); they must be
+    strings when present."""
     from unitok_jax.data.manifest import read_jsonl
 
     if os.path.isdir(path):
@@ -68,8 +71,9 @@ def read_rows(path: str, what: str, need: tuple = (), split: str | None = None) 
         raise InputError(f"{what} {path}: no such file")
     rows, problems = {}, []
     try:
-        for _, where, rec, problem in read_jsonl(path, {"id": (str, int)}, _OPTIONAL,
-                                                 path_keys=("audio", "wav", "prompt_wav")):
+        for _, where, rec, problem in read_jsonl(path, {"id": (str, int)},
+                                                 {**_OPTIONAL, **{k: str for k in extra_path_keys}},
+                                                 path_keys=("audio", "wav", "prompt_wav", *extra_path_keys)):
             if problem is None:
                 if "audio" not in rec and "wav" in rec:
                     rec["audio"] = rec["wav"]
@@ -174,7 +178,7 @@ def print_table(report: dict, columns: list[tuple[str, str, str]], file=None) ->
     print(f"{report['scored']}/{report['count']} items scored", file=file)
 
 
-def _finish(args, task: str, report: dict, problems: list[str], inputs: dict, columns) -> int:
+def _finish(args, task: str, report: dict, problems: list[str], inputs: dict, columns, after=None) -> int:
     report = {"task": task, "inputs": {k: (os.path.abspath(v) if v else v) for k, v in inputs.items()},
               "count": report["count"], "scored": report["scored"],
               "failed": [{"id": r["id"], "error": r["error"]} for r in report["rows"] if "error" in r],
@@ -183,11 +187,13 @@ def _finish(args, task: str, report: dict, problems: list[str], inputs: dict, co
         print(f"warning: {p}", file=sys.stderr)
     if not args.quiet:
         table = dict(report)
-        if "corpus" in report:
+        if task == "asr" and report.get("corpus"):
             c = report["corpus"]
             table["extra_lines"] = {"corpus": f"WER {_fmt(c['wer'], '.4f')}  CER {_fmt(c['cer'], '.4f')} "
                                               f"({c['words']} words, {c['chars']} characters)"}
         print_table(table, columns)
+        if after is not None:
+            after(report)
     if args.json:
         try:
             write_json(args.json, report)
@@ -216,6 +222,13 @@ TTS_COLUMNS = [("mcd", "MCD", ".2f"), ("baseline_mcd", "MCDcopy", ".2f"), ("gene
                ("speaker_similarity_prompt", "spk_sim", ".3f"), ("speaker_similarity_others", "spk_oth", ".3f"),
                ("speaker_top1", "spk_top1", ".2f")]
 ASR_COLUMNS = [("wer", "WER", ".4f"), ("cer", "CER", ".4f"), ("word_errors", "w_err", "d"), ("words", "words", "d")]
+EDIT_COLUMNS = [("edit_type", f"{'type':>10}", ""), ("wer", "cotWER", ".3f"), ("cer", "cotCER", ".3f"), ("mcd", "MCD", ".2f"),
+                ("baseline_mcd", "MCDsrc", ".2f"), ("moved_right", "moved", ""), ("progress", "progress", ".2f"),
+                ("speaker_similarity_target", "spk_tgt", ".3f"), ("edited_seconds", "gen_s", ".2f")]
+EDIT_TYPE_COLUMNS = [("pairs", "pairs", "d"), ("scored", "scored", "d"), ("no_audio", "no_audio", "d"),
+                     ("cot_wer", "cotWER", ".3f"), ("cot_cer", "cotCER", ".3f"), ("cot_exact", "cot_ok", ".2f"),
+                     ("mcd", "MCD", ".2f"), ("baseline_mcd", "MCDsrc", ".2f"), ("moved_right", "moved", ".2f"),
+                     ("progress", "progress", ".2f"), ("speaker_similarity_target", "spk_tgt", ".3f")]
 
 
 def _generated_paths(generated: str, refs: dict, problems: list[str]) -> dict:
@@ -345,6 +358,93 @@ def cmd_asr(args) -> int:
                                                   "requests": args.requests}, ASR_COLUMNS)
 
 
+def _edit_type_line(name: str, t: dict) -> dict:
+    """One per-type (or overall) summary line of an edit report, for the table."""
+    m, c = t["mean"], t.get("corpus") or {}
+    return {"name": name, "pairs": t["count"], "scored": t["scored"], "no_audio": t["no_audio"],
+            "cot_wer": c.get("wer"), "cot_cer": c.get("cer"), **{k: m.get(k) for k in
+                                                                 ("cot_exact", "mcd", "baseline_mcd", "moved_right",
+                                                                  "progress", "speaker_similarity_target")}}
+
+
+def print_edit_types(report: dict, file=None) -> None:
+    """The per-edit-type summary: counts, CoT corpus WER / CER and exact-match rate (semantic), MCD against the
+    target and the source's (do-nothing) MCD, fraction moved the right way and mean progress (acoustic)."""
+    file = file or sys.stdout
+    lines = [_edit_type_line(t, v) for t, v in report["by_type"].items()] + [_edit_type_line("all", report)]
+    width = max([len(x["name"]) for x in lines] + [9])
+    cw = [max(len(h), 7) for _, h, _ in EDIT_TYPE_COLUMNS]
+    head = f"\n{'edit type':<{width}}  " + "  ".join(f"{h:>{w}}" for (_, h, _), w in zip(EDIT_TYPE_COLUMNS, cw))
+    print(head, file=file)
+    print("-" * (len(head) - 1), file=file)
+    for x in lines:
+        print(f"{x['name']:<{width}}  " + "  ".join(f"{_fmt(x[k], s):>{w}}"
+                                                     for (k, _, s), w in zip(EDIT_TYPE_COLUMNS, cw)), file=file)
+
+
+def cmd_edit(args) -> int:
+    M._require("jiwer")
+    from unitok_jax.text import strip_special_tokens
+
+    problems: list[str] = []
+    results, bad = read_rows(args.results, "--results", need=("audio",))
+    problems += bad
+    manifest, bad = read_rows(args.manifest, "--manifest", need=("audio", "target_audio", "edit_type"),
+                              extra_path_keys=("target_audio",))
+    problems += bad
+    requests = {}
+    if args.requests:
+        requests, bad = read_rows(args.requests, "--requests")
+        problems += bad
+    ids = list(results) + [rid for rid in requests if rid not in results]
+    if not ids:
+        raise InputError(f"--results {args.results}: no usable lines")
+    load = AudioCache()
+    items, failed = [], []  # failed: no pair, so no edit type; other failures go through evaluate_edit
+    for rid in ids:
+        res, pair = results.get(rid), manifest.get(rid)
+        if pair is None:
+            why = "no result in " + args.results if res is None else "no edit pair for this id in " + args.manifest
+            failed.append({"id": rid, "error": why})
+            continue
+        etype = pair["edit_type"]
+        markup = pair.get("target_markup")
+        error = None
+        if res is None:
+            error = f"requested but no result in {args.results}"
+        elif markup is not None and not isinstance(markup, str):
+            error = f"target_markup in {args.manifest} must be a string or null"
+        elif markup is None and (pair.get("edit_kind") == "semantic" or etype in M.SEMANTIC_EDITS):
+            error = f"semantic edit without a target_markup in {args.manifest}"
+        if error is not None:
+            items.append({"id": rid, "edit_type": etype, "error": error})
+            continue
+        # the raw <cot_text> markup when sample.py wrote it, else the transcript (markup stripped on both sides)
+        raw = "target_markup" in res
+        cot = res.get("target_markup") if raw else res.get("target_transcript")
+        try:
+            no_audio = isinstance(res.get("seconds"), (int, float)) and res["seconds"] <= 0
+            items.append({"id": rid, "edit_type": etype, "source": load(pair["audio"]),
+                          "target": load(pair["target_audio"]), "edited": None if no_audio else load(res["audio"]),
+                          "cot": cot if isinstance(cot, str) else None,
+                          "reference_cot": None if markup is None else (markup if raw
+                                                                        else strip_special_tokens(markup))})
+        except ValueError as e:
+            items.append({"id": rid, "edit_type": etype, "error": str(e)})
+    report = M.evaluate_edit(items, SR, normalize=not args.no_normalize)
+    for r in report["rows"]:
+        if "error" not in r:
+            rid = r["id"]
+            r.update(edited=results[rid]["audio"], source=manifest[rid]["audio"],
+                     target=manifest[rid]["target_audio"], cot_markup="target_markup" in results[rid])
+    by_id = {r["id"]: r for r in report["rows"] + failed}
+    report["rows"] = [by_id[rid] for rid in ids]
+    report["count"] += len(failed)
+    report["normalized"] = not args.no_normalize
+    return _finish(args, "edit", report, problems, {"results": args.results, "manifest": args.manifest,
+                                                   "requests": args.requests}, EDIT_COLUMNS, after=print_edit_types)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m unitok_jax.eval", description=__doc__.split("\n\n")[0],
                                  epilog="Input formats: see the module docstring (python -m pydoc "
@@ -369,7 +469,15 @@ def main(argv=None) -> int:
     a.add_argument("--manifest", required=True, help='manifest JSONL {"id", "text"} with the reference texts')
     a.add_argument("--requests", help="sample.py asr requests JSONL (requested ids must have results)")
     a.add_argument("--no-normalize", action="store_true", help="score raw texts (whitespace collapsed only)")
-    for p in (v, t, a):
+    e = sub.add_parser("edit", help="speech editing per edit type: CoT WER/CER, MCD vs the target, direction of "
+                                    "acoustic edits")
+    e.add_argument("--results", required=True, help="sample.py edit results.jsonl (or its folder)")
+    e.add_argument("--manifest", required=True,
+                   help="edit-corpus manifest JSONL (build_edit_corpus heldout.jsonl): {id, audio, target_audio, "
+                        "edit_type, target_markup}")
+    e.add_argument("--requests", help="sample.py edit requests JSONL (requested ids must have results)")
+    e.add_argument("--no-normalize", action="store_true", help="score raw CoT texts (whitespace collapsed only)")
+    for p in (v, t, a, e):
         p.add_argument("--json", help="write the report here (JSON, atomically)")
         p.add_argument("--quiet", action="store_true", help="no table")
     args = ap.parse_args(argv)
@@ -379,7 +487,7 @@ def main(argv=None) -> int:
         if unknown or not args.metrics:
             ap.error(f"--metrics: unknown {unknown}; choose from {','.join(M.VAE_KEYS)}")
     try:
-        return {"vae": cmd_vae, "tts": cmd_tts, "asr": cmd_asr}[args.command](args)
+        return {"vae": cmd_vae, "tts": cmd_tts, "asr": cmd_asr, "edit": cmd_edit}[args.command](args)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

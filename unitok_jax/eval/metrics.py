@@ -36,10 +36,26 @@ Voice-prompt fidelity (a proxy, not a trained speaker verifier)
     embedding is gain-invariant. :func:`speaker_similarity` -- cosine similarity of the generated speech to the
     prompt voice and to other voices, and whether the prompt voice ranks first.
 
+Editing (spec §1.4, §8; pairs of :mod:`unitok_jax.data.build_edit_corpus`)
+  * :func:`render_markup` then :func:`error_rates`: CER / WER of the model's ``<cot_text>`` against the intended
+    ``target_markup``. Each ``<edit>…</edit>`` span becomes one word before normalisation -- ``editmask`` when it
+    holds ``<framePatch>`` (new content), ``editdelete`` when it is empty (a deletion), else the words written in
+    it -- and other special tokens are removed, so a chain that leaves the mark out or puts it in the wrong place
+    costs word errors (a plain copy of the source transcript is not a correct insertion).
+  * MCD-DTW (:func:`mcd_dtw`) of the edited speech against the target rendering, and the do-nothing baseline: the
+    source against the target.
+  * Acoustic edits: whether the measured property moved the right way relative to the source, by more than a dead
+    zone (:data:`EDIT_PROPERTIES`): speech duration (silence trimmed) for faster / slower (by > 5 %),
+    :func:`rms_db` for louder / quieter (> 1 dB), :func:`snr_estimate_db` for add_noise / denoise (> 2 dB), and the
+    speaker proxy for voice (cosine to the target voice above the cosine to the source voice). ``progress`` is
+    the fraction of the intended change achieved: ``(edited - source) / (target - source)`` (on log durations for
+    rate), 1 = as much as the target rendering, 0 = unchanged, negative = the wrong way.
+  * :func:`evaluate_edit` -- all of it per item, per edit type and overall.
+
 Plots: :func:`plot_mel_comparison` writes a PNG with generated and reference log-mel spectrograms side by side.
 
 In-memory evaluation (what ``python -m unitok_jax.eval`` runs after loading files): :func:`evaluate_vae`,
-:func:`evaluate_tts`, :func:`evaluate_asr`, each returning ``{"rows": [...], "mean": {...}, "count", "scored"}``
+:func:`evaluate_tts`, :func:`evaluate_asr`, :func:`evaluate_edit`, each returning ``{"rows": [...], "mean": {...}, "count", "scored"}``
 with one row per item (``None`` where a metric could not be computed, ``"error"`` when the item failed).
 
 ``pesq``, ``pystoi`` and ``jiwer`` (the ``eval`` extra) are imported only by the functions that need them;
@@ -513,3 +529,168 @@ def evaluate_asr(pairs, normalize: bool = True) -> dict:
 def _report(rows: list[dict], keys: list[str]) -> dict:
     ok = [r for r in rows if "error" not in r]
     return {"count": len(rows), "scored": len(ok), "mean": summarize(ok, keys), "rows": rows}
+
+
+# ------------------------------------------------------------------------------------------------------- editing
+
+# acoustic edit type -> (measured property, direction it must move relative to the source, dead zone)
+EDIT_PROPERTIES: dict[str, tuple[str, int, float]] = {
+    "faster": ("speech_seconds", -1, math.log(1.05)),  # dead zone on |ln(edited / source)|
+    "slower": ("speech_seconds", +1, math.log(1.05)),
+    "louder": ("rms_db", +1, 1.0),
+    "quieter": ("rms_db", -1, 1.0),
+    "voice": ("speaker", +1, 0.0),  # cosine(edited, target voice) - cosine(edited, source voice) > 0
+    "add_noise": ("snr_estimate_db", -1, 2.0),
+    "denoise": ("snr_estimate_db", +1, 2.0),
+}
+SEMANTIC_EDITS = ("delete", "insert", "substitute")
+EDIT_MASK_WORD, EDIT_DELETE_WORD = "editmask", "editdelete"
+# frame power percentiles for the SNR estimate: 25 ms frames, 10 ms hop, capped (digital silence)
+SNR_ESTIMATE = dict(frame_length=400, hop_length=160, low=10.0, high=90.0, floor=1e-12, cap_db=60.0)
+
+
+def rms_db(x, trim_db: Optional[float] = TRIM_DB) -> float:
+    """Level in dB (re full scale 1.0) of the RMS of ``x`` after trimming leading / trailing silence
+    (:func:`trim_silence`; the trim is relative to the peak, so a gain change moves this by exactly its dB)."""
+    y = trim_silence(x, trim_db)
+    return float(10.0 * np.log10(max(float(np.mean(y * y)), 1e-20)))
+
+
+def snr_estimate_db(x) -> float:
+    """Blind signal-to-noise estimate in dB: the 90th minus the 10th percentile of the frame power (dB) over 25 ms
+    frames with a 10 ms hop (:data:`SNR_ESTIMATE`), at most 60 dB. Speech frames set the top, the quietest frames
+    (pauses, weak phones) the noise floor: added background noise lowers it, denoising raises it. Gain-invariant."""
+    import librosa
+
+    p = SNR_ESTIMATE
+    y = _wave(x)
+    y = np.pad(y, (0, max(p["frame_length"] - y.size, 0)))
+    frames = librosa.util.frame(y, frame_length=p["frame_length"], hop_length=p["hop_length"])
+    power = 10.0 * np.log10(np.maximum(np.mean(frames * frames, axis=0), p["floor"]))
+    return float(min(np.percentile(power, p["high"]) - np.percentile(power, p["low"]), p["cap_db"]))
+
+
+def render_markup(markup: str) -> str:
+    """An edit transcript with ``<edit>…</edit>`` markup as plain words for error rates: each span becomes
+    ``editmask`` (it holds ``<framePatch>``), ``editdelete`` (empty) or the words written inside it; every other
+    special token of :data:`unitok_jax.text.SPECIAL_TOKENS` (``<cot_text>``, ``<gen_audio>``, ...) is removed.
+    Text without markup comes back with only the special tokens removed and whitespace collapsed."""
+    from unitok_jax.text import SPECIAL_TOKENS, strip_special_tokens
+
+    e0, e1 = re.escape(SPECIAL_TOKENS["edit"]), re.escape(SPECIAL_TOKENS["edit_end"])
+
+    def span(m: "re.Match") -> str:
+        if SPECIAL_TOKENS["frame_patch"] in m.group(1):
+            return f" {EDIT_MASK_WORD} "
+        words = strip_special_tokens(m.group(1)).strip()
+        return f" {words} " if words else f" {EDIT_DELETE_WORD} "
+
+    return " ".join(strip_special_tokens(re.sub(f"{e0}(.*?){e1}", span, markup, flags=re.S)).split())
+
+
+def _progress(prop: str, source: float, target: float, edited: float) -> Optional[float]:
+    if prop == "speech_seconds":
+        if min(source, target, edited) <= 0:
+            return None
+        source, target, edited = math.log(source), math.log(target), math.log(edited)
+    span = target - source
+    return (edited - source) / span if abs(span) > 1e-9 else None
+
+
+EDIT_KEYS = ("wer", "cer", "cot_exact", "cot_found", "mcd", "baseline_mcd", "moved_right", "progress",
+             "speaker_similarity_target", "speaker_similarity_source", "edited_seconds", "has_audio")
+
+
+def evaluate_edit(items: Iterable[Mapping], sr: int = SAMPLE_RATE, normalize: bool = True,
+                  trim_db: Optional[float] = TRIM_DB) -> dict:
+    """Speech-editing metrics per item, per edit type and overall.
+
+    ``items``: mappings ``{"id", "edit_type", "source": wave, "target": wave, "edited": wave | None,
+    "cot": str | None, "reference_cot": str | None}`` (or ``{"id", "edit_type", "error"}``: an item that failed
+    before scoring, counted in its type): ``target`` is the rendering of the intended result,
+    ``edited`` the model's speech (None or empty: the model produced no audio), ``cot`` the model's ``<cot_text>``
+    (raw markup, or its transcript; None: the model wrote none), ``reference_cot`` the intended one (the corpus's
+    ``target_markup``; given for semantic edits). Both texts go through :func:`render_markup`.
+
+    Rows: ``{"id", "edit_type", "edit_kind", "has_audio", "source_seconds", "target_seconds", "edited_seconds",
+    "mcd", "baseline_mcd", "speaker_similarity_target", "speaker_similarity_source"}``; semantic edits (a
+    ``reference_cot``) add ``"cot_found", "cot_exact"`` and the :func:`error_rates` fields (``wer``, ``cer``,
+    counts, the rendered ``reference`` / ``hypothesis``); acoustic edits (:data:`EDIT_PROPERTIES`) add
+    ``"property", "source_value", "target_value", "edited_value", "moved_right", "progress"`` (an item without
+    audio has not moved: ``moved_right`` False). Speech durations are silence-trimmed (:func:`duration_error`).
+
+    Returns ``{"count", "scored", "mean", "rows", "corpus", "by_type": {type: {"count", "scored", "no_audio",
+    "mean", "corpus"}}}``; ``mean["moved_right"]`` is the fraction of pairs that moved the right way, ``corpus``
+    the total-errors / total-length CoT rates (:func:`evaluate_asr`)."""
+    rows = []
+    for it in items:
+        etype = str(it["edit_type"])
+        if "error" in it:  # an item that failed before scoring (missing result, unreadable audio): counted
+            rows.append({"id": str(it["id"]), "edit_type": etype, "error": str(it["error"])})
+            continue
+        row = {"id": str(it["id"]), "edit_type": etype,
+               "edit_kind": "semantic" if it.get("reference_cot") is not None else "acoustic"}
+        try:
+            src, tgt = _wave(it["source"], "source"), _wave(it["target"], "target")
+            edited = it.get("edited")
+            has_audio = edited is not None and np.asarray(edited).size > 0
+            gen = _wave(edited, "edited") if has_audio else None
+            e_src, e_tgt = speaker_embedding(src, sr), speaker_embedding(tgt, sr)
+            row.update(has_audio=has_audio, source_seconds=trim_silence(src, trim_db).size / sr,
+                       target_seconds=trim_silence(tgt, trim_db).size / sr,
+                       edited_seconds=trim_silence(gen, trim_db).size / sr if has_audio else 0.0,
+                       baseline_mcd=_finite(mcd_dtw(tgt, src, sr, trim_db=trim_db)), mcd=None,
+                       speaker_similarity_target=None, speaker_similarity_source=None)
+            if has_audio:
+                e_gen = speaker_embedding(gen, sr)
+                row.update(mcd=_finite(mcd_dtw(tgt, gen, sr, trim_db=trim_db)),
+                           speaker_similarity_target=cosine(e_gen, e_tgt),
+                           speaker_similarity_source=cosine(e_gen, e_src))
+            if it.get("reference_cot") is not None:
+                found = it.get("cot") is not None
+                er = error_rates(render_markup(it["reference_cot"]), render_markup(it["cot"]) if found else "",
+                                 normalize)
+                row.update(cot_found=found, cot_exact=er["reference"] == er["hypothesis"], **er)
+            elif etype in EDIT_PROPERTIES:
+                prop, sign, dead = EDIT_PROPERTIES[etype]
+                row["property"] = prop
+                if prop == "speaker":
+                    row.update(source_value=None, target_value=None, edited_value=None, progress=None,
+                               moved_right=bool(has_audio and row["speaker_similarity_target"]
+                                                > row["speaker_similarity_source"] + dead))
+                else:
+                    measure = {"speech_seconds": lambda w: trim_silence(w, trim_db).size / sr,
+                               "rms_db": lambda w: rms_db(w, trim_db), "snr_estimate_db": snr_estimate_db}[prop]
+                    s_val, t_val = measure(src), measure(tgt)
+                    g_val = measure(gen) if has_audio else None
+                    moved = None
+                    if has_audio:
+                        change = math.log(g_val / s_val) if prop == "speech_seconds" else g_val - s_val
+                        moved = bool(sign * change > dead)
+                    row.update(source_value=s_val, target_value=t_val, edited_value=g_val,
+                               moved_right=bool(moved),
+                               progress=_progress(prop, s_val, t_val, g_val) if has_audio else None)
+        except ValueError as e:
+            row = {"id": row["id"], "edit_type": etype, "error": str(e)}
+        rows.append(row)
+
+    def summary(rs: list[dict]) -> dict:
+        out = _report(rs, list(EDIT_KEYS))
+        sem = [r for r in out["rows"] if "error" not in r and "wer" in r]
+        words, chars = sum(r["words"] for r in sem), sum(r["chars"] for r in sem)
+        out["corpus"] = {"wer": sum(r["word_errors"] for r in sem) / words if words else None,
+                         "cer": sum(r["char_errors"] for r in sem) / chars if chars else None,
+                         "words": words, "chars": chars} if sem else None
+        out["no_audio"] = sum(1 for r in rs if r.get("has_audio") is False)
+        return out
+
+    report = summary(rows)
+    types = sorted({r["edit_type"] for r in rows},
+                   key=lambda t: (list(SEMANTIC_EDITS) + list(EDIT_PROPERTIES)).index(t)
+                   if t in SEMANTIC_EDITS or t in EDIT_PROPERTIES else 99)
+    report["by_type"] = {}
+    for t in types:
+        s = summary([r for r in rows if r["edit_type"] == t])
+        del s["rows"]
+        report["by_type"][t] = s
+    return report
