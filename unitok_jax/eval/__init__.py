@@ -1,6 +1,6 @@
-"""Evaluation of the audio tokenizer (VAE reconstruction), TTS and ASR.
+"""Evaluation of the audio tokenizer (VAE reconstruction), TTS, ASR and speech editing.
 
-Command line (``python -m unitok_jax.eval {vae,tts,asr} ...``; see :mod:`unitok_jax.eval.__main__` for the input
+Command line (``python -m unitok_jax.eval {vae,tts,asr,edit} ...``; see :mod:`unitok_jax.eval.__main__` for the input
 files it expects) and a Python API on in-memory 16 kHz waveforms and strings::
 
     from unitok_jax.eval import evaluate_vae, evaluate_tts, evaluate_asr, plot_mel_comparison
@@ -19,6 +19,7 @@ from unitok_jax.eval.metrics import (
     duration_error,
     error_rates,
     evaluate_asr,
+    evaluate_edit,
     evaluate_tts,
     evaluate_vae,
     log_mel_distance,
@@ -26,7 +27,10 @@ from unitok_jax.eval.metrics import (
     normalize_text,
     pesq_wb,
     plot_mel_comparison,
+    render_markup,
+    rms_db,
     si_sdr,
+    snr_estimate_db,
     speaker_embedding,
     speaker_similarity,
     stoi,
@@ -34,6 +38,7 @@ from unitok_jax.eval.metrics import (
 
 __all__ = [
     "EvalDependencyError", "copy_prompt_baseline", "cosine", "duration_error", "error_rates", "evaluate_asr",
-    "evaluate_tts", "evaluate_vae", "log_mel_distance", "mcd_dtw", "normalize_text", "pesq_wb",
-    "plot_mel_comparison", "si_sdr", "speaker_embedding", "speaker_similarity", "stoi",
+    "evaluate_edit", "evaluate_tts", "evaluate_vae", "log_mel_distance", "mcd_dtw", "normalize_text", "pesq_wb",
+    "plot_mel_comparison", "render_markup", "rms_db", "si_sdr", "snr_estimate_db", "speaker_embedding",
+    "speaker_similarity", "stoi",
 ]

@@ -1,9 +1,11 @@
-"""python -m unitok_jax.eval: score VAE reconstructions, TTS outputs and ASR transcripts from files.
+"""python -m unitok_jax.eval: score VAE reconstructions, TTS outputs, ASR transcripts and speech edits from files.
 
   python -m unitok_jax.eval vae --reference MANIFEST.jsonl --generated DIR|RESULTS.jsonl [--split S] [--plots DIR]
   python -m unitok_jax.eval tts --results RESULTS.jsonl|DIR --reference MANIFEST.jsonl [--requests REQUESTS.jsonl]
                                 [--plots DIR]
   python -m unitok_jax.eval asr --results RESULTS.jsonl|DIR --manifest MANIFEST.jsonl [--requests REQUESTS.jsonl]
+  python -m unitok_jax.eval edit --results RESULTS.jsonl|DIR --manifest EDIT_MANIFEST.jsonl
+                                 [--requests REQUESTS.jsonl] [--no-normalize]
   every subcommand: [--json OUT.json] [--quiet]
 
 Input files are JSONL (one object per line), joined on ``id``; relative paths are relative to the file's folder.
@@ -18,17 +20,32 @@ Input files are JSONL (one object per line), joined on ``id``; relative paths ar
 * ``--generated`` (vae): a ``results.jsonl`` with ``{"id", "wav"}``, or a folder of reconstructions: ``<id>.wav``
   (``sample.py reconstruct --input requests.jsonl``) or, failing that, ``<stem of the reference audio>.wav``
   (``sample.py reconstruct FILES``); a ``results.jsonl`` inside the folder is used first when it exists.
-* ``--requests`` (tts, asr): the ``sample.py`` request file. For tts it supplies ``prompt_wav`` (the voice
+* ``--requests`` (tts, asr, edit): the ``sample.py`` request file. For tts it supplies ``prompt_wav`` (the voice
   prompt), enabling the copy-the-prompt baseline and the speaker proxy; for both, a requested id without a
-  result counts as a failed item.
+  result counts as a failed item (edit too).
+* Edit (``edit``): the manifest is an edit-corpus manifest (``python -m unitok_jax.data.build_edit_corpus``'s
+  ``heldout.jsonl``): ``{"id", "audio"`` (source speech), ``"target_audio"`` (the eSpeak rendering of the intended
+  result), ``"edit_type"`` (delete / insert / substitute / faster / slower / louder / quieter / voice / add_noise /
+  denoise), ``"target_markup"`` (the intended ``<cot_text>`` with its ``<edit>…</edit>`` span; null for acoustic
+  edits), ``"edit_kind"?}``, paths relative to the manifest. The results are what ``sample.py edit`` writes:
+  ``{"id", "wav"`` (the edited speech, relative to the results file), ``"seconds"`` (0: the model produced no
+  audio), ``"target_markup"`` (the raw ``<cot_text>`` content, null without one), ``"target_transcript"``,
+  ``"text"}``; the ids are the manifest's (a request file ``{"id", "wav": <source audio>, "instruction",
+  "semantic"}`` made from it). Results without ``target_markup`` (older files) are scored on the
+  ``target_transcript`` against the markup with the special tokens removed (rows say ``"cot_markup": false``).
+  Metrics: :func:`unitok_jax.eval.metrics.evaluate_edit` (CoT CER / WER per semantic edit, MCD-DTW against the
+  target and of the source against it, for acoustic edits whether duration / RMS level / SNR estimate / speaker
+  proxy moved the right way relative to the source and by how much).
 
-Which items are scored: vae -- every reference line; tts / asr -- every result (and every request with
+Which items are scored: vae -- every reference line; tts / asr / edit -- every result (and every request with
 ``--requests``). Speaker proxy voices: the prompts, labelled by the reference line's ``speaker`` (else by the
 prompt's path); each generated utterance is compared with its own voice and with all the others.
 
 Output: a table (per-item rows, then means) on stdout and, with ``--json``, a JSON report written atomically:
 ``{"task", "inputs", "count", "scored", "failed": [{"id", "error"}], "problems": [...], "mean": {...},
-"rows": [...]}`` (asr adds ``"corpus"``). Metrics are defined in :mod:`unitok_jax.eval.metrics`.
+"rows": [...]}`` (asr adds ``"corpus"``; edit adds ``"corpus"`` (CoT rates), ``"no_audio"``, ``"normalized"`` and
+``"by_type": {edit_type: {"count", "scored", "no_audio", "mean", "corpus"}}``, and prints a per-type table).
+Metrics are defined in :mod:`unitok_jax.eval.metrics`.
 
 Exit status: 0 every item scored; 1 some items failed (missing result, unreadable audio, bad line); 2 an input
 file cannot be read, nothing to score, or a missing dependency (``pip install 'unitok-jax[eval]'``).
