@@ -3,8 +3,10 @@
 
   python train.py --config configs/vae.py:tiny --workdir DIR [--config.key=value ...]
 
-The config names the stage: ``vae`` (tokenizer stage S0: mel + adversarial + feature matching + KL, alternating
-generator / discriminator updates) or ``lm`` (:mod:`unitok_jax.training.lm_train`). A workdir that already holds a
+The config names the stage: ``vae`` (the tokenizer; ``train.objective`` s0: mel + adversarial + feature matching +
+KL, alternating generator / discriminator updates; s1: semantic distillation of the decoder's semantic path to
+teacher features read from disk, :mod:`unitok_jax.training.distill_step`) or ``lm``
+(:mod:`unitok_jax.training.lm_train`). A workdir that already holds a
 checkpoint resumes it exactly (params, optimizer states, step, RNG and the data position). SIGTERM saves a
 checkpoint and exits cleanly. At the end the inference params are exported to ``DIR/export`` (a checkpoint
 ``sample.py`` loads).
@@ -22,6 +24,7 @@ images for the first ``sample_audio`` clips in TensorBoard.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
@@ -55,13 +58,24 @@ def vae_mesh_sizes(config) -> dict:
     return sizes
 
 
-def vae_objects(config):
-    """(VAEConfig, VAETrainConfig, DiscConfig, OptConfig) of a VAE-stage config."""
+OBJECTIVES = ("s0", "s1")
+
+
+def vae_objects(config, vcfg=None):
+    """(VAEConfig, step config, DiscConfig or None, OptConfig) of a VAE-stage config: ``VAETrainConfig`` and the
+    discriminators for objective s0, ``DistillConfig`` and no discriminator for s1. ``vcfg`` (e.g. the VAE config
+    of ``init.vae``) replaces ``config.vae``."""
     from unitok_jax import vae
     from unitok_jax.training.discriminators import DiscConfig
+    from unitok_jax.training.distill_step import DistillConfig
     from unitok_jax.training.vae_step import OptConfig, VAETrainConfig
 
-    vcfg = vae.VAEConfig.from_reference(config.vae.to_dict())
+    objective = config.train.get("objective", "s0")
+    if objective not in OBJECTIVES:
+        raise VAESetupError(f"train.objective={objective!r} is not one of {OBJECTIVES}")
+    vcfg = vcfg or vae.VAEConfig.from_reference(config.vae.to_dict())
+    if objective == "s1":
+        return vcfg, DistillConfig(vae=vcfg), None, OptConfig(lr=config.train.lr)
     tcfg = VAETrainConfig(vae=vcfg, gan_loss=config.train.gan_loss, noise_tau=config.train.noise_tau,
                           adv_start_step=config.train.adv_start_step)
     dcfg = DiscConfig.tiny() if config.train.tiny_discriminators else DiscConfig()
@@ -69,18 +83,22 @@ def vae_objects(config):
 
 
 def vae_init_fn(config, objects=None):
-    """``init(key) -> train state`` (``jax.eval_shape`` it for the abstract state, jit it with out_shardings to
-    create it sharded)."""
+    """``init(key, params=None) -> train state`` (``jax.eval_shape`` it for the abstract state, jit it with
+    out_shardings to create it sharded). ``params``: VAE params to start from (``init.vae``), else random."""
     import jax
 
     from unitok_jax import vae
+    from unitok_jax.training.distill_step import DistillConfig, init_distill_state
     from unitok_jax.training.vae_step import init_vae_train_state
 
     vcfg, tcfg, dcfg, ocfg = objects or vae_objects(config)
 
-    def init(key):
+    def init(key, params=None):
         k_init, k_state = jax.random.split(key)
-        return init_vae_train_state(tcfg, vae.init_params(vcfg, k_init), dcfg, ocfg, k_state)
+        params = vae.init_params(vcfg, k_init) if params is None else params
+        if isinstance(tcfg, DistillConfig):
+            return init_distill_state(tcfg, params, ocfg, k_state)
+        return init_vae_train_state(tcfg, params, dcfg, ocfg, k_state)
 
     return init
 
@@ -108,36 +126,50 @@ def vae_state_shardings(state_abs: dict, tcfg, ocfg, mesh) -> dict:
         return jax.tree.map(lambda x: rep if x is None else x, out,
                             is_leaf=lambda x: x is None or isinstance(x, NamedSharding))
 
-    gen, disc = params(state_abs["gen_params"]), params(state_abs["disc_params"])
-    return {"step": rep, "gen_params": gen, "disc_params": disc,
-            "gen_opt_state": opt_state(gen_optimizer(tcfg, ocfg), state_abs["gen_opt_state"], gen),
-            "disc_opt_state": opt_state(disc_optimizer(ocfg), state_abs["disc_opt_state"], disc),
-            "rng": rep, "num_skipped": rep}
+    gen = params(state_abs["gen_params"])
+    out = {"step": rep, "gen_params": gen,
+           "gen_opt_state": opt_state(gen_optimizer(tcfg, ocfg), state_abs["gen_opt_state"], gen),
+           "rng": rep, "num_skipped": rep}
+    if "disc_params" in state_abs:  # objective s0
+        disc = params(state_abs["disc_params"])
+        out.update(disc_params=disc,
+                   disc_opt_state=opt_state(disc_optimizer(ocfg), state_abs["disc_opt_state"], disc))
+    return out
 
 
 def vae_step_fn(tcfg, dcfg, ocfg, state_sh, mesh):
-    """The VAE train step ``(state, {"wave", "lengths"}) -> (state, metrics)`` as one jit with in/out shardings
-    (state in ``state_sh``, batch split over data x fsdp, metrics replicated) and donated state, traced under the
-    mesh and the logical rules (the backbones' activations are batch-sharded by the same rules)."""
+    """The VAE train step ``(state, {"wave", "lengths"[, "teacher", "teacher_frames"]}) -> (state, metrics)`` as
+    one jit with in/out shardings (state in ``state_sh``, batch split over data x fsdp, metrics replicated) and
+    donated state, traced under the mesh and the logical rules (the backbones' activations are batch-sharded by the
+    same rules). S0's GAN step or S1's distillation step, after the type of ``tcfg``."""
     import functools
 
     from unitok_jax import sharding as shd
     from unitok_jax.training import sharded
+    from unitok_jax.training.distill_step import DistillConfig, distill_train_step
     from unitok_jax.training.vae_step import vae_train_step
 
-    step = functools.partial(vae_train_step, cfg=tcfg, disc_cfg=dcfg, opt_cfg=ocfg)
+    if isinstance(tcfg, DistillConfig):
+        step = functools.partial(distill_train_step, cfg=tcfg, opt_cfg=ocfg)
+    else:
+        step = functools.partial(vae_train_step, cfg=tcfg, disc_cfg=dcfg, opt_cfg=ocfg)
     return sharded.jit_step(step, state_sh, mesh, shd.DEFAULT_RULES)
 
 
-def heldout_batch(config, train_records, sample_rate: int = 16000, hop: int = 320):
+def heldout_batch(config, train_records, sample_rate: int = 16000, hop: int = 320, teacher_dim: int = 0):
     """The fixed batch the VAE stage reconstructs every ``sample_every`` steps: ``data.heldout_size`` records spread
     evenly over ``data.heldout_manifest`` (else over the training manifest: then the clips are *not* held out),
     each centre-cropped to ``data.heldout_seconds`` (rounded to whole frames). Unreadable records are skipped.
-    Returns ({"wave" [N, L] f32, "lengths" [N] i32, "ids"}, a line describing the source), or (None, reason)."""
+    Returns ({"wave" [N, L] f32, "lengths" [N] i32, "ids"}, a line describing the source), or (None, reason).
+
+    ``teacher_dim`` > 0 (objective s1): the crops start on a frame boundary and the batch also holds the matching
+    teacher rows (``"teacher" [N, L / hop, dim]``, ``"teacher_frames" [N]``); records without readable teacher
+    features (field ``data.teacher_key``) are skipped."""
     import numpy as np
 
     from unitok_jax.audio import AudioError, load_audio
     from unitok_jax.data.manifest import read_manifest
+    from unitok_jax.data.pipeline import TeacherError, load_teacher
 
     if config.data.heldout_manifest:
         records = read_manifest(config.data.heldout_manifest, require_text=False).records
@@ -151,17 +183,26 @@ def heldout_batch(config, train_records, sample_rate: int = 16000, hop: int = 32
         return None, f"no held-out clips ({source}: {len(records)} records, heldout_size={n})"
     order = list(dict.fromkeys(int(i * len(records) / n) for i in range(n)))  # spread evenly, then the rest
     order += [i for i in range(len(records)) if i not in set(order)]
-    waves, lengths, ids = [], [], []
+    waves, lengths, ids, teachers = [], [], [], []
+    frames = length // hop
     for i in order:
         if len(waves) == n:
             break
         try:
             w = load_audio(records[i]["audio"], sample_rate)
-        except AudioError:
+            if teacher_dim:
+                feats = load_teacher(records[i].get(config.data.teacher_key) or "", teacher_dim)
+        except (AudioError, TeacherError):
             continue
         if w.size == 0:
             continue
         start = max((len(w) - length) // 2, 0)
+        if teacher_dim:
+            start = start // hop * hop
+            rows = np.asarray(feats[start // hop : start // hop + frames], np.float32)
+            if not np.all(np.isfinite(rows)):
+                continue
+            teachers.append((np.pad(rows, ((0, frames - len(rows)), (0, 0))), len(rows)))
         piece = w[start : start + length]
         waves.append(np.pad(piece, (0, length - len(piece))).astype(np.float32))
         lengths.append(len(piece))
@@ -169,6 +210,9 @@ def heldout_batch(config, train_records, sample_rate: int = 16000, hop: int = 32
     if not waves:
         return None, f"no readable held-out clips in the {source}"
     batch = {"wave": np.stack(waves), "lengths": np.asarray(lengths, np.int32), "ids": ids}
+    if teacher_dim:
+        batch["teacher"] = np.stack([t for t, _ in teachers])
+        batch["teacher_frames"] = np.asarray([k for _, k in teachers], np.int32)
     return batch, f"{len(waves)} clips of {length / sample_rate:.2f} s from the {source}"
 
 
@@ -214,12 +258,13 @@ def _train_vae(config, workdir: str, stop_after=None) -> int:
 
     from unitok_jax import sharding as shd
     from unitok_jax import vae
-    from unitok_jax.convert import Checkpoint, save
+    from unitok_jax.convert import Checkpoint, ConversionError, load, save
     from unitok_jax.data.manifest import read_manifest
     from unitok_jax.data.pipeline import vae_batches
     from unitok_jax.training import sharded
     from unitok_jax.training import vae_losses as L
     from unitok_jax.training.checkpoint import Preemption, TrainCheckpointer
+    from unitok_jax.training.distill_step import DistillConfig, distill_loss
     from unitok_jax.training.guard import BadSteps
     from unitok_jax.training.monitor import (MetricWriter, Throughput, matmul_flops, mel_comparison, mfu,
                                              peak_flops_per_device)
@@ -238,8 +283,37 @@ def _train_vae(config, workdir: str, stop_after=None) -> int:
         say(f"skipped {e}", file=sys.stderr)
     if not manifest.records:
         raise VAESetupError(f"{config.data.manifest} has no usable records")
-    objects = vae_objects(config)
+    init_params, init_vcfg = None, None
+    if config.get("init") and config.init.get("vae"):
+        try:
+            init_vcfg, init_params = load(config.init.vae).vae()
+        except (ConversionError, KeyError, ValueError) as e:
+            raise VAESetupError(f"init.vae={config.init.vae}: {e}") from None
+        say(f"starting from the VAE in {config.init.vae} (its config replaces `vae`)")
+    objects = vae_objects(config, init_vcfg)
     vcfg, tcfg, dcfg, ocfg = objects
+    distill = isinstance(tcfg, DistillConfig)  # objective s1
+    teacher_dim = vcfg.unified_dim if distill else 0
+    if distill:  # the teacher features must exist and have the semantic module's width (checked on one record)
+        from unitok_jax.data.pipeline import TeacherError, load_teacher
+
+        key_name = config.data.teacher_key
+        missing = [r.get("id", "?") for r in manifest.records if not isinstance(r.get(key_name), str)]
+        if len(missing) == len(manifest.records):
+            raise VAESetupError(f"objective s1 needs teacher features: no record of {config.data.manifest} has a "
+                                f"{key_name!r} field (a .npy path; see data.teacher_key)")
+        if missing:
+            say(f"{len(missing)} records have no {key_name!r} field and are skipped (first: {missing[0]})",
+                file=sys.stderr)
+        first = next(r for r in manifest.records if isinstance(r.get(key_name), str))
+        try:
+            load_teacher(first[key_name], teacher_dim)
+        except TeacherError as e:
+            raise VAESetupError(f"{e} (record {first.get('id', '?')}; the semantic module emits {teacher_dim} "
+                                f"channels)") from None
+    if distill and init_params is None:
+        say("warning: objective s1 without init.vae distils into a randomly initialised (untrained) encoder",
+            file=sys.stderr)
 
     # ---- mesh + sharded state (born sharded, or restored into its shardings)
     mesh = shd.make_mesh({"mesh": vae_mesh_sizes(config)})
@@ -254,9 +328,13 @@ def _train_vae(config, workdir: str, stop_after=None) -> int:
     ckpt = TrainCheckpointer(workdir, every_steps=config.checkpoint.every_steps, keep=config.checkpoint.keep)
     state = None
     if ckpt.latest_step() is None:
-        state = jax.jit(init, out_shardings=state_sh)(key)
+        fixed = None if init_params is None else jax.device_put(init_params, state_sh["gen_params"])
+        state = jax.jit(init, out_shardings=state_sh)(key, fixed)
+        del fixed
     data = vae_batches(manifest.records, batch_size=gb // nproc, crop_seconds=config.data.crop_seconds,
-                       seed=config.seed)  # this process's rows of every global batch
+                       seed=config.seed, teacher_key=config.data.teacher_key if distill else None,
+                       teacher_dim=teacher_dim, hop=vcfg.hop)  # this process's rows of every global batch
+    batch_keys = ("wave", "lengths") + (("teacher", "teacher_frames") if distill else ())
     it = iter(data)
     restored = ckpt.restore(sharded.abstract_state(state_abs, state_sh))
     if restored is not None:
@@ -270,13 +348,13 @@ def _train_vae(config, workdir: str, stop_after=None) -> int:
     rep = NamedSharding(mesh, P())
     held, held_dev, reconstruct = None, None, None
     if config.sample_every:
-        held, why = heldout_batch(config, manifest.records, vcfg.sample_rate, vcfg.hop)
+        held, why = heldout_batch(config, manifest.records, vcfg.sample_rate, vcfg.hop, teacher_dim)
         say(f"held-out samples: {why}")
     if held is not None:
         def replicated(x):  # every process holds the whole held-out batch
             return jax.device_put(x, rep) if nproc == 1 else jax.make_array_from_process_local_data(rep, x)
 
-        held_dev = (replicated(held["wave"]), replicated(held["lengths"]))
+        held_dev = tuple(replicated(held[k]) for k in batch_keys)
 
         def _reconstruct(gen_params, wave, lengths):
             enc = vae.encode(gen_params, vcfg, wave, lengths, sample=False)
@@ -284,13 +362,25 @@ def _train_vae(config, workdir: str, stop_after=None) -> int:
                                   lengths)
             return rec, L.multi_resolution_mel_loss(L.mask_waveform(wave, lengths), rec, lengths, tcfg.mel)
 
-        reconstruct = jax.jit(_reconstruct, in_shardings=(state_sh["gen_params"], rep, rep),
-                              out_shardings=(rep, rep))
+        def _distill(gen_params, wave, lengths, teacher, teacher_frames):  # objective s1: the posterior mean
+            _, m = distill_loss(gen_params, dataclasses.replace(tcfg, sample_posterior=False), wave, lengths,
+                                teacher, teacher_frames, None)
+            return m["distill_mse"], m["distill_cos"]
+
+        if distill:
+            reconstruct = jax.jit(_distill, in_shardings=(state_sh["gen_params"],) + (rep,) * 4,
+                                  out_shardings=(rep, rep))
+        else:
+            reconstruct = jax.jit(_reconstruct, in_shardings=(state_sh["gen_params"], rep, rep),
+                                  out_shardings=(rep, rep))
 
     writer = MetricWriter(workdir, tensorboard=config.tensorboard)
     logged_refs: set = set()
 
     def sample(step: int, state) -> dict:
+        if distill:
+            mse, cos = reconstruct(state["gen_params"], *held_dev)
+            return {"heldout/distill_mse": float(mse), "heldout/distill_cos": float(cos)}
         rec, mel = reconstruct(state["gen_params"], *held_dev)
         out = {"heldout/mel_l1": float(mel)}
         if pid != 0:
@@ -324,7 +414,7 @@ def _train_vae(config, workdir: str, stop_after=None) -> int:
         while step < total:
             local = next(it)
             bad_records += int((~local["ok"]).sum())
-            batch = sharded.global_batch({"wave": local["wave"], "lengths": local["lengths"]}, mesh)
+            batch = sharded.global_batch({k: local[k] for k in batch_keys}, mesh)
             if flops is None and peak is not None:  # global matmul FLOPs of one step (traced once)
                 with shd.use_sharding(mesh, shd.DEFAULT_RULES):
                     flops = float(matmul_flops(step_fn.raw, state, batch))
@@ -352,7 +442,8 @@ def _train_vae(config, workdir: str, stop_after=None) -> int:
                         m["mfu"] = u
                 m.update(held_m)
                 writer.scalars(step, m)
-                bar.set_postfix(loss=f"{m['loss_g']:.3f}", mel=f"{m['mel']:.3f}",
+                extra = {"mel": f"{m['mel']:.3f}"} if "mel" in m else {"cos": f"{m['distill_cos']:.3f}"}
+                bar.set_postfix(loss=f"{m.get('loss_g', m.get('loss')):.3f}", **extra,
                                 step_s=f"{m['step_s']:.3f}" if "step_s" in m else "n/a",
                                 audio_s=f"{m['audio_s_per_s']:.1f}" if "audio_s_per_s" in m else "n/a",
                                 mfu=f"{m['mfu']:.1%}" if "mfu" in m else "n/a")

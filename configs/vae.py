@@ -1,7 +1,10 @@
-"""VAE (tokenizer, stage S0) training configurations: ``configs/vae.py:tiny`` (CPU) and ``configs/vae.py:official``
-(the estimated MingTok-Audio size; spec 6.1 leaves the backbone dims to the released config).
+"""VAE (tokenizer) training configurations: ``configs/vae.py:tiny`` (CPU) and ``configs/vae.py:official`` (the
+estimated MingTok-Audio size; spec 6.1 leaves the backbone dims to the released config). ``train.objective`` picks
+stage S0 (acoustic, the default) or S1 (semantic distillation).
 
   python train.py --config configs/vae.py:tiny --workdir runs/vae --config.data.manifest=corpus/train.jsonl
+  python train.py --config configs/vae.py:tiny --workdir runs/vae_s1 --config.train.objective=s1 \
+      --config.init.vae=runs/vae/export --config.data.manifest=teacher.jsonl   # records with a "teacher" .npy
 """
 from __future__ import annotations
 
@@ -26,6 +29,10 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
         semantic_module_kwargs=dict(whisper_encoder=dict(n_state=48, n_head=4, n_layer=2) if tiny
                                     else dict(n_state=1280, n_head=20, n_layer=32)),
     )
+    # Start from trained VAE params (a `vae` export of this stage or a converted MingTok-Audio folder); its VAE
+    # config then replaces `vae`. Stage S1 distils into a trained S0 tokenizer.
+    c.init = ml_collections.ConfigDict()
+    c.init.vae = ml_collections.config_dict.placeholder(str)
     c.data = ml_collections.ConfigDict()
     c.data.manifest = ml_collections.config_dict.placeholder(str)  # JSONL {id, audio, text?, speaker}
     c.data.crop_seconds = 1.0 if tiny else 2.0
@@ -33,10 +40,16 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     # Reconstructed every `sample_every` steps: `heldout_size` clips spread over the held-out manifest (unset: over
     # the training manifest, then not held out), centre crops of `heldout_seconds`.
     c.data.heldout_manifest = ml_collections.config_dict.placeholder(str)
+    # Stage S1: the manifest field naming each record's teacher features, a .npy [frames, unified_dim] at 50 Hz
+    # (row i = samples [320 i, 320 (i + 1)); e.g. Whisper-large-v3 encoder outputs for the official sizes).
+    c.data.teacher_key = "teacher"
     c.data.heldout_size = 4 if tiny else 8
     c.data.heldout_seconds = 2.0 if tiny else 4.0
     c.train = ml_collections.ConfigDict()
     c.train.steps = 200 if tiny else 200_000
+    # "s0": acoustic (encoder + low-level decoder; 15 mel + adv + fm + 1e-4 KL, alternating GAN updates);
+    # "s1": semantic distillation (decoder fc2 + semantic module only; MSE to the teacher features, no GAN)
+    c.train.objective = "s0"
     c.train.gan_loss = "hinge"  # "hinge" | "lsgan"
     c.train.adv_start_step = 0
     c.train.noise_tau = 0.0  # RAE decoder-input noise (spec 7.4a); 0 = off

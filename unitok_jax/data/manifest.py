@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from typing import Optional
 
 FIELDS = {"id": (str, int), "audio": str, "text": str, "speaker": (str, int)}
-# latents: a latent-cache file (LM stage); target_audio: an edit pair's target (build_edit_corpus)
-OPTIONAL = {"duration": (int, float), "split": str, "latents": str, "target_audio": str}
+# latents: a latent-cache file (LM stage); target_audio: an edit pair's target (build_edit_corpus); teacher: the
+# teacher features of tokenizer stage S1 (a .npy, see unitok_jax.data.pipeline.load_teacher)
+OPTIONAL = {"duration": (int, float), "split": str, "latents": str, "target_audio": str, "teacher": str}
+PATH_KEYS = ("audio", "latents", "target_audio", "teacher")  # relative to the manifest file
 
 
 @dataclasses.dataclass
@@ -44,22 +47,28 @@ def read_jsonl(path: str, required: dict, optional: dict = None, *, path_keys: t
     optional = optional or {}
     seen = set()
     base = os.path.dirname(os.path.abspath(path))
-    with open(path, encoding="utf-8") as f:
-        for n, raw in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for n, raw_bytes in enumerate(f, 1):
+            where = f"{path}:{n}"
+            try:
+                raw = raw_bytes.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield n, where, None, f"not valid UTF-8 (byte {e.start})"
+                continue
             if not raw.strip():
                 continue
-            where = f"{path}:{n}"
             try:
                 obj = json.loads(raw)
             except ValueError as e:
-                yield n, where, None, f"not valid JSON ({e.msg})"
+                yield n, where, None, f"not valid JSON ({getattr(e, 'msg', e)})"
                 continue
             if not isinstance(obj, dict):
                 yield n, where, None, f"expected a JSON object, got {type(obj).__name__}"
                 continue
             problems = [f"missing field {k!r}" for k in required if k not in obj]
             problems += [f"field {k!r} must be {_type_name(t)}" for k, t in {**required, **optional}.items()
-                         if k in obj and not isinstance(obj[k], t)]
+                         if k in obj and (not isinstance(obj[k], t) or isinstance(obj[k], bool) and bool not in
+                                          (t if isinstance(t, tuple) else (t,)))]
             if problems:
                 yield n, where, None, "; ".join(problems)
                 continue
@@ -81,11 +90,14 @@ def read_manifest(path: str, *, require_text: bool = True, add_durations: bool =
     records, errors = [], []
     required = {k: t for k, t in FIELDS.items() if require_text or k != "text"}
     optional = {**OPTIONAL, **({} if require_text else {"text": str})}
-    for _, where, rec, problem in read_jsonl(path, required, optional, path_keys=("audio", "latents", "target_audio")):
+    for _, where, rec, problem in read_jsonl(path, required, optional, path_keys=PATH_KEYS):
         if problem is not None:
             errors.append(f"{where}: {problem}")
             continue
         rec["speaker"] = str(rec["speaker"])
+        if "duration" in rec and not (math.isfinite(rec["duration"]) and rec["duration"] >= 0):
+            errors.append(f"{where}: field 'duration' must be a finite number of seconds >= 0, got {rec['duration']}")
+            continue
         if add_durations and "duration" not in rec:
             d = audio_duration(rec["audio"])
             if d is None:

@@ -1,7 +1,8 @@
 """grain input pipelines for the two training stages.
 
 * :func:`vae_batches`: random fixed-length crops of utterances (VAE stage), ``{"wave" [B, crop], "lengths" [B],
-  "ok" [B]}``.
+  "ok" [B]}``; with ``teacher_key`` (stage S1) the crops start on a frame boundary and carry the matching rows of
+  the record's teacher features: ``"teacher" [B, crop / hop, dim]``, ``"teacher_frames" [B]``.
 * :func:`bucketed_batches`: whole utterances grouped by duration into a few padded lengths (LM stage),
   ``{"wave" [B, Lb], "lengths" [B], "text" [B], "speaker" [B], "id" [B], "ok" [B]}``.
 
@@ -39,14 +40,38 @@ def _load(record: dict, sample_rate: int) -> Optional[np.ndarray]:
         return None
 
 
+class TeacherError(ValueError):
+    """A record's teacher-feature file is missing, unreadable or of the wrong shape."""
+
+
+def load_teacher(path: str, dim: int) -> np.ndarray:
+    """Teacher features of one record (stage S1): a ``.npy`` array [T, dim] of 50 Hz frames, row ``i`` describing
+    samples ``[hop * i, hop * (i + 1))`` (Whisper's encoder output has this rate). Memory-mapped; finite floats
+    only. Raises :class:`TeacherError` naming the file and the problem."""
+    try:
+        feats = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise TeacherError(f"teacher features {path}: {e}") from None
+    if feats.ndim != 2 or feats.shape[1] != dim:
+        raise TeacherError(f"teacher features {path}: shape {feats.shape}, expected [frames, {dim}]")
+    if not np.issubdtype(feats.dtype, np.floating):
+        raise TeacherError(f"teacher features {path}: dtype {feats.dtype}, expected floating point")
+    return feats
+
+
 @dataclasses.dataclass(frozen=True)
 class _Crop:
     crop: int
     sample_rate: int
+    teacher_key: Optional[str] = None
+    teacher_dim: int = 0
+    hop: int = 320
 
     def random_map(self, record: dict, rng: np.random.Generator) -> dict:
         wave = _load(record, self.sample_rate)
         out = np.zeros((self.crop,), np.float32)
+        if self.teacher_key is not None:
+            return self._with_teacher(record, wave, out, rng)
         if wave is None:
             return {"wave": out, "lengths": np.int32(0), "ok": False}
         start = int(rng.integers(0, max(len(wave) - self.crop, 0) + 1))
@@ -54,15 +79,46 @@ class _Crop:
         out[: len(piece)] = piece
         return {"wave": out, "lengths": np.int32(len(piece)), "ok": True}
 
+    def _with_teacher(self, record, wave, out, rng) -> dict:
+        frames = self.crop // self.hop
+        teacher = np.zeros((frames, self.teacher_dim), np.float32)
+        bad = {"wave": out, "lengths": np.int32(0), "teacher": teacher, "teacher_frames": np.int32(0), "ok": False}
+        if wave is None or not isinstance(record.get(self.teacher_key), str):
+            return bad
+        try:
+            feats = load_teacher(record[self.teacher_key], self.teacher_dim)
+        except TeacherError:
+            return bad
+        # a frame-aligned start, so teacher row k of the crop is latent frame k of the crop
+        start_frame = int(rng.integers(0, max(len(wave) // self.hop - frames, 0) + 1))
+        piece = wave[start_frame * self.hop : start_frame * self.hop + self.crop]
+        rows = np.asarray(feats[start_frame : start_frame + frames], np.float32)
+        if not np.all(np.isfinite(rows)):
+            return bad
+        out[: len(piece)] = piece
+        teacher[: len(rows)] = rows
+        return {"wave": out, "lengths": np.int32(len(piece)), "teacher": teacher,
+                "teacher_frames": np.int32(len(rows)), "ok": True}
+
 
 def vae_batches(records: Sequence[dict], *, batch_size: int, crop_seconds: float, seed: int,
                 sample_rate: int = SAMPLE_RATE, shard_index: Optional[int] = None,
-                shard_count: Optional[int] = None, num_epochs: Optional[int] = None):
-    """Shuffled random crops (a new crop every epoch), batched; repeats forever unless ``num_epochs``."""
+                shard_count: Optional[int] = None, num_epochs: Optional[int] = None,
+                teacher_key: Optional[str] = None, teacher_dim: int = 0, hop: int = 320):
+    """Shuffled random crops (a new crop every epoch), batched; repeats forever unless ``num_epochs``.
+
+    ``teacher_key``: the manifest field naming each record's teacher features (:func:`load_teacher`, ``teacher_dim``
+    channels); the crop is then rounded to whole frames of ``hop`` samples and starts on a frame boundary. A record
+    whose features are missing or malformed is a bad item (``ok = False``) like unreadable audio."""
     index, count = _shard(shard_index, shard_count)
     if not records:
         raise ValueError("no records to train on")
-    crop = _Crop(int(round(crop_seconds * sample_rate)), sample_rate)
+    n = int(round(crop_seconds * sample_rate))
+    if teacher_key is not None:
+        if teacher_dim < 1:
+            raise ValueError("teacher_key needs teacher_dim (the teacher's feature channels)")
+        n = max(hop, n // hop * hop)
+    crop = _Crop(n, sample_rate, teacher_key, teacher_dim, hop)
     ds = grain.MapDataset.source(list(records))[index::count]
     ds = ds.shuffle(seed=seed).repeat(num_epochs).random_map(crop.random_map, seed=seed)
     return ds.to_iter_dataset().batch(batch_size, drop_remainder=True)

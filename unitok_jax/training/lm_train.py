@@ -397,13 +397,13 @@ def _run(config, workdir: str, stop_after: Optional[int]) -> int:
 
                 stop = bool(np.any(multihost_utils.process_allgather(np.array([stop]))))
             if stop and step < total:
-                ckpt.save(step, state, it.get_state(), force=True)
+                ckpt.save(step, state, data_state(), force=True)
                 ckpt.wait()
                 if pid == 0:
                     print(f"\nstopped at step {step} ({'SIGTERM' if preempt.requested else 'stop_after'}); "
                           f"checkpoint saved in {ckpt.directory}")
                 return 0
-        ckpt.save(step, state, it.get_state(), force=True)
+        ckpt.save(step, state, data_state(), force=True)
         ckpt.wait()
     finally:
         bar.close()
