@@ -204,20 +204,54 @@ def _mixed_batch(tok, lat, rng):
     return lm_data.make_batch(lm_data.mix_examples(tts, asr, 4, 0.5, rng), max_len=256, max_patches=64)
 
 
+EDIT_ROWS = (("Delete the word 'there'.", "he hoped <edit></edit> would be stew"), ("Make it louder.", None),
+             ("Insert 'hot' before 'stew'.", "there would be <edit><framePatch></edit> stew"), ("Speak faster.", None))
+
+
+def _edit_batch(tok, lat, step):
+    """An edit step as the lm stage builds it (whole steps of edit pairs): rows of (source, target) latents of the
+    real utterance through lm_train.edit_examples_from_rows; two semantic pairs with the <cot_text> chain, two
+    acoustic ones."""
+    from unitok_jax.training import lm_train
+
+    n = len(EDIT_ROWS)
+    src = np.stack([lat[150 * i: 150 * i + 140] for i in range(n)])  # 28 source patches
+    tgt = np.stack([lat[150 * i + 60: 150 * i + 200] for i in range(n)])  # 28 target patches
+    frames = np.full(n, 140)
+    rows = {"row": np.arange(n), "ok": np.ones(n, bool), "instruction": [r[0] for r in EDIT_ROWS],
+            "target_markup": [r[1] for r in EDIT_ROWS]}
+    exs, where, skipped = lm_train.edit_examples_from_rows(rows, (src, 0.1 * np.ones_like(src), frames),
+                                                           (tgt, 0.1 * np.ones_like(tgt), frames), tok, P,
+                                                           seed=0, step=step)
+    assert skipped == 0 and where == list(range(n)) and all(e["task"] == "edit" for e in exs)
+    return lm_data.make_batch(exs, max_len=256, max_patches=64)
+
+
 def test_short_training_run_reduces_loss(setup, trainer):
     tok, _, params, lat = setup
     state, step = trainer
     rng = np.random.default_rng(0)
-    batches = [_mixed_batch(tok, lat, rng) for _ in range(4)]
+    # mixed TTS / ASR / edit training: TTS and ASR rows mixed within a step, every third step an edit step
+    batches = [_mixed_batch(tok, lat, rng), _mixed_batch(tok, lat, rng), _edit_batch(tok, lat, 0)]
     assert any(b["is_tts"].any() and (~b["is_tts"]).any() for b in batches)
-    losses = []
+    assert batches[2]["flow_mask"].sum() == 4 * 28 and (batches[2]["text_labels"] != lm_data.IGNORE).any()
+    losses, edit_metrics = [], []
     for i in range(40):
-        state, m = step(state, batches[i % 4])
+        state, m = step(state, batches[i % 3])
         losses.append(float(m["loss"]))
+        if i % 3 == 2:
+            edit_metrics.append({k: float(m[k]) for k in ("text_ce", "flow")})
         assert int(m["skipped_step"]) == 0
-    first, last = np.mean(losses[:5]), np.mean(losses[-5:])
-    print(f"LM loss first-5 {first:.3f} last-5 {last:.3f}")
+    first, last = np.mean(losses[:6]), np.mean(losses[-6:])
+    print(f"LM loss first-6 {first:.3f} last-6 {last:.3f}; edit steps {edit_metrics[0]} -> {edit_metrics[-1]}")
     assert np.isfinite(losses).all() and last < 0.7 * first, losses
+    # the edit steps learn too: their text CE (the <cot_text> chain and <gen_audio>) and flow loss (noisier: fresh
+    # times and noise every step) fall, first two edit steps against the last two
+    def mean(k, steps):
+        return np.mean([m[k] for m in steps])
+
+    assert mean("text_ce", edit_metrics[-2:]) < 0.7 * mean("text_ce", edit_metrics[:2]), edit_metrics
+    assert mean("flow", edit_metrics[-2:]) < 0.85 * mean("flow", edit_metrics[:2]), edit_metrics
     assert int(state["step"]) == 40 and int(state["skipped"]) == 0
     # only the trainable parts moved
     same = jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), state["params"]["audio"], params["audio"])
