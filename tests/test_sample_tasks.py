@@ -84,7 +84,7 @@ def test_asr_and_edit_jsonl(ckpt_dir, tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     assert os.path.isfile(tmp_path / "edit_out" / "e1.wav")
     row = json.loads((tmp_path / "edit_out" / "results.jsonl").read_text())
-    assert row["id"] == "e1" and "text" in row
+    assert row["id"] == "e1" and "text" in row and "target_markup" in row  # read by python -m unitok_jax.eval edit
 
 
 def test_python_api_batch_equals_single(ckpt_dir):
