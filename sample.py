@@ -9,9 +9,13 @@
 Request lines (JSON objects): tts ``{"id", "text", "prompt_wav"?, "prompt_text"?}``; asr ``{"id", "wav",
 "context"?}``; edit ``{"id", "wav", "instruction", "semantic"?}``. Outputs: ``OUTDIR/<id>.wav`` (tts, edit) and
 ``OUTDIR/results.jsonl`` (every task), both written atomically. A bad request (broken line, missing field, missing
-or unreadable audio, empty text) is reported with its line number and skipped; the rest complete. Re-running skips
-requests whose outputs exist (``--overwrite`` redoes them). ``reconstruct`` encodes and decodes audio files with the
-AudioVAE. Exit status: 0 if every request succeeded, 1 if some failed, 2 for a usage or checkpoint error.
+or unreadable audio, empty text, audio shorter than one patch, a request longer than the model's positions) is
+reported with its line number and skipped; the rest complete. ``results.jsonl`` is rewritten after every finished
+request, so a killed run loses at most the requests in flight: re-running skips requests whose outputs exist
+(``--overwrite`` redoes them) and removes the temporary files a kill left behind. Generated audio with NaN/inf
+samples (a numerical fault) is written with them replaced and reported (``nonfinite_samples`` in its row).
+``reconstruct`` encodes and decodes audio files with the AudioVAE (re-runs likewise keep finished outputs). Exit
+status: 0 if every request succeeded, 1 if some failed, 2 for a usage or checkpoint error.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ import dataclasses
 import os
 import sys
 import time
+import warnings
 
 import numpy as np
 
@@ -31,6 +36,8 @@ class Item:
     wave: np.ndarray | None = None
     seconds: float = 0.0
     error: str | None = None
+    kept: bool = False  # the output exists from an earlier run (not redone)
+    note: str = ""
 
 
 def _bucket(frames: int, base: int) -> int:
@@ -39,6 +46,20 @@ def _bucket(frames: int, base: int) -> int:
     while size < frames:
         size *= 2
     return size
+
+
+def _remove_stale_temps(folder: str) -> None:
+    """Temporary files a killed earlier run left in the output folder (outputs are written under a temporary name
+    and renamed into place, so these are never finished outputs). One sample.py per output folder at a time."""
+    import re
+
+    pattern = re.compile(r"^\.(.+\.[0-9a-f]{32}\.tmp|results\..+)$")
+    for name in os.listdir(folder):
+        if pattern.match(name):
+            try:
+                os.unlink(os.path.join(folder, name))
+            except OSError:
+                pass
 
 
 def _output_names(paths: list[str], out_dir: str) -> list[str]:
@@ -70,6 +91,7 @@ def reconstruct(args) -> int:
     params = jax.device_put(params)
     hop, sr = cfg.hop, cfg.sample_rate
     os.makedirs(args.out, exist_ok=True)
+    _remove_stale_temps(args.out)
 
     if args.input:  # JSONL requests {"id", "wav"}: outputs <id>.wav, bad lines reported and skipped
         try:
@@ -81,7 +103,9 @@ def reconstruct(args) -> int:
         items += [Item(b.split(": ", 1)[0], "", error=b) for b in bad]
     else:
         items = [Item(p, o) for p, o in zip(args.inputs, _output_names(args.inputs, args.out))]
-    for it in tqdm(items, desc="load", unit="file", disable=args.quiet):
+    for it in items:  # finished by an earlier (maybe killed) run: kept, not redone
+        it.kept = it.error is None and not args.overwrite and os.path.isfile(it.out)
+    for it in tqdm([it for it in items if not it.kept], desc="load", unit="file", disable=args.quiet):
         try:
             it.wave = load_audio(it.path, sr, max_seconds=args.max_seconds)
             it.seconds = len(it.wave) / sr
@@ -90,7 +114,7 @@ def reconstruct(args) -> int:
 
     key = jax.random.key(args.seed)
     chunk_frames = int(args.chunk_seconds * sr) // hop
-    ok = sorted((it for it in items if it.error is None), key=lambda it: len(it.wave))
+    ok = sorted((it for it in items if it.error is None and not it.kept), key=lambda it: len(it.wave))
     short = [it for it in ok if len(it.wave) <= chunk_frames * hop]
     long = [it for it in ok if len(it.wave) > chunk_frames * hop]
     base = max(1, int(args.bucket_seconds * sr) // hop)
@@ -100,8 +124,13 @@ def reconstruct(args) -> int:
                bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} s audio [{elapsed}<{remaining}]")
 
     def write(it: Item, wave: np.ndarray) -> None:
+        wave = wave[: len(it.wave)]
+        bad = int(wave.size - np.count_nonzero(np.isfinite(wave)))
+        if bad:  # a numerical fault: never write NaN audio
+            wave = np.nan_to_num(wave, nan=0.0, posinf=1.0, neginf=-1.0)
+            it.note = f" ({bad} non-finite samples replaced: NaN -> 0, +-inf -> +-1)"
         try:
-            save_audio(it.out, wave[: len(it.wave)], sr, subtype=args.subtype)
+            save_audio(it.out, wave, sr, subtype=args.subtype)
         except (AudioError, OSError) as e:
             it.error = f"{it.out}: cannot write: {e}"
         bar.update(it.seconds)
@@ -129,13 +158,16 @@ def reconstruct(args) -> int:
     width = max([len(it.path) for it in items] + [4])
     print(f"\n{'file':<{width}}  {'seconds':>8}  result")
     for it in items:
-        result = it.out if it.error is None else f"FAILED: {it.error}"
+        result = (f"{it.out} (exists, kept; --overwrite redoes it)" if it.kept else it.out + it.note) \
+            if it.error is None else f"FAILED: {it.error}"
         print(f"{it.path:<{width}}  {it.seconds:8.2f}  {result}")
-    done = [it for it in items if it.error is None]
+    done = [it for it in items if it.error is None and not it.kept]
+    kept = sum(it.kept for it in items)
     total = sum(it.seconds for it in done)
-    print(f"\n{len(done)}/{len(items)} files, {total:.1f} s of audio in {wall:.1f} s"
+    print(f"\n{len(done)}/{len(items)} files" + (f" ({kept} kept from an earlier run)" if kept else "")
+          + f", {total:.1f} s of audio in {wall:.1f} s"
           + (f" ({total / wall:.1f}x real time, compile included)" if wall > 0 and total else ""))
-    return 0 if len(done) == len(items) else 1
+    return 0 if len(done) + kept == len(items) else 1
 
 
 # ----------------------------------------------------------------------------------------------- JSONL tasks
@@ -206,7 +238,7 @@ def _read_results(path: str) -> dict:
 def run_task(args) -> int:
     from tqdm import tqdm
 
-    from unitok_jax.api import UniAudio
+    from unitok_jax.api import InputError, NonFiniteAudioWarning, UniAudio
     from unitok_jax.audio import AudioError, load_audio, save_audio
     from unitok_jax.convert import ConversionError
     from unitok_jax.generate import Sampler
@@ -223,6 +255,7 @@ def run_task(args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     os.makedirs(args.out, exist_ok=True)
+    _remove_stale_temps(args.out)
     results_path = os.path.join(args.out, "results.jsonl")
     results = {} if args.overwrite else _read_results(results_path)
     wav_out = args.command in ("tts", "edit")
@@ -240,6 +273,48 @@ def run_task(args) -> int:
             return None
 
     t0, audio_s, done = time.perf_counter(), 0.0, 0
+    notes: list[str] = []
+
+    def call(fn, pairs):
+        """fn(requests, waves) on a group; a request the API refuses (InputError) is reported and dropped, the rest
+        retried; any other failure fails the whole group (reported, the run goes on). Returns (pairs run, outputs,
+        {position: non-finite sample count})."""
+        pairs = list(pairs)
+        while pairs:
+            try:
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always", NonFiniteAudioWarning)
+                    outs = fn([r for r, _ in pairs], [w for _, w in pairs])
+            except InputError as e:
+                r = pairs.pop(e.index)[0]
+                errors.append(f"{args.input}:{r.line}: {e.what}")
+                continue
+            except Exception as e:  # noqa: BLE001 - reported per request, the run goes on
+                errors.extend(f"{args.input}:{r.line}: failed ({type(e).__name__}: {e})" for r, _ in pairs)
+                return [], [], {}
+            for w in caught:
+                if not isinstance(w.message, NonFiniteAudioWarning):
+                    warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+            return pairs, outs, {w.message.index: w.message.count for w in caught
+                                 if isinstance(w.message, NonFiniteAudioWarning)}
+        return [], [], {}
+
+    def finish(r: Request, row: dict, wave=None, bad: int = 0) -> None:
+        """Write one request's outputs (WAV atomically, then its results row): a killed run redoes only the
+        requests whose results row is missing."""
+        nonlocal done, audio_s
+        if wave is not None:
+            save_audio(os.path.join(args.out, f"{r.id}.wav"), wave, sr)
+            row = {**row, "wav": f"{r.id}.wav", "seconds": len(wave) / sr}
+            audio_s += len(wave) / sr if args.command == "tts" else 0.0
+        if bad:
+            row["nonfinite_samples"] = bad
+            notes.append(f"{args.input}:{r.line}: {bad} non-finite sample(s) in the generated audio replaced "
+                         f"(NaN -> 0, +-inf -> +-1)")
+        results[r.id] = {"id": r.id, "line": r.line, **row}
+        _write_results(results_path, results)
+        done += 1
+
     bar = tqdm(total=len(todo), desc=args.command, unit="utt", disable=args.quiet)
     for i in range(0, len(todo), args.batch_size):
         batch = todo[i : i + args.batch_size]
@@ -250,46 +325,40 @@ def run_task(args) -> int:
             for group in groups:
                 if not group:
                     continue
-                rs = [r for r, _ in group]
-                waves = m.tts([r.fields["text"] for r in rs],
-                              None if group[0][1] is None else [w for _, w in group],
-                              [r.fields.get("prompt_text", "") for r in rs], seed=args.seed,
-                              max_patches=args.max_patches, sampler=sampler,
-                              request_ids=[r.line for r in rs])
-                for r, w in zip(rs, waves):
-                    save_audio(os.path.join(args.out, f"{r.id}.wav"), np.nan_to_num(w), sr)
-                    results[r.id] = {"id": r.id, "line": r.line, "wav": f"{r.id}.wav", "seconds": len(w) / sr}
-                    audio_s += len(w) / sr
-                    done += 1
+                rs, waves, bad = call(lambda rs, ws: m.tts(
+                    [r.fields["text"] for r in rs], None if ws[0] is None else ws,
+                    [r.fields.get("prompt_text", "") for r in rs], seed=args.seed, max_patches=args.max_patches,
+                    sampler=sampler, request_ids=[r.line for r in rs]), group)
+                for k, ((r, _), w) in enumerate(zip(rs, waves)):
+                    finish(r, {}, w, bad.get(k, 0))
         else:
             waves = [load(r, "wav") for r in batch]
             ok = [(r, w) for r, w in zip(batch, waves) if w is not None]
-            if ok:
-                rs, ws = [r for r, _ in ok], [w for _, w in ok]
-                audio_s += sum(len(w) for w in ws) / sr
-                if args.command == "asr":
+            audio_s += sum(len(w) for _, w in ok) / sr
+            if args.command == "asr":
+                def asr(rs, ws):
                     ctx = [r.fields.get("context") for r in rs]
                     ctx = [c.split(",") if isinstance(c, str) else c for c in ctx]
-                    outs = m.asr(ws, ctx, seed=args.seed, max_new_tokens=args.max_new_tokens, with_language=True)
-                    for r, (lang, txt) in zip(rs, outs):
-                        results[r.id] = {"id": r.id, "line": r.line, "language": lang, "text": txt}
-                        done += 1
-                else:
-                    outs = m.edit(ws, [r.fields["instruction"] for r in rs],
-                                  semantic=[bool(r.fields.get("semantic", False)) for r in rs], seed=args.seed,
-                                  max_patches=args.max_patches or 256, sampler=sampler)
-                    for r, o in zip(rs, outs):
-                        save_audio(os.path.join(args.out, f"{r.id}.wav"), np.nan_to_num(o.wave), sr)
-                        results[r.id] = {"id": r.id, "line": r.line, "wav": f"{r.id}.wav", "text": o.text,
-                                         "target_transcript": o.target_transcript, "target_markup": o.markup,
-                                         "seconds": len(o.wave) / sr}
-                        done += 1
-        _write_results(results_path, results)  # after every batch: a killed run keeps what it finished
+                    return m.asr(ws, ctx, seed=args.seed, max_new_tokens=args.max_new_tokens, with_language=True)
+
+                rs, outs, _ = call(asr, ok)
+                for (r, _), (lang, txt) in zip(rs, outs):
+                    finish(r, {"language": lang, "text": txt})
+            elif ok:
+                rs, outs, bad = call(lambda rs, ws: m.edit(
+                    ws, [r.fields["instruction"] for r in rs], semantic=[bool(r.fields.get("semantic", False))
+                                                                        for r in rs],
+                    seed=args.seed, max_patches=args.max_patches or 256, sampler=sampler), ok)
+                for k, ((r, _), o) in enumerate(zip(rs, outs)):
+                    finish(r, {"text": o.text, "target_transcript": o.target_transcript, "target_markup": o.markup},
+                           o.wave, bad.get(k, 0))
         wall = time.perf_counter() - t0
         bar.set_postfix_str(f"{done / wall:.2f} utt/s, RTF {wall / audio_s:.3f}" if audio_s else "")
         bar.update(len(batch))
     bar.close()
     wall = time.perf_counter() - t0
+    for e in notes:
+        print(f"warning: {e}", file=sys.stderr)
     for e in errors:
         print(f"skipped {e}", file=sys.stderr)
     print(f"{done} done, {skipped} already done, {len(errors)} failed; {audio_s:.1f} s of audio in {wall:.1f} s"
@@ -333,6 +402,8 @@ def main(argv=None) -> int:
     rec.add_argument("--chunk-seconds", type=float, default=60.0,
                      help="longer files are processed alone, chunk by chunk with the KV caches")
     rec.add_argument("--max-seconds", type=float, default=None, help="reject inputs longer than this")
+    rec.add_argument("--overwrite", action="store_true",
+                     help="redo inputs whose output exists (by default a re-run keeps them: resume after a kill)")
     rec.add_argument("--quiet", action="store_true", help="no progress bars")
     args = ap.parse_args(argv)
     if args.command == "reconstruct" and bool(args.inputs) == bool(args.input):

@@ -173,6 +173,11 @@ class TextTokenizer:
             raise TextError(f"encode expects a str, got {type(text).__name__}")
         if not text:
             return []
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate (e.g. from a "\ud800" JSON escape)
+            raise TextError(f"text holds a character that is not valid Unicode ({e.reason} at position {e.start}): "
+                            f"{text[max(0, e.start - 20) : e.start + 20]!r}") from None
         return list(self.tokenizer.encode(text, add_special_tokens=False).ids)
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:

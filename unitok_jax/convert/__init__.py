@@ -176,6 +176,29 @@ def save(ckpt: Checkpoint, dst: str, *, overwrite: bool = False) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def check_params(component: str, cfg, params, where: str) -> None:
+    """Raise :class:`ConversionError` (prefixed by ``where``) unless every parameter the config implies is present
+    with the shape it implies (shapes from ``jax.eval_shape`` of the model's init: no allocation)."""
+    import jax
+
+    from unitok_jax import model, vae
+
+    init = {"vae": vae.init_params, "uniaudio": model.init_params}[component]
+    want = jax.eval_shape(lambda k: init(cfg, k), jax.random.key(0))
+    have = {jax.tree_util.keystr(k): np.shape(v) for k, v in jax.tree_util.tree_leaves_with_path(params)}
+    missing, wrong = [], []
+    for k, v in jax.tree_util.tree_leaves_with_path(want):
+        name = jax.tree_util.keystr(k)
+        if name not in have:
+            missing.append(name)
+        elif tuple(have[name]) != tuple(v.shape):
+            wrong.append(f"{name} has shape {tuple(have[name])}, the config implies {tuple(v.shape)}")
+    if wrong or missing:
+        more = len(wrong) + len(missing) - 3
+        raise ConversionError(f"{where}: " + "; ".join((wrong + [f"missing {m}" for m in missing])[:3])
+                              + (f" (and {more} more)" if more > 0 else ""))
+
+
 def load(path: str) -> Checkpoint:
     """Restore a checkpoint written by :func:`save` (or the CLI)."""
     import orbax.checkpoint as ocp
@@ -190,10 +213,16 @@ def load(path: str) -> Checkpoint:
         raise ConversionError(f"{meta_path}: unsupported checkpoint format {meta.get('format')!r} "
                               f"version {meta.get('version')!r} (expected {FORMAT!r} {VERSION})")
     configs = {}
-    for name, d in meta["components"].items():
+    components = meta.get("components")
+    if not isinstance(components, dict) or not components:
+        raise ConversionError(f"{meta_path}: no 'components' object (damaged config?)")
+    for name, d in components.items():
         if name not in CONFIG_LOADERS:
             raise ConversionError(f"{meta_path}: unknown component {name!r}")
-        configs[name] = CONFIG_LOADERS[name](d)
+        try:
+            configs[name] = CONFIG_LOADERS[name](d)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ConversionError(f"{meta_path}: invalid {name} config ({type(e).__name__}: {e})") from None
     params_dir = os.path.join(path, PARAMS_DIR)
     if not os.path.isdir(params_dir):
         raise ConversionError(f"{path}: the params folder {PARAMS_DIR}/ is missing")
@@ -204,6 +233,8 @@ def load(path: str) -> Checkpoint:
     missing = sorted(set(configs) - set(params))
     if missing:
         raise ConversionError(f"{params_dir}: no params for component(s) {missing}")
+    for name, cfg in configs.items():
+        check_params(name, cfg, params[name], f"{path}: {CONFIG_NAME} does not match the weights in {PARAMS_DIR}/")
     return Checkpoint(configs, {k: params[k] for k in configs}, source=meta.get("source", ""), path=path)
 
 

@@ -60,7 +60,7 @@ def build_cache(vae_checkpoint: str, manifest: str, out: str, *, batch_size: int
             try:
                 w = load_audio(rec["audio"], vcfg.sample_rate)
                 if not len(w):
-                    raise AudioError(f"{rec['audio']}: empty audio")
+                    raise AudioError(rec["audio"], "empty audio")
             except AudioError as e:
                 failed.append(f"{rec['id']}: {e}")
                 continue
