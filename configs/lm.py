@@ -97,6 +97,12 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     c.train.z_weight = 0.0  # router z loss
     c.train.train_semantic = False  # unfreeze the semantic module (decoder fc2 + semantic transformer)
     c.train.accum_steps = 1  # gradient accumulation micro-batches per step
+    # "lm": the LLM stage. "s2": the tokenizer's unified stage (spec 7.1): only the semantic path (decoder fc2 +
+    # semantic module + fc3) trains, on ASR sequences through the frozen LLM (init.checkpoint) and the full decoder
+    # path: align_weight * text CE + mel_weight * log-mel L1 (needs data.source=audio; no TTS, flow or stop loss).
+    c.train.objective = "lm"
+    c.train.align_weight = 2.0
+    c.train.mel_weight = 1.0
     c.train.max_bad_steps = 10  # abort after this many consecutive non-finite steps (0: never)
 
     c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1, "expert": 1})

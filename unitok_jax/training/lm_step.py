@@ -12,8 +12,10 @@
    as history (zeros for j = 0); the stop loss (:func:`unitok_jax.heads.stop_labels` / ``stop_loss``) on the same
    hiddens; optionally the MoE load-balancing / router z losses.
 
-``total = text_weight * text_ce + flow_weight * flow + stop_weight * stop + aux_weight * aux + z_weight * z``.
-The frozen VAE encoder is not part of it: latents are inputs.
+``total = text_weight * text_ce + flow_weight * flow + stop_weight * stop + aux_weight * aux + z_weight * z``
+(+ ``mel_weight * mel`` with ``mel_weight`` > 0: the tokenizer's unified stage S2, spec §7.1, where the latents
+also go through the decoder's full path, wav = head(stack(fc3(Z_uni))), and a multi-resolution log-mel L1 compares
+it with the batch's ``wave`` over ``wave_lengths``). The frozen VAE encoder is not part of it: latents are inputs.
 
 :func:`make_lm_train_step` gives a pure ``step(state, batch) -> (state, metrics)`` over
 ``{"step", "params", "opt_state", "rng", "skipped"}``; only the trainable subtrees (:func:`trainable_labels`) are
@@ -36,6 +38,8 @@ TRAINABLE = ("model", "flowloss", "linear_proj_audio", "stop_head")
 # Parts of params["audio"]["decoder"] that make the unified (semantic) embedding beyond the frozen fc1 (the
 # reference's optional unfreezing: ``decoder.fc2`` + ``semantic_model``).
 SEMANTIC = ("fc2", "semantic")
+# Stage S2 also trains fc3, the entry of the full decoder path from Z_uni: stage S0 never uses (so never trains) it.
+SEMANTIC_S2 = SEMANTIC + ("fc3",)
 
 
 def _splice_by_mask(embeds, pooled, mask):
@@ -63,7 +67,8 @@ def text_cross_entropy(logits, labels, valid=None) -> tuple[jax.Array, jax.Array
 
 def lm_loss(params, cfg: UniAudioConfig, batch: dict, key: jax.Array, *, stop_weight: float = 0.01,
             flow_weight: float = 1.0, text_weight: float = 1.0, aux_weight: float = 0.0, z_weight: float = 0.0,
-            freeze_semantic: bool = True, deterministic: bool = False) -> tuple[jax.Array, dict]:
+            freeze_semantic: bool = True, deterministic: bool = False, mel_weight: float = 0.0
+            ) -> tuple[jax.Array, dict]:
     """(total loss, metrics) of one LM-stage batch (see the module docstring; batch keys from ``make_batch``).
 
     ``key`` drives the flow noise / times and the DiT's dropout and CFG condition dropout (``deterministic=True``
@@ -76,7 +81,10 @@ def lm_loss(params, cfg: UniAudioConfig, batch: dict, key: jax.Array, *, stop_we
 
     # 1. semantic module (frozen by default) + pooling
     latents = batch["latents"].astype(jnp.float32)
-    unified, _ = vae.unified_embedding(params["audio"], cfg.vae, latents)
+    if mel_weight > 0:  # stage S2: the full decoder path from the same unified embedding
+        recon, unified = vae.decode_full(params["audio"], cfg.vae, latents)
+    else:
+        unified, _ = vae.unified_embedding(params["audio"], cfg.vae, latents)
     if freeze_semantic:
         unified = jax.lax.stop_gradient(unified)
     pooled = model.pool(params, cfg, unified)  # [B, N, D]
@@ -114,7 +122,20 @@ def lm_loss(params, cfg: UniAudioConfig, batch: dict, key: jax.Array, *, stop_we
     zl = jnp.mean(moe["z_loss"]) if moe is not None else jnp.zeros((), jnp.float32)
 
     total = text_weight * text_ce + flow_weight * flow_loss + stop_weight * stop + aux_weight * aux + z_weight * zl
-    metrics = {
+    extra = {}
+    if mel_weight > 0:
+        from unitok_jax.training import vae_losses
+
+        n_wave = recon.shape[1]
+        real = batch["wave"].astype(jnp.float32)[:, :n_wave]
+        real = jnp.pad(real, ((0, 0), (0, n_wave - real.shape[1])))
+        lengths = jnp.minimum(batch["wave_lengths"].astype(jnp.int32), n_wave)
+        mel = vae_losses.multi_resolution_mel_loss(vae_losses.mask_waveform(real, lengths),
+                                                   vae_losses.mask_waveform(recon, lengths), lengths,
+                                                   vae_losses.MelLossConfig())
+        total = total + mel_weight * mel
+        extra["mel"] = mel
+    metrics = {**extra,
         "loss": total, "text_ce": text_ce, "flow": flow_loss, "stop": stop, "moe_aux": aux, "moe_z": zl,
         "text_tokens": n_text, "text_acc": n_correct / jnp.maximum(n_text, 1),
         "flow_patches": jnp.sum(flow_mask), "stop_likely_pos": stop_aux["likely_pos"],
@@ -126,19 +147,20 @@ def lm_loss(params, cfg: UniAudioConfig, batch: dict, key: jax.Array, *, stop_we
 # ------------------------------------------------------------------------------------------------ optimizer / step
 
 
-def trainable_labels(params, train_semantic: bool = False) -> dict:
+def trainable_labels(params, train_semantic: bool = False, unified_stage: bool = False) -> dict:
     """Label tree for ``optax.multi_transform``: ``"train"`` for the LLM, flow head, pooling and stop head,
     ``"semantic"`` for ``audio.decoder.{fc2, semantic}`` when ``train_semantic``, ``"frozen"`` for the rest of the
-    VAE (and the semantic module otherwise)."""
+    VAE (and the semantic module otherwise). ``unified_stage`` (stage S2): the LLM, flow head, pooling and stop head
+    are frozen too, and ``audio.decoder.{fc2, semantic, fc3}`` are ``"semantic"``."""
     labels = {}
     for name, sub in params.items():
         if name in TRAINABLE:
-            labels[name] = jax.tree.map(lambda _: "train", sub)
+            labels[name] = jax.tree.map(lambda _: "frozen" if unified_stage else "train", sub)
         elif name == "audio":
             aud = jax.tree.map(lambda _: "frozen", sub)
-            if train_semantic:
+            if train_semantic or unified_stage:
                 dec = dict(aud["decoder"])
-                for k in SEMANTIC:
+                for k in SEMANTIC_S2 if unified_stage else SEMANTIC:
                     dec[k] = jax.tree.map(lambda _: "semantic", sub["decoder"][k])
                 aud = {**aud, "decoder": dec}
             labels[name] = aud
@@ -160,13 +182,13 @@ def adamw(learning_rate=1e-5, *, b1: float = 0.9, b2: float = 0.95, eps: float =
 
 
 def masked_optimizer(params, optimizer: optax.GradientTransformation, *, train_semantic: bool = False,
-                     semantic_optimizer: Optional[optax.GradientTransformation] = None):
+                     semantic_optimizer: Optional[optax.GradientTransformation] = None, unified_stage: bool = False):
     """``optimizer`` on the trainable subtrees only (frozen leaves get zero updates and no optimizer state). With
     ``train_semantic`` the semantic module is updated by ``semantic_optimizer`` (default: ``optimizer``). The grad
     clipping inside ``optimizer`` sees the trainable gradients only."""
     transforms = {"train": optimizer, "frozen": optax.set_to_zero(),
                   "semantic": semantic_optimizer or optimizer}
-    return optax.multi_transform(transforms, trainable_labels(params, train_semantic))
+    return optax.multi_transform(transforms, trainable_labels(params, train_semantic, unified_stage))
 
 
 def init_lm_state(params, optimizer: optax.GradientTransformation, rng: jax.Array) -> dict:
@@ -196,10 +218,11 @@ def _micro_batches(batch: dict, n: int) -> dict:
 
 
 def make_lm_train_step(cfg: UniAudioConfig, optimizer: optax.GradientTransformation, *,
-                       train_semantic: bool = False, accum_steps: int = 1, **loss_kwargs) -> Callable:
+                       train_semantic: bool = False, accum_steps: int = 1, unified_stage: bool = False,
+                       **loss_kwargs) -> Callable:
     """A pure ``step(state, batch) -> (state, metrics)`` (jit it, donating ``state``).
 
-    ``optimizer`` must be the masked one (:func:`masked_optimizer`, built with the same ``train_semantic``), so that
+    ``optimizer`` must be the masked one (:func:`masked_optimizer`, built with the same ``train_semantic`` and ``unified_stage``), so that
     only the trainable subtrees move. ``loss_kwargs`` go to :func:`lm_loss` (weights, ``deterministic``);
     ``freeze_semantic`` follows ``not train_semantic``. The key of step k is ``fold_in(state["rng"], k)``, so a
     resumed run draws the same noise. If the loss or any gradient is not finite, params and optimizer state stay as
@@ -209,7 +232,7 @@ def make_lm_train_step(cfg: UniAudioConfig, optimizer: optax.GradientTransformat
     ``accum_steps`` > 1 accumulates gradients over that many micro-batches of the batch (rows i::accum_steps, one
     ``lax.scan``): the update uses the mean of the micro-batch gradients (so the loss is the mean of micro-batch
     means, each averaged over its own labelled tokens / patches); count metrics are summed, the others averaged."""
-    loss_kwargs = {"freeze_semantic": not train_semantic, **loss_kwargs}
+    loss_kwargs = {"freeze_semantic": not (train_semantic or unified_stage), **loss_kwargs}
     if accum_steps < 1:
         raise ValueError(f"accum_steps={accum_steps} must be >= 1")
 
@@ -235,7 +258,7 @@ def make_lm_train_step(cfg: UniAudioConfig, optimizer: optax.GradientTransformat
         key = jax.random.fold_in(state["rng"], state["step"])
         params = state["params"]
         (loss, metrics), grads = grads_and_metrics(params, batch, key)
-        labels = trainable_labels(params, train_semantic)
+        labels = trainable_labels(params, train_semantic, unified_stage)
         trainable_grads = jax.tree.map(lambda g, lab: g if lab != "frozen" else jnp.zeros_like(g), grads, labels)
         finite = jnp.isfinite(loss) & _tree_finite(trainable_grads)
         updates, new_opt = optimizer.update(grads, state["opt_state"], params)

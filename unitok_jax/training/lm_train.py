@@ -70,22 +70,36 @@ def tokenizer(config, texts, workdir: str) -> text_lib.TextTokenizer:
     return tok
 
 
+def unified_stage(config) -> bool:
+    """Whether the config runs the tokenizer's unified stage S2 (``train.objective=s2``) rather than the LLM."""
+    objective = config.train.get("objective", "lm")
+    if objective not in ("lm", "s2"):
+        raise SetupError(f"train.objective={objective!r} is not 'lm' or 's2'")
+    return objective == "s2"
+
+
 def optimizer(config, params):
     from unitok_jax.training import lm_step
 
     t = config.train
     base = lm_step.adamw(t.lr, weight_decay=t.weight_decay, clip_norm=t.clip_norm or None,
                          warmup_steps=t.warmup_steps)
-    return lm_step.masked_optimizer(params, base, train_semantic=t.train_semantic)
+    return lm_step.masked_optimizer(params, base, train_semantic=t.train_semantic,
+                                    unified_stage=unified_stage(config))
 
 
 def step_function(config, cfg, opt):
     from unitok_jax.training import lm_step
 
     t = config.train
+    if unified_stage(config):  # S2: align_weight * ASR CE through the frozen LLM + mel_weight * full-path mel
+        weights = dict(text_weight=t.align_weight, flow_weight=0.0, stop_weight=0.0, aux_weight=0.0, z_weight=0.0,
+                       mel_weight=t.mel_weight)
+    else:
+        weights = dict(stop_weight=t.stop_weight, flow_weight=t.flow_weight, text_weight=t.text_weight,
+                       aux_weight=t.aux_weight, z_weight=t.z_weight)
     return lm_step.make_lm_train_step(cfg, opt, train_semantic=t.train_semantic, accum_steps=t.accum_steps,
-                                      stop_weight=t.stop_weight, flow_weight=t.flow_weight,
-                                      text_weight=t.text_weight, aux_weight=t.aux_weight, z_weight=t.z_weight)
+                                      unified_stage=unified_stage(config), **weights)
 
 
 # ------------------------------------------------------------------------------------------------ batches
@@ -154,6 +168,19 @@ def place(examples: list, where: list[int], rows: int, max_len: int, max_patches
     order = list(where) + [k for k in range(rows) if k not in set(where)]
     inv = np.argsort(order)
     return {k: v[inv] for k, v in b.items()}
+
+
+def row_waves(rows: dict, where: list[int], latent_valid: np.ndarray, length: int, hop: int) -> dict:
+    """Stage S2: ``{"wave" [B, length], "wave_lengths" [B]}`` for a placed batch: row k's audio cut to the frames its
+    example kept (whole patches, ``latent_valid``); rows without an example get length 0."""
+    b = len(latent_valid)
+    wave = np.zeros((b, length), np.float32)
+    lengths = np.zeros((b,), np.int32)
+    for k in where:
+        n = min(int(rows["lengths"][k]), int(np.sum(latent_valid[k])) * hop, length)
+        wave[k, :n] = rows["wave"][k, :n]
+        lengths[k] = n
+    return {"wave": wave, "wave_lengths": lengths}
 
 
 def agreed_sizes(examples: list, seq_len: int = 0, max_patches: int = 0) -> tuple[int, int]:
@@ -227,6 +254,15 @@ def _run(config, workdir: str, stop_after: Optional[int]) -> int:
                 print(f"skipped {e}", file=sys.stderr)
         if not edits.records:
             raise SetupError(f"{config.data.edit_manifest} has no usable records")
+    s2 = unified_stage(config)
+    if s2 and config.data.source != "audio":
+        raise SetupError("train.objective=s2 decodes the waveform: it needs data.source=audio")
+    if s2 and config.data.edit_manifest:
+        raise SetupError("train.objective=s2 trains on ASR sequences only: unset data.edit_manifest")
+    if s2 and not config.init.checkpoint and pid == 0:
+        print("warning: train.objective=s2 without init.checkpoint aligns to a randomly initialised LLM",
+              file=sys.stderr)
+    tts_fraction = 0.0 if s2 else config.data.tts_fraction
     init_params, vae_cfg = None, None
     if config.init.checkpoint:
         ck = load(config.init.checkpoint)
@@ -360,7 +396,7 @@ def _run(config, workdir: str, stop_after: Optional[int]) -> int:
                                                                    seed=config.seed, step=step)
             else:
                 examples, where, skipped = examples_from_rows(rows, mean, std, frames, tok, p, seed=config.seed,
-                                                              step=step, tts_fraction=config.data.tts_fraction)
+                                                              step=step, tts_fraction=tts_fraction)
             if config.data.seq_len or config.data.max_patches:  # fixed shapes: rows that do not fit are skipped
                 fits = [j for j, e in enumerate(examples)
                         if (not config.data.seq_len or len(e["input_ids"]) <= config.data.seq_len)
@@ -371,6 +407,9 @@ def _run(config, workdir: str, stop_after: Optional[int]) -> int:
             max_len, max_patches = agreed_sizes(examples, config.data.seq_len, config.data.max_patches)
             local = place(examples, where, local_rows, max_len, max_patches, tok.id("eos"), c, p)
             local.pop("is_tts")
+            if s2:  # the waveform each row's latents came from, for the full-path mel loss
+                local.update(row_waves(rows, where, local["latent_valid"], max_patches * p * cfg.vae.hop,
+                                       cfg.vae.hop))
             batch = sharded.global_batch(local, mesh)
             (state, metrics), flops = run_step(state, batch)
             step += 1
@@ -387,7 +426,8 @@ def _run(config, workdir: str, stop_after: Optional[int]) -> int:
                     if flops and peak:
                         m["mfu"] = mfu(flops, t["step_s"], jax.device_count(), peak)
                 writer.scalars(step, m)
-                bar.set_postfix(loss=f"{m['loss']:.3f}", text=f"{m['text_ce']:.3f}", flow=f"{m['flow']:.3f}",
+                extra = {"mel": f"{m['mel']:.3f}"} if "mel" in m else {"flow": f"{m['flow']:.3f}"}
+                bar.set_postfix(loss=f"{m['loss']:.3f}", text=f"{m['text_ce']:.3f}", **extra,
                                 tok_s=f"{m.get('tokens_per_s') or 0:.0f}")
             bar.update(1)
             ckpt.save(step, state, data_state())
