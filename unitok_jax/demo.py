@@ -52,11 +52,11 @@ LLM_H128 = {f"model.bailingmm.llm_config.{k}": v for k, v in (
 
 FULL_VAE = {
     **VAE_H128,
-    "train.steps": 700,
+    "train.steps": 500,
     "data.batch_size": 4,
     "data.crop_seconds": 1.0,
     "train.lr": 1e-3,
-    "train.adv_start_step": 300,  # mel + KL only first: the GAN slows early progress at this size
+    "train.adv_start_step": 250,  # mel + KL only first: the GAN slows early progress at this size
     "sample_every": 0,
     "tensorboard": False,
     "checkpoint.every_steps": 100,
@@ -64,7 +64,7 @@ FULL_VAE = {
 }
 FULL_LM = {
     **LLM_H128,
-    "train.steps": 1200,
+    "train.steps": 800,
     "data.batch_size": 8,
     "data.tts_fraction": 0.5,
     "train.lr": 2e-3,
@@ -114,6 +114,8 @@ RECIPES = {
         "sample": {"steps": 2, "cfg": 2.0, "batch_size": 8, "max_patches": 6, "max_new_tokens": 8,
                    "tts_voices": 1},
         "examples": 2,
+        # compile fast, run slow: the smoke test's processes spend most of their time compiling
+        "xla_flags": "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true",
     },
 }
 
@@ -249,6 +251,21 @@ def machine() -> dict:
     return info
 
 
+def _children_cpu() -> float:
+    """User + system CPU seconds of this process's finished child processes."""
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def _load() -> Optional[float]:
+    try:
+        return os.getloadavg()[0]
+    except (OSError, AttributeError):
+        return None
+
+
 def default_compile_cache() -> str:
     if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         return os.environ["JAX_COMPILATION_CACHE_DIR"]
@@ -326,6 +343,8 @@ class Demo:
         env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         if self.compile_cache:
             env.setdefault("JAX_COMPILATION_CACHE_DIR", self.compile_cache)
+        if self.recipe.get("xla_flags"):  # quick mode: cheaper XLA compilation (slower code, fine for 2 steps)
+            env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + self.recipe["xla_flags"]).strip()
         return env
 
     @staticmethod
@@ -345,8 +364,11 @@ class Demo:
                     f.write(f"$ {self._show(cmd.argv)}\n")
                     f.flush()
                     proc = subprocess.run(cmd.argv, cwd=ROOT, env=self._env(), stdout=f, stderr=subprocess.STDOUT)
-            if proc.returncode not in cmd.ok or (cmd.expect and not os.path.isfile(cmd.expect)):
-                job.error = f"exit status {proc.returncode}: {' '.join(cmd.argv)}"
+            if proc.returncode not in cmd.ok:
+                job.error = f"exit status {proc.returncode}: {self._show(cmd.argv)}"
+                return
+            if cmd.expect and not os.path.isfile(cmd.expect):
+                job.error = f"exit status {proc.returncode} but no {cmd.expect}: {self._show(cmd.argv)}"
                 return
 
     def run_group(self, phases: tuple) -> dict:
@@ -383,6 +405,8 @@ class Demo:
             for cmd in j.cmds:
                 self.log(f"$ {self._show(cmd.argv)}" + ("" if j is term else f"  > {os.path.relpath(j.log)}"))
         t0 = time.perf_counter()
+        cpu0 = _children_cpu()
+        load0 = _load()
         bar = None
         if term is None and not self.quiet and len(jobs) > 1:
             bar = tqdm(total=len(jobs), desc=" + ".join(planned), unit="job")
@@ -423,6 +447,9 @@ class Demo:
             self.timings["phases"][ph] = round(dt, 1)
             self.resumed.discard(ph)
         self.timings["wall"]["+".join(phases)] = round(wall, 1)
+        self.timings.setdefault("cpu", {})["+".join(phases)] = round(_children_cpu() - cpu0, 1)
+        if load0 is not None:
+            self.timings.setdefault("load", {})["+".join(phases)] = round((load0 + (_load() or load0)) / 2, 2)
         self._save_timings()
         return done
 
@@ -742,23 +769,32 @@ class Demo:
         lines += ["", "VAE reconstructions: `wavs/<id>.reconstruction.wav` next to `wavs/<id>.original.wav`.", ""]
 
         # timings
-        lines += ["## Timings", "", "| phase | wall time |", "|---|---|"]
+        cpu, load = self.timings.get("cpu", {}), self.timings.get("load", {})
+        lines += ["## Timings", "", "| phase | wall time | CPU time | load average |", "|---|---|---|---|"]
         if self.timings.get("setup") is not None:
-            lines.append(f"| setup | {_hms(self.timings['setup'])} |")
+            lines.append(f"| setup | {_hms(self.timings['setup'])} | | |")
         for group in GROUPS[:-1]:
-            for ph in group:
+            key = "+".join(group)
+            for i, ph in enumerate(group):
                 if ph in self.timings["phases"]:
                     note = " (earlier run)" if ph in self.resumed else ""
                     if len(group) > 1:
                         note += " (concurrently with " + ", ".join(g for g in group if g != ph) + ")"
-                    lines.append(f"| {ph} | {_hms(self.timings['phases'][ph])}{note} |")
-        lines += [f"| **total** | **{_hms(self.total_seconds())}** |", "",
+                    c = _hms(cpu.get(key)) if i == 0 else "(above)"
+                    ld = (f"{load[key]:.1f}" if key in load else "-") if i == 0 else ""
+                    lines.append(f"| {ph} | {_hms(self.timings['phases'][ph])}{note} | {c} | {ld} |")
+        total_cpu = sum(cpu.values()) if cpu else None
+        lines += [f"| **total** | **{_hms(self.total_seconds())}** | {_hms(total_cpu)} | |", "",
                   "`setup` is `make`'s virtualenv step (only through `make demo`); the total adds the wall time of "
                   "each group of phases (concurrent phases count once) and leaves out writing this report (a few "
-                  "seconds). \"Earlier run\": done by an earlier invocation that this one resumed. The XLA "
-                  "compilation cache (`--compile-cache`) was "
+                  "seconds). CPU time: user + system seconds of the group's commands (concurrent phases share one "
+                  f"figure). Load average: the 1-minute load while the group ran (this machine has {mach.get('cores')} "
+                  "cores; a load well above that, or a wall time well above CPU time / cores, means the machine was "
+                  "shared with other work and the wall times are inflated). \"Earlier run\": done by an earlier "
+                  "invocation that this one resumed. The XLA compilation cache (`--compile-cache`) was "
                   + (f"`{self.compile_cache}`" if self.compile_cache else "off")
-                  + "; a warm cache saves most of the compile time on a second run.", ""]
+                  + "; a warm cache saves most of the compile time on a second run."
+                  + (f" XLA_FLAGS added: `{self.recipe['xla_flags']}`." if self.recipe.get("xla_flags") else ""), ""]
 
         # recipe
         lines += ["## Recipe", "",

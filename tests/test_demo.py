@@ -1,0 +1,148 @@
+"""``make demo`` end to end at the smoke-test size (python -m unitok_jax.demo --quick): corpus -> VAE -> latent cache
+-> LM -> reconstruct / ASR / TTS -> eval -> report, then a resumed run that redoes nothing and a refused recipe
+change."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+
+from unitok_jax import demo
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(*args, timeout=900):
+    return subprocess.run([sys.executable, "-m", "unitok_jax.demo", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory):
+    base = tmp_path_factory.mktemp("demo")
+    out = base / "demo"
+    t0 = time.perf_counter()
+    # a compilation cache of its own: the test neither reads nor fills the user's
+    proc = _run("--out", str(out), "--quick", "--quiet", "--compile-cache", str(base / "jax_cache"))
+    wall = time.perf_counter() - t0
+    assert proc.returncode == 0, f"demo failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return out, proc, wall
+
+
+def test_quick_demo_writes_report_plots_and_eval_json(quick_demo):
+    out, proc, wall = quick_demo
+    # eval JSON reports with finite means for every task
+    expected = {"vae": ("stoi", "pesq", "log_mel_l1", "si_sdr"), "asr": ("wer", "cer"),
+                "tts": ("mcd", "baseline_mcd", "duration_rel_error")}
+    reports = {}
+    for task, keys in expected.items():
+        with open(out / "eval" / f"{task}.json", encoding="utf-8") as f:
+            rep = json.load(f)
+        reports[task] = rep
+        assert rep["task"] == task
+        assert rep["scored"] == rep["count"] > 0, rep.get("failed")
+        for k in keys:
+            assert _finite(rep["mean"][k]), (task, k, rep["mean"])
+    assert _finite(reports["asr"]["corpus"]["cer"])
+    # every held-out utterance was reconstructed and transcribed; TTS: each held-out sentence x held-out voice
+    with open(out / "work" / "corpus" / "heldout.jsonl", encoding="utf-8") as f:
+        heldout = [json.loads(line) for line in f if line.strip()]
+    assert reports["vae"]["count"] == reports["asr"]["count"] == len(heldout)
+    with open(out / "work" / "corpus" / "corpus.json", encoding="utf-8") as f:
+        voices = {s["id"] for s in json.load(f)["speakers"] if s["heldout"]}
+    assert len(voices) == 2
+    # TTS: every held-out sentence once, in a held-out voice, prompted by that voice saying something else
+    sentences = {r["text"] for r in heldout if r["speaker"] in voices}
+    assert reports["tts"]["count"] == len(sentences) >= 2
+    with open(out / "work" / "requests" / "tts.jsonl", encoding="utf-8") as f:
+        requests = [json.loads(line) for line in f if line.strip()]
+    assert {r["text"] for r in requests} == sentences
+    by_audio = {os.path.basename(r["audio"]): r for r in heldout}
+    for r in requests:
+        prompt = by_audio[os.path.basename(r["prompt_wav"])]
+        assert prompt["speaker"] in voices and r["id"].startswith(f"tts_{prompt['speaker']}_")
+        assert prompt["text"] == r["prompt_text"] != r["text"]
+
+    # the report carries the same numbers, the recipe and the timings
+    text = (out / "report.md").read_text(encoding="utf-8")
+    stoi = re.search(r"\| STOI \| ([0-9.]+) \|", text)
+    assert stoi and abs(float(stoi.group(1)) - reports["vae"]["mean"]["stoi"]) < 1e-3
+    cer = re.search(r"\| CER \(corpus\) \| ([0-9.]+)% \|", text)
+    assert cer and abs(float(cer.group(1)) / 100 - reports["asr"]["corpus"]["cer"]) < 1e-4
+    mcd = re.search(r"\| MCD-DTW \(dB\) \| ([0-9.]+) \|", text)
+    assert mcd and abs(float(mcd.group(1)) - reports["tts"]["mean"]["mcd"]) < 0.01
+    for phase in ("corpus", "vae", "latents", "lm", "reconstruct", "asr", "tts", "eval"):
+        assert re.search(rf"^\| {phase} \| \d+:\d\d[ |]", text, re.M), phase
+    assert re.search(r"\*\*total\*\* \| \*\*\d+:\d\d\*\*", text)
+    assert "--config.train.steps=" in text and "sample.py tts" in text
+    assert "mel_tts.png" in text and "mel_reconstruction.png" in text
+
+    # PNGs (real images, not empty files) and the example wavs the report links
+    for png in ("mel_tts.png", "mel_reconstruction.png"):
+        data = (out / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, png
+    for link in re.findall(r"\]\((wavs/[^)]+\.wav)\)", text):
+        assert (out / link).stat().st_size > 1000, link
+    assert "finished" in proc.stdout and "demo finished in" in proc.stdout
+
+
+def test_rerun_resumes_without_redoing_phases(quick_demo):
+    out, _, _ = quick_demo
+    before = (out / "work" / "timings.json").read_text()
+    t0 = time.perf_counter()
+    proc = _run("--out", str(out), "--quick")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for phase in ("corpus", "vae", "latents", "lm", "reconstruct", "asr", "tts", "eval"):
+        assert f"-- {phase}: already done" in proc.stdout, phase
+    assert "$ " not in proc.stdout  # no command was run again
+    assert (out / "work" / "timings.json").read_text() == before
+    assert time.perf_counter() - t0 < 60
+    assert "(earlier run)" in (out / "report.md").read_text()
+
+
+def test_a_different_recipe_in_the_same_folder_is_refused(quick_demo):
+    out, _, _ = quick_demo
+    proc = _run("--out", str(out), "--quick", "--set", "lm.train.steps=3")
+    assert proc.returncode == 1
+    assert "different recipe" in proc.stderr
+
+
+def test_recipe_overrides_and_config_flags():
+    r = demo.build_recipe(False, ["vae.train.steps=7", "lm.data.buckets_seconds=[4.0]", "sample.cfg=1.5"])
+    assert r["vae"]["train.steps"] == 7 and r["sample"]["cfg"] == 1.5 and r["mode"] == "full"
+    assert "--config.train.steps=7" in demo.config_flags(r["vae"])
+    assert "--config.data.buckets_seconds=(4.0,)" in demo.config_flags(r["lm"])
+    assert demo.RECIPES["full"]["vae"]["train.steps"] != 7  # the defaults are not modified
+    with pytest.raises(demo.DemoError):
+        demo.build_recipe(True, ["nodot=1"])
+    with pytest.raises(demo.DemoError):
+        demo.build_recipe(True, ["model.x=1"])
+
+
+def test_a_failing_phase_stops_the_demo_with_its_log(tmp_path, monkeypatch):
+    """A command that fails: DemoError naming the phase, the exit status and the tail of its log; the phase is
+    not recorded as done (a re-run tries it again)."""
+    d = demo.Demo(str(tmp_path / "out"), demo.build_recipe(True, []), quiet=True)
+    d.prepare(fresh=False)
+    script = "import sys; print('step 1 ok'); print('boom: no such manifest', file=sys.stderr); sys.exit(3)"
+    monkeypatch.setattr(d, "vae", lambda: [demo.Job("vae", "vae", [demo.Cmd([sys.executable, "-c", script])])])
+    with pytest.raises(demo.DemoError) as e:
+        d.run_group(("vae",))
+    msg = str(e.value)
+    assert "phase vae" in msg and "exit status 3" in msg and "boom: no such manifest" in msg
+    assert "vae" not in d.timings["phases"]
+    # a command that exits 0 but leaves no output behind is a failure too
+    monkeypatch.setattr(d, "vae", lambda: [demo.Job("vae", "vae", [demo.Cmd(
+        [sys.executable, "-c", "pass"], expect=str(tmp_path / "never.json"))])])
+    with pytest.raises(demo.DemoError, match="exit status 0 but no .*never.json"):
+        d.run_group(("vae",))
