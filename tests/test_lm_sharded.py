@@ -59,6 +59,16 @@ def _leaf(tree, *path):
     return tree
 
 
+def _host(x):
+    """numpy of a leaf (the raw bits of a typed PRNG key)."""
+    import jax
+    import numpy as np
+
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    return np.asarray(x).astype(np.float64)
+
+
 def _worker_mesh() -> dict:
     import jax
     import numpy as np
@@ -108,6 +118,34 @@ def _worker_mesh() -> dict:
     res["devices_per_leaf"] = min(len({s.device for s in x.addressable_shards}) for x in jax.tree.leaves(s8))
     wi = _leaf(s8["params"], "model", "moe", "layers", "moe", "wi_gate")
     res["wi_gate_shard"] = [list(wi.shape), list(wi.addressable_shards[0].data.shape)]
+
+    # a checkpoint saved on this mesh restores onto another one (fsdp 4 x tensor 2, no expert split): same values, the
+    # new layout, and the next step agrees with the next step on the old mesh
+    import tempfile
+
+    from unitok_jax.training.checkpoint import TrainCheckpointer
+
+    ck = TrainCheckpointer(tempfile.mkdtemp(), every_steps=1)
+    ck.save(2, s8, {"pos": 7}, force=True)
+    ck.wait()
+    mesh_b = shd.make_mesh({"mesh": {"data": 1, "fsdp": 4, "tensor": 2, "expert": 1}})
+    param_b = sharded.param_shardings(cfg, params, mesh_b, shd.DEFAULT_RULES)
+    state_b_sh = sharded.state_shardings(jax.eval_shape(lambda: state0), opt, param_b, mesh_b)
+    step_no, sb, data_b = ck.restore(sharded.abstract_state(jax.eval_shape(lambda: state0), state_b_sh))
+    ck.close()
+    res["remesh"] = {
+        "step": step_no, "data": data_b,
+        "max_diff": max(float(np.max(np.abs(_host(a) - _host(b)))) for a, b in zip(jax.tree.leaves(s8),
+                                                                                    jax.tree.leaves(sb))),
+        "wi_gate_shard": [list(_leaf(sb["params"], "model", "moe", "layers", "moe", "wi_gate").shape),
+                          list(_leaf(sb["params"], "model", "moe", "layers", "moe", "wi_gate")
+                               .addressable_shards[0].data.shape)],
+        "mesh": dict(mesh_b.shape),
+    }
+    fn_b = sharded.jit_step(step, state_b_sh, mesh_b, shd.DEFAULT_RULES, donate=False)
+    _, mb = fn_b(sb, sharded.global_batch(batch, mesh_b))
+    _, ma = fn(s8, gbatch)
+    res["remesh"]["next_loss"] = [float(ma["loss"]), float(mb["loss"])]
 
     # gradient accumulation: micro-batches i::2 of [a, a, b, b] are both [a, b]; with the (random) flow loss off,
     # the accumulated step equals one step on the whole batch
@@ -242,6 +280,17 @@ def test_sharded_state_follows_rules(mesh_results):
     assert shard == [shape[0], shape[1] // 2, shape[2] // 2, shape[3]]
     assert mesh_results["devices_per_leaf"] == 8
     assert mesh_results["batch_spec"][0] in ("('data', 'fsdp')", "['data', 'fsdp']")
+
+
+def test_checkpoint_restores_onto_a_different_mesh(mesh_results):
+    r = mesh_results["remesh"]
+    assert r["step"] == 2 and r["data"] == {"pos": 7}
+    assert r["max_diff"] == 0.0  # params, optimizer state, step and RNG come back exactly
+    assert r["mesh"] == {"data": 1, "fsdp": 4, "tensor": 2, "expert": 1}
+    shape, shard = r["wi_gate_shard"]  # laid out for the new mesh: experts whole, fsdp 4 and tensor 2 splits
+    assert shard == [shape[0], shape[1], shape[2] // 4, shape[3] // 2], r["wi_gate_shard"]
+    a, b = r["next_loss"]
+    assert abs(a - b) <= 1e-5 * max(1.0, abs(a)), r["next_loss"]
 
 
 def test_gradient_accumulation_matches_whole_batch(mesh_results):
