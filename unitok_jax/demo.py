@@ -11,8 +11,8 @@ killed run resumes where it stopped, and ``train.py`` itself resumes from its la
 4. ``lm``           python train.py --config configs/lm.py:tiny ... --config.data.source=latents (LLM + flow head)
 5. ``reconstruct``  python sample.py reconstruct: every held-out utterance through the VAE
 6. ``asr``          python sample.py asr: every held-out utterance
-7. ``tts``          python sample.py tts: each held-out sentence in each held-out voice, prompted with another
-                    utterance of that voice
+7. ``tts``          python sample.py tts: each held-out sentence in a held-out voice (the two take turns;
+                    ``--set sample.tts_voices=2``: in both), prompted with that voice saying another sentence
 8. ``eval``         python -m unitok_jax.eval vae | asr | tts (JSON reports)
 9. ``report``       OUT/report.md (numbers, recipe, timings, machine), mel-spectrogram PNGs, example wavs
 
