@@ -40,3 +40,33 @@ def load_fixture(name: str):
     with open(FIXTURES / f"{name}.config.json") as f:
         cfg = json.load(f)
     return cfg, dict(np.load(FIXTURES / f"{name}.npz"))
+
+
+def tiny_uniaudio(texts, vocab_size: int = 320, *, seed: int = 0, normal_scale=None):
+    """(tokenizer, UniAudioConfig, params) of the tiny full model (``generate.TINY_BAILINGMM``) with a BPE trained on
+    ``texts`` and the vocabulary sized to it. Params from ``model.init_params`` (jitted), or with ``normal_scale``
+    i.i.d. normal numpy arrays of that scale (nothing compiled)."""
+    import copy
+
+    from unitok_jax import generate, model, text
+
+    tok = text.train_tokenizer(list(texts), vocab_size=vocab_size)
+    conf = copy.deepcopy(generate.TINY_BAILINGMM)
+    conf["llm_config"]["vocab_size"] = tok.vocab_size
+    cfg = model.UniAudioConfig.from_bailingmm(conf)
+    if normal_scale is None:
+        params = jax.jit(model.init_params, static_argnums=0)(cfg, jax.random.key(seed))
+    else:
+        shapes = jax.eval_shape(lambda k: model.init_params(cfg, k), jax.random.key(seed))
+        rng = np.random.default_rng(seed)
+        params = jax.tree.map(lambda s: (normal_scale * rng.standard_normal(s.shape)).astype(s.dtype), shapes)
+    return tok, cfg, params
+
+
+def save_tiny_checkpoint(path, tok, cfg, params) -> str:
+    """A full checkpoint folder (params + tokenizer) that ``sample.py`` / ``UniAudio.load`` read."""
+    from unitok_jax.convert import Checkpoint, save
+
+    save(Checkpoint({"uniaudio": cfg}, {"uniaudio": jax.tree.map(np.asarray, params)}), str(path))
+    tok.save(str(path))
+    return str(path)

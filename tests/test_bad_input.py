@@ -6,7 +6,6 @@ audio is never NaN. Training-data cases (bad manifest lines and unreadable recor
 which trains on such a manifest; the basic unreadable-file cases of ``load_audio`` are in ``test_audio.py``."""
 from __future__ import annotations
 
-import copy
 import json
 import os
 import shutil
@@ -20,11 +19,11 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from conftest import REPO
-from unitok_jax import generate, model, text
+from conftest import REPO, save_tiny_checkpoint, tiny_uniaudio
+from unitok_jax import generate, text
 from unitok_jax.api import InputError, NonFiniteAudioWarning, UniAudio
 from unitok_jax.audio import AudioError, load_audio
-from unitok_jax.convert import Checkpoint, ConversionError, load, save
+from unitok_jax.convert import ConversionError, load
 
 SR = 16000
 WORDS = ["he hoped there would be stew for dinner", "turnips and carrots and bruised potatoes"]
@@ -113,19 +112,11 @@ def test_unsupported_format_is_refused_naming_the_file(tmp_path):
 def ckpt_dir(tmp_path_factory):
     """A tiny full checkpoint with random params (numpy, no compilation) and a BPE tokenizer, plus a copy whose
     flow head is all NaN (a model that has diverged)."""
-    tok = text.train_tokenizer(WORDS * 4, vocab_size=320)
-    conf = copy.deepcopy(generate.TINY_BAILINGMM)
-    conf["llm_config"]["vocab_size"] = tok.vocab_size
-    cfg = model.UniAudioConfig.from_bailingmm(conf)
-    shapes = jax.eval_shape(lambda k: model.init_params(cfg, k), jax.random.key(0))
-    rng = np.random.default_rng(0)
-    params = jax.tree.map(lambda s: (0.05 * rng.standard_normal(s.shape)).astype(s.dtype), shapes)
+    tok, cfg, params = tiny_uniaudio(WORDS * 4, normal_scale=0.05)
     root = tmp_path_factory.mktemp("ckpt")
-    save(Checkpoint({"uniaudio": cfg}, {"uniaudio": params}), str(root / "ok"))
-    tok.save(str(root / "ok"))
+    save_tiny_checkpoint(root / "ok", tok, cfg, params)
     params["flowloss"] = jax.tree.map(lambda x: np.full_like(x, np.nan), params["flowloss"])
-    save(Checkpoint({"uniaudio": cfg}, {"uniaudio": params}), str(root / "nan"))
-    tok.save(str(root / "nan"))
+    save_tiny_checkpoint(root / "nan", tok, cfg, params)
     return root
 
 

@@ -5,7 +5,6 @@ both the text and the audio. (Mixed TTS / ASR / edit training: tests/test_lm_tra
 ``test_short_training_run_reduces_loss``.)"""
 from __future__ import annotations
 
-import copy
 
 import jax
 import jax.numpy as jnp
@@ -13,8 +12,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from conftest import SHARED_DATA
-from unitok_jax import generate, model, text
+from conftest import SHARED_DATA, tiny_uniaudio
+from unitok_jax import generate, text
 from unitok_jax.api import UniAudio
 
 SENTENCES = ["he hoped there would be stew for dinner", "turnips and carrots and bruised potatoes",
@@ -39,11 +38,7 @@ def _steer(params, chain: list[tuple[int, int]]):
 
 @pytest.fixture(scope="module")
 def steered():
-    tok = text.train_tokenizer(SENTENCES * 4, vocab_size=320)
-    conf = copy.deepcopy(generate.TINY_BAILINGMM)
-    conf["llm_config"]["vocab_size"] = tok.vocab_size
-    cfg = model.UniAudioConfig.from_bailingmm(conf)
-    params = jax.jit(model.init_params, static_argnums=0)(cfg, jax.random.key(0))  # jitted: quicker than eager
+    tok, cfg, params = tiny_uniaudio(SENTENCES * 4)
     sp = tok.id
     words = tok.encode("he") + tok.encode(" stew")
     assert len(set(words)) == len(words)

@@ -2,16 +2,15 @@
 fed with real speech encoded by the tiny (random) VAE."""
 from __future__ import annotations
 
-import copy
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import soundfile as sf
-from conftest import SHARED_DATA
+from conftest import SHARED_DATA, tiny_uniaudio
 
-from unitok_jax import generate, model, text, vae
+from unitok_jax import model, text, vae
 from unitok_jax.training import lm_data, lm_step
 
 SENTENCES = ["he hoped there would be stew for dinner", "turnips and carrots and bruised potatoes",
@@ -22,11 +21,7 @@ P = 5  # patch size of the tiny model
 
 @pytest.fixture(scope="module")
 def setup():
-    tok = text.train_tokenizer(SENTENCES * 4, vocab_size=320)
-    conf = copy.deepcopy(generate.TINY_BAILINGMM)
-    conf["llm_config"]["vocab_size"] = tok.vocab_size
-    cfg = model.UniAudioConfig.from_bailingmm(conf)
-    params = model.init_params(cfg, jax.random.key(0))
+    tok, cfg, params = tiny_uniaudio(SENTENCES * 4)
     wav, sr = sf.read(str(SHARED_DATA / "librispeech-1089-134686-0000.flac"), frames=2 * 16000, dtype="float32")
     assert sr == 16000
     enc = vae.encode(params["audio"], cfg.vae, jnp.asarray(wav)[None], key=jax.random.key(1))

@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from conftest import REPO, SHARED_DATA
+from conftest import REPO, SHARED_DATA, save_tiny_checkpoint, tiny_uniaudio
 from unitok_jax.convert import load
 
 STEPS = 9  # 3 epochs of 3 batches of 4 rows
@@ -246,22 +246,8 @@ def test_sigkill_during_save_then_sigterm_then_resume_equals_straight_run(straig
 @pytest.fixture(scope="module")
 def ckpt_dir(tmp_path_factory):
     """A tiny full checkpoint with random params (numpy, no compilation) and a BPE tokenizer."""
-    import copy
-
-    from unitok_jax import generate, model, text
-    from unitok_jax.convert import Checkpoint, save
-
-    tok = text.train_tokenizer(SENTENCES * 2, vocab_size=320)
-    conf = copy.deepcopy(generate.TINY_BAILINGMM)
-    conf["llm_config"]["vocab_size"] = tok.vocab_size
-    cfg = model.UniAudioConfig.from_bailingmm(conf)
-    shapes = jax.eval_shape(lambda k: model.init_params(cfg, k), jax.random.key(0))
-    rng = np.random.default_rng(0)
-    params = jax.tree.map(lambda s: (0.05 * rng.standard_normal(s.shape)).astype(s.dtype), shapes)
-    path = tmp_path_factory.mktemp("ckpt") / "tiny"
-    save(Checkpoint({"uniaudio": cfg}, {"uniaudio": params}), str(path))
-    tok.save(str(path))
-    return path
+    tok, cfg, params = tiny_uniaudio(SENTENCES * 2, normal_scale=0.05)
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", tok, cfg, params)
 
 
 def test_sample_py_killed_mid_job_resumes_without_redoing_or_corrupting(ckpt_dir, env, tmp_path):

@@ -1,21 +1,18 @@
 """sample.py tts / asr / edit end to end on a tiny random full checkpoint written by the test."""
 from __future__ import annotations
 
-import copy
 import json
 import os
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 import soundfile as sf
 
-from conftest import REPO, SHARED_DATA
-from unitok_jax import generate, model, text
+from conftest import REPO, SHARED_DATA, save_tiny_checkpoint, tiny_uniaudio
+from unitok_jax import generate
 from unitok_jax.api import UniAudio
-from unitok_jax.convert import Checkpoint, save
 
 SENTENCES = ["he hoped there would be stew for dinner", "turnips and carrots and bruised potatoes",
              "fat mutton pieces to be ladled out", "please translate the text to speech"]
@@ -23,14 +20,9 @@ SENTENCES = ["he hoped there would be stew for dinner", "turnips and carrots and
 
 @pytest.fixture(scope="module")
 def ckpt_dir(tmp_path_factory):
-    tok = text.train_tokenizer(SENTENCES * 4, vocab_size=320)
-    conf = copy.deepcopy(generate.TINY_BAILINGMM)
-    conf["llm_config"]["vocab_size"] = tok.vocab_size
-    cfg = model.UniAudioConfig.from_bailingmm(conf)
-    params = jax.tree.map(np.asarray, model.init_params(cfg, jax.random.key(0)))
+    tok, cfg, params = tiny_uniaudio(SENTENCES * 4)
     path = tmp_path_factory.mktemp("ckpt") / "tiny"
-    save(Checkpoint({"uniaudio": cfg}, {"uniaudio": params}), str(path))
-    tok.save(str(path))
+    save_tiny_checkpoint(path, tok, cfg, params)
     return path
 
 

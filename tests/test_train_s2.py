@@ -10,7 +10,6 @@ trainable.
 """
 from __future__ import annotations
 
-import copy
 import json
 import os
 import subprocess
@@ -21,7 +20,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from conftest import REPO, SHARED_DATA
+from conftest import REPO, SHARED_DATA, tiny_uniaudio
 
 SENTENCES = ["he hoped there would be stew for dinner", "turnips and carrots and bruised potatoes",
              "fat mutton pieces to be ladled out", "please translate the text to speech"]
@@ -29,13 +28,7 @@ SENTENCES = ["he hoped there would be stew for dinner", "turnips and carrots and
 
 @pytest.fixture(scope="module")
 def setup():
-    from unitok_jax import generate, model, text
-
-    tok = text.train_tokenizer(SENTENCES * 4, vocab_size=300)
-    conf = copy.deepcopy(generate.TINY_BAILINGMM)
-    conf["llm_config"]["vocab_size"] = tok.vocab_size
-    cfg = model.UniAudioConfig.from_bailingmm(conf)
-    params = model.init_params(cfg, jax.random.key(0))
+    tok, cfg, params = tiny_uniaudio(SENTENCES * 4, 300)
     # a fresh pooling is zero-initialised (audio would not reach the LLM): a random kernel stands in for a trained one
     pool = params["linear_proj_audio"]
     kernel = jax.random.normal(jax.random.key(5), pool["linear"]["kernel"].shape)

@@ -298,19 +298,25 @@ def cmd_vae(args) -> int:
                    [c for c in VAE_COLUMNS if c[0] in args.metrics or c[0] == "reference_seconds"])
 
 
-def cmd_tts(args) -> int:
-    problems: list[str] = []
-    results, bad = read_rows(args.results, "--results", need=("audio",))
-    problems += bad
-    refs, bad = read_rows(args.reference, "--reference", need=("audio",))
-    problems += bad
+def read_results(args, need: tuple) -> tuple[dict, dict, list, list]:
+    """(results, requests, ids, problems) of a scoring command: the ``--results`` rows (each with the fields
+    ``need``), the optional ``--requests`` rows, the ids to score (every result, then each requested id without a
+    result) and the problems of unusable lines. Raises InputError when nothing is usable."""
+    results, problems = read_rows(args.results, "--results", need=need)
     requests = {}
     if args.requests:
         requests, bad = read_rows(args.requests, "--requests")
-        problems += bad
+        problems = problems + bad
     ids = list(results) + [rid for rid in requests if rid not in results]
     if not ids:
         raise InputError(f"--results {args.results}: no usable lines")
+    return results, requests, ids, problems
+
+
+def cmd_tts(args) -> int:
+    results, requests, ids, problems = read_results(args, ("audio",))
+    refs, bad = read_rows(args.reference, "--reference", need=("audio",))
+    problems += bad
     load = AudioCache()
     items, failed = [], []
     for rid in ids:
@@ -346,18 +352,9 @@ def cmd_tts(args) -> int:
 
 def cmd_asr(args) -> int:
     M._require("jiwer")
-    problems: list[str] = []
-    results, bad = read_rows(args.results, "--results", need=("text",))
-    problems += bad
+    results, requests, ids, problems = read_results(args, ("text",))
     manifest, bad = read_rows(args.manifest, "--manifest", need=("text",))
     problems += bad
-    requests = {}
-    if args.requests:
-        requests, bad = read_rows(args.requests, "--requests")
-        problems += bad
-    ids = list(results) + [rid for rid in requests if rid not in results]
-    if not ids:
-        raise InputError(f"--results {args.results}: no usable lines")
     pairs, failed = [], []
     for rid in ids:
         if rid not in results:
@@ -403,19 +400,10 @@ def cmd_edit(args) -> int:
     M._require("jiwer")
     from unitok_jax.text import strip_special_tokens
 
-    problems: list[str] = []
-    results, bad = read_rows(args.results, "--results", need=("audio",))
-    problems += bad
+    results, requests, ids, problems = read_results(args, ("audio",))
     manifest, bad = read_rows(args.manifest, "--manifest", need=("audio", "target_audio", "edit_type"),
                               extra_path_keys=("target_audio",))
     problems += bad
-    requests = {}
-    if args.requests:
-        requests, bad = read_rows(args.requests, "--requests")
-        problems += bad
-    ids = list(results) + [rid for rid in requests if rid not in results]
-    if not ids:
-        raise InputError(f"--results {args.results}: no usable lines")
     load = AudioCache()
     items, failed = [], []  # failed: no pair, so no edit type; other failures go through evaluate_edit
     for rid in ids:
