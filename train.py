@@ -336,10 +336,16 @@ def _train_vae(config, workdir: str, stop_after=None) -> int:
                        teacher_dim=teacher_dim, hop=vcfg.hop)  # this process's rows of every global batch
     batch_keys = ("wave", "lengths") + (("teacher", "teacher_frames") if distill else ())
     it = iter(data)
+    bad_records = 0  # records skipped so far (kept in the checkpoint, so a resumed run goes on counting)
+
+    def data_state() -> dict:
+        return {"speech": it.get_state(), "bad_records": bad_records}
+
     restored = ckpt.restore(sharded.abstract_state(state_abs, state_sh))
     if restored is not None:
-        step0, state, data_state = restored
-        it.set_state(data_state)
+        step0, state, saved = restored
+        it.set_state(saved.get("speech", saved))
+        bad_records = int(saved.get("bad_records", 0))
         say(f"resumed {workdir} at step {step0}")
     step_fn = vae_step_fn(tcfg, dcfg, ocfg, state_sh, mesh)
     say(f"mesh {dict(mesh.shape)} over {jax.device_count()} devices ({nproc} processes); global batch {gb}")
@@ -408,7 +414,7 @@ def _train_vae(config, workdir: str, stop_after=None) -> int:
     start = step = int(state["step"])
     total = config.train.steps
     bar = tqdm(total=total, initial=start, desc="train vae", unit="step", disable=pid != 0)
-    bad_records, interval_audio, interval_steps = 0, 0.0, 0
+    interval_audio, interval_steps = 0.0, 0
     guard = BadSteps(config.train.max_bad_steps, report=lambda msg: pid == 0 and print(msg, file=sys.stderr))
     try:
         while step < total:
@@ -452,19 +458,19 @@ def _train_vae(config, workdir: str, stop_after=None) -> int:
             if held_m:
                 writer.flush()
             bar.update(1)
-            ckpt.save(step, state, it.get_state())
+            ckpt.save(step, state, data_state())
             stop = preempt.requested or (stop_after is not None and step - start >= stop_after)
             if nproc > 1:
                 from jax.experimental import multihost_utils
 
                 stop = bool(np.any(multihost_utils.process_allgather(np.array([stop]))))
             if stop and step < total:
-                ckpt.save(step, state, it.get_state(), force=True)
+                ckpt.save(step, state, data_state(), force=True)
                 ckpt.wait()
                 say(f"\nstopped at step {step} ({'SIGTERM' if preempt.requested else 'stop_after'}); "
                     f"checkpoint saved in {ckpt.directory}")
                 return 0
-        ckpt.save(step, state, it.get_state(), force=True)
+        ckpt.save(step, state, data_state(), force=True)
         ckpt.wait()
     finally:
         bar.close()

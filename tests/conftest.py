@@ -1,13 +1,27 @@
-"""Shared test setup: float32 matmuls at full precision, and access to the reference fixtures."""
+"""Shared test setup: float32 matmuls at full precision, a persistent compilation cache for the session, and access
+to the reference fixtures."""
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import pathlib
+import shutil
+import tempfile
 
-import jax
-import numpy as np
-import pytest
+# One persistent XLA compilation cache for this test session, in a fresh temporary folder (so nothing carries over
+# between sessions): the many train.py / sample.py subprocesses (they inherit the environment) and the test modules
+# that jit the same tiny programs load an executable compiled once instead of compiling it again. A cached
+# executable is the very same program, so results are unchanged. Set JAX_COMPILATION_CACHE_DIR to choose the folder.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _CACHE = tempfile.mkdtemp(prefix="unitok_jax_test_cache_")
+    atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+
+import jax  # noqa: E402  (after the cache settings, which jax reads when it is imported)
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 

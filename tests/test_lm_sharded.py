@@ -119,8 +119,8 @@ def _worker_mesh() -> dict:
     wi = _leaf(s8["params"], "model", "moe", "layers", "moe", "wi_gate")
     res["wi_gate_shard"] = [list(wi.shape), list(wi.addressable_shards[0].data.shape)]
 
-    # a checkpoint saved on this mesh restores onto another one (fsdp 4 x tensor 2, no expert split): same values, the
-    # new layout, and the next step agrees with the next step on the old mesh
+    # a checkpoint saved on this mesh restores onto another one (fsdp 4 x tensor 2, no expert split): same values in
+    # the new layout (that a step on another mesh equals a step on this one is the comparison above)
     import tempfile
 
     from unitok_jax.training.checkpoint import TrainCheckpointer
@@ -142,10 +142,6 @@ def _worker_mesh() -> dict:
                                .addressable_shards[0].data.shape)],
         "mesh": dict(mesh_b.shape),
     }
-    fn_b = sharded.jit_step(step, state_b_sh, mesh_b, shd.DEFAULT_RULES, donate=False)
-    _, mb = fn_b(sb, sharded.global_batch(batch, mesh_b))
-    _, ma = fn(s8, gbatch)
-    res["remesh"]["next_loss"] = [float(ma["loss"]), float(mb["loss"])]
 
     # gradient accumulation: micro-batches i::2 of [a, a, b, b] are both [a, b]; with the (random) flow loss off,
     # the accumulated step equals one step on the whole batch
@@ -289,8 +285,6 @@ def test_checkpoint_restores_onto_a_different_mesh(mesh_results):
     assert r["mesh"] == {"data": 1, "fsdp": 4, "tensor": 2, "expert": 1}
     shape, shard = r["wi_gate_shard"]  # laid out for the new mesh: experts whole, fsdp 4 and tensor 2 splits
     assert shard == [shape[0], shape[1], shape[2] // 4, shape[3] // 2], r["wi_gate_shard"]
-    a, b = r["next_loss"]
-    assert abs(a - b) <= 1e-5 * max(1.0, abs(a)), r["next_loss"]
 
 
 def test_gradient_accumulation_matches_whole_batch(mesh_results):

@@ -231,7 +231,7 @@ def test_sigkill_during_save_then_sigterm_then_resume_equals_straight_run(straig
     ma, mb = _metrics(a), _metrics(b)
     assert sorted(mb) == sorted(ma) == list(range(1, STEPS + 1))
     for s in ma:  # the same data and noise at every step, across the kill and the SIGTERM
-        for k in ("loss", "text_ce", "flow", "stop", "text_tokens", "flow_patches"):
+        for k in ("loss", "text_ce", "flow", "stop", "text_tokens", "flow_patches", "bad_records"):
             assert ma[s][k] == pytest.approx(mb[s][k], rel=1e-5, abs=1e-6), (s, k, ma[s][k], mb[s][k])
     pa = jax.tree.leaves(load(os.path.join(a, "export")).params["uniaudio"])
     pb = jax.tree.leaves(load(os.path.join(b, "export")).params["uniaudio"])

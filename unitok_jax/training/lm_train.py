@@ -330,13 +330,17 @@ def _run(config, workdir: str, stop_after: Optional[int]) -> int:
         except ValueError as e:
             raise SetupError(f"{config.data.edit_manifest}: {e}") from None
 
+    bad = 0  # rows skipped so far (kept in the checkpoint, so a resumed run goes on counting)
+
     def data_state() -> dict:
-        return {"speech": it.get_state(), **({"edit": edit_it.get_state()} if edit_it is not None else {})}
+        return {"speech": it.get_state(), "bad_records": bad,
+                **({"edit": edit_it.get_state()} if edit_it is not None else {})}
 
     restored = ckpt.restore(sharded.abstract_state(state_abs, state_sh))
     if restored is not None:
         step0, state, saved = restored
         it.set_state(saved.get("speech", saved))
+        bad = int(saved.get("bad_records", 0))
         if edit_it is not None and "edit" in saved:
             edit_it.set_state(saved["edit"])
         if pid == 0:
@@ -378,7 +382,6 @@ def _run(config, workdir: str, stop_after: Optional[int]) -> int:
     bar = tqdm(total=total, initial=start, desc="train lm", unit="step", disable=pid != 0)
     thr = Throughput(skip=1)  # the first logged interval includes compilation
     interval: list = []
-    bad = 0
     guard = BadSteps(config.train.max_bad_steps, report=lambda msg: pid == 0 and print(msg, file=sys.stderr))
     try:
         while step < total:
