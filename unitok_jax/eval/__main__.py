@@ -299,22 +299,22 @@ def cmd_vae(args) -> int:
 
 
 def read_results(args, need: tuple) -> tuple[dict, dict, list, list]:
-    """(results, requests, ids, problems) of a scoring command: the ``--results`` rows (each with the fields
+    """(results, request rows, ids, problems) of a scoring command: the ``--results`` rows (each with the fields
     ``need``), the optional ``--requests`` rows, the ids to score (every result, then each requested id without a
     result) and the problems of unusable lines. Raises InputError when nothing is usable."""
     results, problems = read_rows(args.results, "--results", need=need)
-    requests = {}
+    req_rows = {}
     if args.requests:
-        requests, bad = read_rows(args.requests, "--requests")
+        req_rows, bad = read_rows(args.requests, "--requests")
         problems = problems + bad
-    ids = list(results) + [rid for rid in requests if rid not in results]
+    ids = list(results) + [rid for rid in req_rows if rid not in results]
     if not ids:
         raise InputError(f"--results {args.results}: no usable lines")
-    return results, requests, ids, problems
+    return results, req_rows, ids, problems
 
 
 def cmd_tts(args) -> int:
-    results, requests, ids, problems = read_results(args, ("audio",))
+    results, req_rows, ids, problems = read_results(args, ("audio",))
     refs, bad = read_rows(args.reference, "--reference", need=("audio",))
     problems += bad
     load = AudioCache()
@@ -327,7 +327,7 @@ def cmd_tts(args) -> int:
             failed.append({"id": rid, "error": f"no reference for this id in {args.reference}"})
             continue
         ref_row = refs[rid]
-        prompt_path = requests.get(rid, {}).get("prompt_wav") or ref_row.get("prompt_wav") \
+        prompt_path = req_rows.get(rid, {}).get("prompt_wav") or ref_row.get("prompt_wav") \
             or results[rid].get("prompt_wav")
         try:
             item = {"id": rid, "generated": load(results[rid]["audio"]), "reference": load(ref_row["audio"])}
@@ -352,7 +352,7 @@ def cmd_tts(args) -> int:
 
 def cmd_asr(args) -> int:
     M._require("jiwer")
-    results, requests, ids, problems = read_results(args, ("text",))
+    results, req_rows, ids, problems = read_results(args, ("text",))
     manifest, bad = read_rows(args.manifest, "--manifest", need=("text",))
     problems += bad
     pairs, failed = [], []
@@ -400,7 +400,7 @@ def cmd_edit(args) -> int:
     M._require("jiwer")
     from unitok_jax.text import strip_special_tokens
 
-    results, requests, ids, problems = read_results(args, ("audio",))
+    results, req_rows, ids, problems = read_results(args, ("audio",))
     manifest, bad = read_rows(args.manifest, "--manifest", need=("audio", "target_audio", "edit_type"),
                               extra_path_keys=("target_audio",))
     problems += bad
