@@ -169,7 +169,7 @@ def heldout_batch(config, train_records, sample_rate: int = 16000, hop: int = 32
 
     from unitok_jax.audio import AudioError, load_audio
     from unitok_jax.data.manifest import read_manifest
-    from unitok_jax.data.pipeline import TeacherError, load_teacher
+    from unitok_jax.data.pipeline import TeacherError, load_teacher, teacher_rows
 
     if config.data.heldout_manifest:
         records = read_manifest(config.data.heldout_manifest, require_text=False).records
@@ -199,10 +199,10 @@ def heldout_batch(config, train_records, sample_rate: int = 16000, hop: int = 32
         start = max((len(w) - length) // 2, 0)
         if teacher_dim:
             start = start // hop * hop
-            rows = np.asarray(feats[start // hop : start // hop + frames], np.float32)
-            if not np.all(np.isfinite(rows)):
+            rows = teacher_rows(feats, start // hop, frames)
+            if rows is None:
                 continue
-            teachers.append((np.pad(rows, ((0, frames - len(rows)), (0, 0))), len(rows)))
+            teachers.append(rows)
         piece = w[start : start + length]
         waves.append(np.pad(piece, (0, length - len(piece))).astype(np.float32))
         lengths.append(len(piece))

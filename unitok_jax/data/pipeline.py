@@ -59,6 +59,15 @@ def load_teacher(path: str, dim: int) -> np.ndarray:
     return feats
 
 
+def teacher_rows(feats: np.ndarray, start_frame: int, frames: int) -> Optional[tuple[np.ndarray, int]]:
+    """Rows ``start_frame .. start_frame + frames`` of teacher features, zero-padded to ``frames`` rows, with the
+    number of real rows; None if any of them is not finite."""
+    rows = np.asarray(feats[start_frame : start_frame + frames], np.float32)
+    if not np.all(np.isfinite(rows)):
+        return None
+    return np.pad(rows, ((0, frames - len(rows)), (0, 0))), len(rows)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Crop:
     crop: int
@@ -81,8 +90,8 @@ class _Crop:
 
     def _with_teacher(self, record, wave, out, rng) -> dict:
         frames = self.crop // self.hop
-        teacher = np.zeros((frames, self.teacher_dim), np.float32)
-        bad = {"wave": out, "lengths": np.int32(0), "teacher": teacher, "teacher_frames": np.int32(0), "ok": False}
+        bad = {"wave": out, "lengths": np.int32(0), "teacher": np.zeros((frames, self.teacher_dim), np.float32),
+               "teacher_frames": np.int32(0), "ok": False}
         if wave is None or not isinstance(record.get(self.teacher_key), str):
             return bad
         try:
@@ -91,14 +100,13 @@ class _Crop:
             return bad
         # a frame-aligned start, so teacher row k of the crop is latent frame k of the crop
         start_frame = int(rng.integers(0, max(len(wave) // self.hop - frames, 0) + 1))
-        piece = wave[start_frame * self.hop : start_frame * self.hop + self.crop]
-        rows = np.asarray(feats[start_frame : start_frame + frames], np.float32)
-        if not np.all(np.isfinite(rows)):
+        rows = teacher_rows(feats, start_frame, frames)
+        if rows is None:
             return bad
+        piece = wave[start_frame * self.hop : start_frame * self.hop + self.crop]
         out[: len(piece)] = piece
-        teacher[: len(rows)] = rows
-        return {"wave": out, "lengths": np.int32(len(piece)), "teacher": teacher,
-                "teacher_frames": np.int32(len(rows)), "ok": True}
+        return {"wave": out, "lengths": np.int32(len(piece)), "teacher": rows[0],
+                "teacher_frames": np.int32(rows[1]), "ok": True}
 
 
 def vae_batches(records: Sequence[dict], *, batch_size: int, crop_seconds: float, seed: int,
