@@ -348,7 +348,8 @@ def run_task(args) -> int:
                 rs, outs, bad = call(lambda rs, ws: m.edit(
                     ws, [r.fields["instruction"] for r in rs], semantic=[bool(r.fields.get("semantic", False))
                                                                         for r in rs],
-                    seed=args.seed, max_patches=args.max_patches or 256, sampler=sampler), ok)
+                    seed=args.seed, max_text_tokens=args.max_new_tokens, max_patches=args.max_patches or 256,
+                    sampler=sampler), ok)
                 for k, ((r, _), o) in enumerate(zip(rs, outs)):
                     finish(r, {"text": o.text, "target_transcript": o.target_transcript, "target_markup": o.markup},
                            o.wave, bad.get(k, 0))
@@ -383,7 +384,8 @@ def main(argv=None) -> int:
         t.add_argument("--temperature", type=float, default=1.5, help="sampler SDE temperature")
         t.add_argument("--sway", type=float, default=-1.0, help="sway sampling coefficient")
         t.add_argument("--max-patches", type=int, default=None, help="cap on generated 0.1 s patches")
-        t.add_argument("--max-new-tokens", type=int, default=128, help="ASR text budget")
+        t.add_argument("--max-new-tokens", type=int, default=128,
+                       help="text budget (the ASR transcript, the edit's <cot_text>)")
         t.add_argument("--max-seconds", type=float, default=None, help="reject input audio longer than this")
         t.add_argument("--overwrite", action="store_true", help="redo requests whose outputs exist")
         t.add_argument("--quiet", action="store_true", help="no progress bar")

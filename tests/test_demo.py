@@ -81,7 +81,7 @@ def test_quick_demo_writes_report_plots_and_eval_json(quick_demo):
     assert cer and abs(float(cer.group(1)) / 100 - reports["asr"]["corpus"]["cer"]) < 1e-4
     mcd = re.search(r"\| MCD-DTW \(dB\) \| ([0-9.]+) \|", text)
     assert mcd and abs(float(mcd.group(1)) - reports["tts"]["mean"]["mcd"]) < 0.01
-    for phase in ("corpus", "vae", "latents", "lm", "reconstruct", "asr", "tts", "eval"):
+    for phase in ("corpus", "edit_corpus", "vae", "latents", "lm", "reconstruct", "asr", "tts", "edit", "eval"):
         assert re.search(rf"^\| {phase} \| \d+:\d\d[ |]", text, re.M), phase
     assert re.search(r"\*\*total\*\* \| \*\*\d+:\d\d\*\*", text)
     assert "--config.train.steps=" in text and "sample.py tts" in text
@@ -96,13 +96,56 @@ def test_quick_demo_writes_report_plots_and_eval_json(quick_demo):
     assert "finished" in proc.stdout and "demo finished in" in proc.stdout
 
 
+def _jsonl(path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def test_quick_demo_trains_on_edit_pairs_and_evaluates_every_heldout_pair(quick_demo):
+    out, _, _ = quick_demo
+    work = out / "work"
+    # the edit corpus holds out exactly the speech corpus's held-out sentences
+    speech_heldout = {r["text"] for r in _jsonl(work / "corpus" / "heldout.jsonl")}
+    speech_train = {r["text"] for r in _jsonl(work / "corpus" / "train.jsonl")}
+    edit_train, edit_heldout = _jsonl(work / "edit_corpus" / "train.jsonl"), _jsonl(work / "edit_corpus" /
+                                                                                     "heldout.jsonl")
+    assert edit_heldout and {r["text"] for r in edit_heldout} <= speech_heldout
+    assert {r["text"] for r in edit_train} <= speech_train
+    # the training pairs were cached (source and target) and the LM ran an edit step that had flow targets
+    cached = _jsonl(work / "edit_latents" / "manifest.jsonl")
+    assert [r["id"] for r in cached] == [r["id"] for r in edit_train]
+    assert all(os.path.isfile(work / "edit_latents" / r["target_latents"]) for r in cached)
+    steps = [r for r in _jsonl(work / "lm" / "metrics.jsonl") if "step" in r]
+    edit_steps = [r for r in steps if r.get("edit_step") == 1]
+    assert edit_steps and all(r["flow_patches"] > 0 and _finite(r["flow"]) for r in edit_steps)
+    assert any(r.get("edit_step") == 0 for r in steps)  # and TTS/ASR steps
+    # sample.py edit ran every held-out pair, semantic ones with the transcript first
+    requests = _jsonl(work / "requests" / "edit.jsonl")
+    assert [r["id"] for r in requests] == [r["id"] for r in edit_heldout]
+    assert [r["semantic"] for r in requests] == [r["edit_kind"] == "semantic" for r in edit_heldout]
+    with open(out / "eval" / "edit.json", encoding="utf-8") as f:
+        rep = json.load(f)
+    assert rep["task"] == "edit" and rep["scored"] == rep["count"] == len(edit_heldout)
+    assert set(rep["by_type"]) == {r["edit_type"] for r in edit_heldout}
+    assert all(_finite(r["baseline_mcd"]) for r in rep["rows"])
+    # the report's Editing section: one line per edit type plus the total, with the eval's numbers
+    text = (out / "report.md").read_text(encoding="utf-8")
+    section = text[text.index("## Editing"): text.index("## Timings")]
+    for etype, t in rep["by_type"].items():
+        row = re.search(rf"^\| {etype} \| (\d+)/(\d+) \| (\d+) \|", section, re.M)
+        assert row and (int(row.group(1)), int(row.group(2)), int(row.group(3))) == (t["scored"], t["count"],
+                                                                                  t["no_audio"]), etype
+    base = re.search(r"do-nothing MCD: the source against the target \(dB\) \| ([0-9.]+) \|", text)
+    assert base and abs(float(base.group(1)) - rep["mean"]["baseline_mcd"]) < 0.01
+
+
 def test_rerun_resumes_without_redoing_phases(quick_demo):
     out, _, _ = quick_demo
     before = (out / "work" / "timings.json").read_text()
     t0 = time.perf_counter()
     proc = _run("--out", str(out), "--quick")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for phase in ("corpus", "vae", "latents", "lm", "reconstruct", "asr", "tts", "eval"):
+    for phase in ("corpus", "edit_corpus", "vae", "latents", "lm", "reconstruct", "asr", "tts", "edit", "eval"):
         assert f"-- {phase}: already done" in proc.stdout, phase
     assert "$ " not in proc.stdout  # no command was run again
     assert (out / "work" / "timings.json").read_text() == before

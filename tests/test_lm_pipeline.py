@@ -126,3 +126,46 @@ def test_edit_pairs_load_source_and_target_and_become_edit_sequences(corpus):
         semantic = rows["target_markup"][k] is not None
         assert e["task"] == "edit" and (tok.id("answer") in e["input_ids"]) == semantic
         assert e["gen_start"] == int(src[2][k]) // 5 and e["gen_patches"] == int(tgt[2][k]) // 5
+
+
+def test_edit_pairs_through_the_latent_cache(corpus):
+    """The cache encodes an edit pair's target too, and the latent source loads source and target posteriors that
+    match the encoder (what the edit steps then sample from)."""
+    root, cfg, params = corpus
+    lines = [json.dumps({"id": f"c{i}", "audio": f"u{i}.wav", "text": f"words {i}", "speaker": "s",
+                         "target_audio": f"u{5 - i}.wav", "instruction": f"edit {i}", "edit_type": "faster",
+                         "target_markup": None}) for i in range(4)]
+    lines.append(json.dumps({"id": "broken", "audio": "u0.wav", "text": "w", "speaker": "s",
+                             "target_audio": "missing.wav", "instruction": "x", "edit_type": "faster"}))
+    (root / "edits_c.jsonl").write_text("\n".join(lines) + "\n")
+    out = root / "edit_cache"
+    res = latent_cache.build_cache(str(root / "vae"), str(root / "edits_c.jsonl"), str(out), batch_size=3,
+                                   progress=False)
+    assert res["written"] == 4 and len(res["failed"]) == 1 and "missing.wav" in res["failed"][0]
+    recs = read_manifest(str(out / "manifest.jsonl"), add_durations=True).records
+    assert [r["id"] for r in recs] == [f"c{i}" for i in range(4)]
+    for r in recs:
+        i = int(r["id"][1:])
+        for key, wav in (("latents", f"u{i}.wav"), ("target_latents", f"u{5 - i}.wav")):
+            wave, _ = sf.read(root / wav, dtype="float32")
+            enc = vae.encode(params, cfg, jnp.asarray(wave)[None], sample=False)
+            post = np.load(r[key])
+            assert post.shape[0] == int(enc.frame_num[0])
+            np.testing.assert_allclose(post[:, 0], np.asarray(enc.mean[0]), atol=1e-5)
+        assert r["target_frames"] == np.load(r["target_latents"]).shape[0]
+        assert r["target_duration"] == pytest.approx(sf.info(str(root / f"u{5 - i}.wav")).duration)
+    res = latent_cache.build_cache(str(root / "vae"), str(root / "edits_c.jsonl"), str(out), progress=False)
+    assert res["written"] == 0 and res["kept"] == 4  # resumed: both files of each pair are there
+
+    rows = next(iter(lm_batches(recs, batch_size=4, seed=0, source="latents", hop=cfg.hop, buckets_seconds=(2.0,),
+                                process_index=0, process_count=1)))
+    assert rows["ok"].all() and rows["target_mean"].shape == rows["mean"].shape == (4, 100, cfg.latent_dim)
+    for k in range(4):
+        rec = next(r for r in recs if r["id"] == rows["id"][k])
+        tgt = np.load(rec["target_latents"])
+        n = int(rows["target_lengths"][k])
+        assert n == len(tgt) and rows["instruction"][k] == rec["instruction"]
+        np.testing.assert_array_equal(rows["target_std"][k, :n], tgt[:, 1])
+    no_target = [{k: v for k, v in r.items() if k != "target_latents"} for r in recs]
+    with pytest.raises(ValueError, match="target_latents"):
+        lm_batches(no_target, batch_size=2, seed=0, source="latents", process_index=0, process_count=1)

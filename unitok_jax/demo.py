@@ -6,15 +6,19 @@ Phases (each a subprocess running the project's own command line; a phase whose 
 killed run resumes where it stopped, and ``train.py`` itself resumes from its last checkpoint):
 
 1. ``corpus``       python -m unitok_jax.data.build_corpus (eSpeak NG; train.jsonl + heldout.jsonl, 2 held-out voices)
+   ``edit_corpus``  python -m unitok_jax.data.build_edit_corpus (edit pairs over the same split of sentences)
 2. ``vae``          python train.py --config configs/vae.py:tiny ... (exports the AudioVAE)
-3. ``latents``      python -m unitok_jax.data.latent_cache (the frozen VAE's posterior of every training utterance)
-4. ``lm``           python train.py --config configs/lm.py:tiny ... --config.data.source=latents (LLM + flow head)
+3. ``latents``      python -m unitok_jax.data.latent_cache (the frozen VAE's posterior of every training utterance,
+                    and of the source and target of every training edit pair)
+4. ``lm``           python train.py --config configs/lm.py:tiny ... --config.data.source=latents
+                    --config.data.edit_manifest=... (LLM + flow head on TTS, ASR and edit sequences)
 5. ``reconstruct``  python sample.py reconstruct: every held-out utterance through the VAE
-6. ``asr``          python sample.py asr: every held-out utterance
-7. ``tts``          python sample.py tts: each held-out sentence in a held-out voice (the two take turns;
+   ``asr``          python sample.py asr: every held-out utterance
+   ``tts``          python sample.py tts: each held-out sentence in a held-out voice (the two take turns;
                     ``--set sample.tts_voices=2``: in both), prompted with that voice saying another sentence
-8. ``eval``         python -m unitok_jax.eval vae | asr | tts (JSON reports)
-9. ``report``       OUT/report.md (numbers, recipe, timings, machine), mel-spectrogram PNGs, example wavs
+   ``edit``         python sample.py edit: every held-out edit pair (its source speech and instruction)
+6. ``eval``         python -m unitok_jax.eval vae | asr | tts | edit (JSON reports)
+7. ``report``       OUT/report.md (numbers, recipe, timings, machine), mel-spectrogram PNGs, example wavs
 
 Everything intermediate lives in ``OUT/work``; the results are ``OUT/report.md``, ``OUT/eval/*.json``,
 ``OUT/mel_tts.png``, ``OUT/mel_reconstruction.png`` and ``OUT/wavs/``. ``--quick`` runs the same chain with a
@@ -64,9 +68,10 @@ FULL_VAE = {
 }
 FULL_LM = {
     **LLM_H128,
-    "train.steps": 800,
+    "train.steps": 1000,  # 800 before edit training joined (a quarter of the steps are edit steps now)
     "data.batch_size": 8,
     "data.tts_fraction": 0.5,
+    "data.edit_fraction": 0.25,  # a whole step of edit pairs a quarter of the time
     "train.lr": 2e-3,
     "train.warmup_steps": 50,
     "tensorboard": False,
@@ -87,8 +92,9 @@ QUICK_LM = {
     "train.steps": 2,
     "data.batch_size": 2,
     "data.buckets_seconds": (8.0,),
-    "data.seq_len": 192,
-    "data.max_patches": 80,
+    "data.seq_len": 320,  # an edit row holds source and target speech (up to 2 x 5.3 s here)
+    "data.max_patches": 128,
+    "data.edit_fraction": 0.3,  # with seed 0: step 0 is an edit step, step 1 a TTS/ASR step
     "train.warmup_steps": 1,
     "tensorboard": False,
     "checkpoint.every_steps": 1000,
@@ -98,30 +104,34 @@ QUICK_LM = {
 RECIPES = {
     "full": {
         "corpus": {"sentences": None},
+        "edit": {"pairs": 400},
         "vae": FULL_VAE,
         "lm": FULL_LM,
         "lm_source": "latents",
         # tts_voices: held-out voices each held-out sentence is synthesised in (1: the voices take turns)
+        # edit_max_patches: the edit loop's cap (10 s; the longest targets, slowed-down sentences, are ~8 s)
         "sample": {"steps": 10, "cfg": 2.0, "batch_size": 8, "max_patches": None, "max_new_tokens": 96,
-                   "tts_voices": 1},
+                   "tts_voices": 1, "edit_max_patches": 100},
         "examples": 4,
     },
     "quick": {
         "corpus": {"sentences": 12},
+        "edit": {"pairs": 40},
         "vae": QUICK_VAE,
         "lm": QUICK_LM,
         "lm_source": "latents",
         "sample": {"steps": 2, "cfg": 2.0, "batch_size": 8, "max_patches": 6, "max_new_tokens": 8,
-                   "tts_voices": 1},
+                   "tts_voices": 1, "edit_max_patches": 6},
         "examples": 2,
         # compile fast, run slow: the smoke test's processes spend most of their time compiling
         "xla_flags": "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true",
     },
 }
 
-PHASES = ("corpus", "vae", "latents", "lm", "reconstruct", "asr", "tts", "eval", "report")
-# Phases of a group run concurrently (the sampling commands and the three evaluations are mostly single-threaded).
-GROUPS = (("corpus",), ("vae",), ("latents",), ("lm",), ("reconstruct", "asr", "tts"), ("eval",), ("report",))
+PHASES = ("corpus", "edit_corpus", "vae", "latents", "lm", "reconstruct", "asr", "tts", "edit", "eval", "report")
+# Phases of a group run concurrently (the sampling commands and the evaluations are mostly single-threaded).
+GROUPS = (("corpus", "edit_corpus"), ("vae",), ("latents",), ("lm",), ("reconstruct", "asr", "tts", "edit"),
+          ("eval",), ("report",))
 TARGETS = {"stoi": 0.85, "cer": 0.15}
 
 
@@ -163,12 +173,12 @@ def build_recipe(quick: bool, sets: list[str]) -> dict:
     recipe["mode"] = "quick" if quick else "full"
     for s in sets:
         if "=" not in s or "." not in s.split("=", 1)[0]:
-            raise DemoError(f"--set {s!r}: expected vae.KEY=VALUE, lm.KEY=VALUE, sample.KEY=VALUE or "
-                            f"corpus.KEY=VALUE")
+            raise DemoError(f"--set {s!r}: expected vae.KEY=VALUE, lm.KEY=VALUE, sample.KEY=VALUE, "
+                            f"corpus.KEY=VALUE or edit.KEY=VALUE")
         key, value = s.split("=", 1)
         group, name = key.split(".", 1)
-        if group not in ("vae", "lm", "sample", "corpus"):
-            raise DemoError(f"--set {s!r}: unknown group {group!r} (vae, lm, sample, corpus)")
+        if group not in ("vae", "lm", "sample", "corpus", "edit"):
+            raise DemoError(f"--set {s!r}: unknown group {group!r} (vae, lm, sample, corpus, edit)")
         recipe[group][name] = _parse_value(value)
     return recipe
 
@@ -287,8 +297,10 @@ class Demo:
         self.py = sys.executable
         self.p = {  # paths
             "corpus": os.path.join(self.work, "corpus"),
+            "edit_corpus": os.path.join(self.work, "edit_corpus"),
             "vae": os.path.join(self.work, "vae"),
             "latents": os.path.join(self.work, "latents"),
+            "edit_latents": os.path.join(self.work, "edit_latents"),
             "lm": os.path.join(self.work, "lm"),
             "requests": os.path.join(self.work, "requests"),
             "samples": os.path.join(self.work, "samples"),
@@ -465,6 +477,18 @@ class Demo:
             shutil.rmtree(self.p["corpus"])  # a folder without corpus.json: not finished
         return [Job("corpus", "corpus", [Cmd(cmd)])]
 
+    def edit_corpus(self) -> list:
+        """Edit pairs over the corpus's own split: ``--corpus-sentences`` / the default seed make
+        build_edit_corpus hold out exactly the sentences build_corpus holds out."""
+        if os.path.isfile(os.path.join(self.p["edit_corpus"], "corpus.json")):
+            return []
+        cmd = [self.py, "-m", "unitok_jax.data.build_edit_corpus", "--out", self.p["edit_corpus"], "--overwrite",
+               "--quiet", "--pairs", str(self.recipe["edit"]["pairs"])]
+        if self.recipe["corpus"].get("sentences"):
+            cmd += ["--corpus-sentences", str(self.recipe["corpus"]["sentences"])]
+        return [Job("edit_corpus", "edit_corpus", [Cmd(cmd, expect=os.path.join(self.p["edit_corpus"],
+                                                                               "corpus.json"))])]
+
     def _train(self, phase: str, config: str, overrides: dict, extra: list[str]) -> list:
         workdir = self.p[phase]
         export = os.path.join(workdir, "export", "unitok_config.json")
@@ -479,21 +503,27 @@ class Demo:
                            [f"--config.data.manifest={os.path.join(self.p['corpus'], 'train.jsonl')}"])
 
     def latents(self) -> list:
+        """The speech corpus and the training edit pairs (source and target) through the frozen encoder, one
+        command after the other."""
         if self.recipe["lm_source"] != "latents":
             return []
-        out = os.path.join(self.p["latents"], "manifest.jsonl")
-        if os.path.isfile(out):
-            return []
-        return [Job("latents", "latents", [Cmd(
-            [self.py, "-m", "unitok_jax.data.latent_cache", "--vae", os.path.join(self.p["vae"], "export"),
-             "--manifest", os.path.join(self.p["corpus"], "train.jsonl"), "--out", self.p["latents"]], expect=out)])]
+        cmds = []
+        for corpus, cache in (("corpus", "latents"), ("edit_corpus", "edit_latents")):
+            out = os.path.join(self.p[cache], "manifest.jsonl")
+            if not os.path.isfile(out):
+                cmds.append(Cmd([self.py, "-m", "unitok_jax.data.latent_cache", "--vae",
+                                 os.path.join(self.p["vae"], "export"), "--manifest",
+                                 os.path.join(self.p[corpus], "train.jsonl"), "--out", self.p[cache]], expect=out))
+        return [Job("latents", "latents", cmds)] if cmds else []
 
     def lm(self) -> list:
         if self.recipe["lm_source"] == "latents":
             data = [f"--config.data.manifest={os.path.join(self.p['latents'], 'manifest.jsonl')}",
+                    f"--config.data.edit_manifest={os.path.join(self.p['edit_latents'], 'manifest.jsonl')}",
                     "--config.data.source=latents"]
         else:
-            data = [f"--config.data.manifest={os.path.join(self.p['corpus'], 'train.jsonl')}"]
+            data = [f"--config.data.manifest={os.path.join(self.p['corpus'], 'train.jsonl')}",
+                    f"--config.data.edit_manifest={os.path.join(self.p['edit_corpus'], 'train.jsonl')}"]
         return self._train("lm", "configs/lm.py:tiny", self.recipe["lm"],
                            data + [f"--config.init.vae={os.path.join(self.p['vae'], 'export')}"])
 
@@ -516,7 +546,7 @@ class Demo:
         reading the next held-out sentence (the prompt never says the target's words)."""
         rows = self.heldout()
         req = self.p["requests"]
-        paths = {k: os.path.join(req, f"{k}.jsonl") for k in ("reconstruct", "asr", "tts", "tts_reference")}
+        paths = {k: os.path.join(req, f"{k}.jsonl") for k in ("reconstruct", "asr", "tts", "tts_reference", "edit")}
         write_jsonl(paths["reconstruct"], [{"id": r["id"], "wav": r["audio"]} for r in rows])
         write_jsonl(paths["asr"], [{"id": r["id"], "wav": r["audio"]} for r in rows])
         voices = self.heldout_voices()
@@ -542,7 +572,17 @@ class Demo:
                             f"({os.path.join(self.p['corpus'], 'heldout.jsonl')})")
         write_jsonl(paths["tts"], tts)
         write_jsonl(paths["tts_reference"], refs)
+        # edit: every held-out pair, its source speech and instruction (semantic edits write the transcript first)
+        write_jsonl(paths["edit"], [{"id": r["id"], "wav": r["audio"], "instruction": r["instruction"],
+                                     "semantic": r["edit_kind"] == "semantic"} for r in self.edit_heldout()])
         return paths
+
+    def edit_heldout(self) -> list[dict]:
+        rows = read_jsonl(os.path.join(self.p["edit_corpus"], "heldout.jsonl"))
+        for r in rows:
+            for k in ("audio", "target_audio"):
+                r[k] = os.path.join(self.p["edit_corpus"], r[k])
+        return rows
 
     def _sample_args(self) -> list[str]:
         return ["--batch-size", str(self.recipe["sample"]["batch_size"])]
@@ -587,6 +627,17 @@ class Demo:
              "--input", os.path.join(self.p["requests"], "tts.jsonl"), "--out", os.path.join(self.p["samples"], "tts"),
              *extra, *self._sample_args()])], terminal=True)]
 
+    def edit(self) -> list:
+        if self._task_done("edit"):
+            return []
+        s = self.recipe["sample"]
+        return [Job("edit", "edit", [Cmd(
+            [self.py, os.path.join(ROOT, "sample.py"), "edit", "--checkpoint", os.path.join(self.p["lm"], "export"),
+             "--input", os.path.join(self.p["requests"], "edit.jsonl"), "--out",
+             os.path.join(self.p["samples"], "edit"), "--steps", str(s["steps"]), "--cfg", str(s["cfg"]),
+             "--max-patches", str(s["edit_max_patches"]), "--max-new-tokens", str(s["max_new_tokens"]),
+             *self._sample_args()])])]
+
     def _asr_results_for_eval(self) -> str:
         """sample.py writes ``"language": null`` when the model emits no language tag, which the evaluator
         rejects as a bad line (the item would count as failed instead of being scored): score a copy with the
@@ -603,7 +654,7 @@ class Demo:
         os.makedirs(self.p["eval"], exist_ok=True)
         req, smp, ev = self.p["requests"], self.p["samples"], self.p["eval"]
         jobs = []
-        for name in ("vae", "asr", "tts"):
+        for name in ("vae", "asr", "tts", "edit"):
             path = os.path.join(ev, f"{name}.json")
             if os.path.isfile(path):
                 continue
@@ -613,9 +664,13 @@ class Demo:
             elif name == "asr":
                 args = ["asr", "--results", self._asr_results_for_eval(), "--manifest",
                         os.path.join(self.p["corpus"], "heldout.jsonl"), "--requests", os.path.join(req, "asr.jsonl")]
-            else:
+            elif name == "tts":
                 args = ["tts", "--results", os.path.join(smp, "tts"), "--reference",
                         os.path.join(req, "tts_reference.jsonl"), "--requests", os.path.join(req, "tts.jsonl")]
+            else:
+                args = ["edit", "--results", os.path.join(smp, "edit"), "--manifest",
+                        os.path.join(self.p["edit_corpus"], "heldout.jsonl"), "--requests",
+                        os.path.join(req, "edit.jsonl")]
             # exit status 1 = some items failed: they are listed in the JSON report, which still has the means
             jobs.append(Job("eval", f"eval-{name}", [Cmd([self.py, "-m", "unitok_jax.eval", *args, "--json", path],
                                                           ok=(0, 1), expect=path)]))
@@ -631,7 +686,7 @@ class Demo:
         from unitok_jax.audio import load_audio
         from unitok_jax.eval import metrics as M
 
-        ev = {k: self._load_eval(k) for k in ("vae", "asr", "tts")}
+        ev = {k: self._load_eval(k) for k in ("vae", "asr", "tts", "edit")}
         # mel comparisons: the TTS item with the median MCD (a typical one, not the best), and the reconstruction
         # of the same target utterance
         tts_rows = [r for r in ev["tts"]["rows"] if r.get("mcd") is not None]
@@ -703,6 +758,11 @@ class Demo:
         stoi_ok = None if vm.get("stoi") is None else vm["stoi"] >= TARGETS["stoi"]
         cer_ok = None if ac.get("cer") is None else ac["cer"] <= TARGETS["cer"]
         mcd_ok = None if tm.get("mcd") is None or tm.get("baseline_mcd") is None else tm["mcd"] < tm["baseline_mcd"]
+        em = ev["edit"]["mean"]
+        edit_ok = None if em.get("mcd") is None or em.get("baseline_mcd") is None else em["mcd"] < em["baseline_mcd"]
+        from unitok_jax.eval.metrics import edit_summary
+
+        ex = edit_summary("all", ev["edit"])  # the CoT rates cover the semantic pairs, moved_right the acoustic ones
         heldout = corpus["splits"]["heldout"]
         train = corpus["splits"]["train"]
         voices = self.heldout_voices()
@@ -734,11 +794,19 @@ class Demo:
             f"| | speaker proxy: similarity to prompt voice / to the other voice | "
             f"{f(tm.get('speaker_similarity_prompt'))} / {f(tm.get('speaker_similarity_others'))} | |",
             f"| | speaker proxy: prompt voice ranked first | {f(tm.get('speaker_top1'), '.2f')} | |",
+            f"| Edit ({ev['edit']['scored']} held-out pairs, 10 edit types) | CoT CER, semantic edits (corpus) | "
+            f"{f(ex['cot_cer'], '.2%')} | |",
+            f"| | MCD-DTW to the intended target (dB) | {f(em.get('mcd'), '.2f')} | below the do-nothing "
+            f"baseline ({verdict(edit_ok)}) |",
+            f"| | do-nothing MCD: the source against the target (dB) | {f(em.get('baseline_mcd'), '.2f')} | |",
+            f"| | acoustic edits: measured property moved the right way | {f(ex['moved_right'], '.2f')} | |",
             "",
             "Metric definitions: `unitok_jax/eval/metrics.py`. MCD-DTW compares the generated speech with the same "
             "sentence rendered by eSpeak in the prompt's voice; the copy-the-prompt baseline scores the prompt "
-            "itself (right voice, wrong words) against that reference. Per-item numbers: `eval/vae.json`, "
-            "`eval/asr.json`, `eval/tts.json`.",
+            "itself (right voice, wrong words) against that reference. Edits: the CoT CER compares the model's "
+            "`<cot_text>` with the intended transcript (its `<edit>` span counted as one word); MCD-DTW compares the "
+            "edited speech with eSpeak's rendering of the intended result, next to the source itself (an edit that "
+            "does nothing). Per-item numbers: `eval/vae.json`, `eval/asr.json`, `eval/tts.json`, `eval/edit.json`.",
             "",
             "![TTS mel spectrograms](mel_tts.png)",
             "",
@@ -767,6 +835,7 @@ class Demo:
                          f"[{e['generated']}](wavs/{e['generated']}) | [{e['reference']}](wavs/{e['reference']}) | "
                          f"{f(e['mcd'], '.2f')} / {f(e['baseline_mcd'], '.2f')} |")
         lines += ["", "VAE reconstructions: `wavs/<id>.reconstruction.wav` next to `wavs/<id>.original.wav`.", ""]
+        lines += self._edit_section(ev["edit"], f)
 
         # timings
         cpu, load = self.timings.get("cpu", {}), self.timings.get("load", {})
@@ -821,6 +890,55 @@ class Demo:
             lines += ["Final training metrics:", "", "```"] + train_log + ["```", ""]
         return "\n".join(lines)
 
+    def _edit_section(self, rep: dict, f) -> list[str]:
+        """Per edit type: the CoT rates (semantic), MCD to the target next to the do-nothing MCD, the fraction
+        moved the right way (acoustic); then a few held-out pairs with the model's CoT and the audio."""
+        from unitok_jax.eval import metrics as M
+
+        lines = ["## Editing", "",
+                 f"Every held-out pair of the edit corpus ({rep['count']} pairs over held-out sentences; half of them "
+                 "with a held-out voice as the source), edited by `sample.py edit` from its source speech and "
+                 "instruction.", "",
+                 "| edit type | pairs scored | no audio | CoT CER | CoT exact | MCD to target (dB) | do-nothing MCD (dB) "
+                 "| property | moved the right way | progress |",
+                 "|---|---|---|---|---|---|---|---|---|---|"]
+        props = {}
+        for r in rep["rows"]:
+            if r.get("property"):
+                props[r["edit_type"]] = r["property"]
+        for name, t in list(rep["by_type"].items()) + [("all", rep)]:
+            x = M.edit_summary(name, t)
+            lines.append(f"| {name} | {x['scored']}/{x['pairs']} | {x['no_audio']} | {f(x['cot_cer'], '.2%')} | "
+                         f"{f(x['cot_exact'], '.2f')} | {f(x['mcd'], '.2f')} | {f(x['baseline_mcd'], '.2f')} | "
+                         f"{props.get(name, '-')} | {f(x['moved_right'], '.2f')} | {f(x['progress'], '.2f')} |")
+        lines += ["", "No audio: the model ended without `<gen_audio>` (or with no patch), which counts as \"did not "
+                  "move\". Progress: how far the measured property went from the source's value towards the target's "
+                  "(1 = all the way, 0 = not at all, negative = the wrong way); the speaker edit compares the "
+                  "speaker proxy's similarity to the target voice and to the source voice.", ""]
+        # examples: one pair per edit type, the CoT and the audio
+        res = {r["id"]: r for r in read_jsonl(os.path.join(self.p["samples"], "edit", "results.jsonl"))}
+        pairs = {r["id"]: r for r in self.edit_heldout()}
+        wavs = os.path.join(self.out, "wavs")
+        lines += ["| pair | instruction | intended | model's `<cot_text>` | source | edited | target |",
+                  "|---|---|---|---|---|---|---|"]
+        seen = set()
+        for r in rep["rows"]:
+            if "error" in r or r["edit_type"] in seen or r["id"] not in res:
+                continue
+            seen.add(r["edit_type"])
+            pair, rid = pairs[r["id"]], r["id"]
+            names = {k: f"{rid}.{k}.wav" for k in ("source", "edited", "target")}
+            for k, src in (("source", pair["audio"]), ("edited", r["edited"]), ("target", pair["target_audio"])):
+                shutil.copyfile(src, os.path.join(wavs, names[k]))
+            cot = res[rid].get("target_markup")
+            cells = {k: f"[{k}](wavs/{names[k]})" for k in names}
+            if not r.get("has_audio"):
+                cells["edited"] = "(no audio)"
+            lines.append(f"| {rid} | {_md_cell(pair['instruction'])} | {_md_cell(pair.get('target_markup') or '-')} | "
+                         f"{'-' if cot is None else _md_cell(cot)} | "
+                         + " | ".join(cells[k] for k in ("source", "edited", "target")) + " |")
+        return lines + [""]
+
     def _final_metrics(self) -> list[str]:
         out = []
         for stage, keys in (("vae", ("mel", "kl", "loss_g", "loss_d")), ("lm", ("text_ce", "text_acc", "flow", "stop"))):
@@ -840,7 +958,8 @@ class Demo:
         "corpus": "build the eSpeak corpus", "vae": "train the VAE", "latents": "cache the VAE latents",
         "lm": "train the LM + flow head", "reconstruct": "VAE reconstruction of the held-out audio",
         "asr": "ASR of the held-out audio", "tts": "TTS of the held-out sentences in the held-out voices",
-        "eval": "evaluate", "report": "write the report",
+        "eval": "evaluate", "report": "write the report", "edit_corpus": "build the edit corpus",
+        "edit": "edit the held-out edit pairs' source speech",
     }
 
     def main(self) -> int:

@@ -5,11 +5,14 @@
 ``CKPT`` is any checkpoint holding the AudioVAE (``train.py`` stage ``vae``'s ``export``, or a converted
 MingTok-Audio / full Ming-UniAudio folder). For each record it writes ``cache/latents/<n>.npy`` holding the posterior
 ``[T, 2, C]`` (mean, std; T = the item's own frame count) and ``cache/manifest.jsonl``: the records plus
-``latents``, ``duration`` and ``frames``. Training samples ``mean + std * eps`` afresh every step, as with
+``latents``, ``duration`` and ``frames``. An edit pair (a record with ``target_audio``, see
+:mod:`unitok_jax.data.build_edit_corpus`) also gets ``cache/latents/<n>.target.npy`` and ``target_latents``,
+``target_duration``, ``target_frames``, so edit training can read latents too. Training samples ``mean + std * eps`` afresh every step, as with
 on-the-fly encoding. Each file is written under a temporary name and renamed; an interrupted run resumes (files
 already there are kept). Unreadable audio is reported and left out of the cache manifest.
 
-Then train with ``--config.data.manifest=cache/manifest.jsonl --config.data.source=latents``.
+Then train with ``--config.data.manifest=cache/manifest.jsonl --config.data.source=latents`` (edit pairs:
+``--config.data.edit_manifest=edit_cache/manifest.jsonl``).
 """
 from __future__ import annotations
 
@@ -42,49 +45,68 @@ def build_cache(vae_checkpoint: str, manifest: str, out: str, *, batch_size: int
     os.makedirs(folder, exist_ok=True)
     encode = jax.jit(lambda w, n: vae.encode(vparams, vcfg, w, n, sample=False))
 
+    def has_target(rec) -> bool:
+        return isinstance(rec.get("target_audio"), str)
+
     records, written, kept = [], 0, 0
     todo = []
     for n, rec in enumerate(m.records):
-        path = os.path.join(folder, f"{n:08d}.npy")
-        rec = dict(rec, latents=os.path.relpath(path, out))
-        if os.path.isfile(path):
-            frames = int(np.load(path, mmap_mode="r").shape[0])
-            records.append(dict(rec, frames=frames, duration=rec.get("duration", frames * vcfg.hop / vcfg.sample_rate)))
+        files = {"latents": os.path.join(folder, f"{n:08d}.npy")}
+        if has_target(rec):  # an edit pair: the target speech too
+            files["target_latents"] = os.path.join(folder, f"{n:08d}.target.npy")
+        rec = dict(rec, **{k: os.path.relpath(f, out) for k, f in files.items()})
+        if all(os.path.isfile(f) for f in files.values()):
+            for k, f in files.items():
+                frames = int(np.load(f, mmap_mode="r").shape[0])
+                pre = "target_" if k == "target_latents" else ""
+                rec.setdefault(pre + "duration", frames * vcfg.hop / vcfg.sample_rate)
+                rec[pre + "frames"] = frames
+            records.append(rec)
             kept += 1
         else:
-            todo.append((n, rec, path))
+            todo.append((rec, files))
     bar = tqdm(total=len(todo), desc="latent cache", unit="utt", disable=not progress)
     for s in range(0, len(todo), batch_size):
-        chunk, waves = [], []
-        for n, rec, path in todo[s : s + batch_size]:
+        items, waves = [], []  # one item per file to write: (record index in the chunk, key, path)
+        chunk = []
+        for rec, files in todo[s : s + batch_size]:
             try:
-                w = load_audio(rec["audio"], vcfg.sample_rate)
-                if not len(w):
-                    raise AudioError(rec["audio"], "empty audio")
+                ws = {}
+                for k in files:
+                    src = rec["audio"] if k == "latents" else rec["target_audio"]
+                    ws[k] = load_audio(src, vcfg.sample_rate)
+                    if not len(ws[k]):
+                        raise AudioError(src, "empty audio")
             except AudioError as e:
                 failed.append(f"{rec['id']}: {e}")
                 continue
-            chunk.append((rec, path, len(w)))
-            waves.append(w)
-        if waves:
-            batch, lengths = generate.pad_sequences(waves, dtype=np.float32)
+            chunk.append(rec)
+            for k, f in files.items():
+                items.append((len(chunk) - 1, k, f))
+                waves.append(ws[k])
+        for b in range(0, len(waves), batch_size):
+            batch, lengths = generate.pad_sequences(waves[b : b + batch_size], dtype=np.float32)
             frames = generate.bucket(vae.num_frames(batch.shape[1], vcfg.hop))
             batch = generate.pad_axis(batch, frames * vcfg.hop, 1)
             enc = encode(jnp.asarray(batch), jnp.asarray(lengths))
             mean, std, nf = map(np.asarray, (enc.mean, enc.std, enc.frame_num))
-            for k, (rec, path, length) in enumerate(chunk):
-                post = np.stack([mean[k, : nf[k]], std[k, : nf[k]]], axis=1).astype(dtype)
+            for j, (c, k, path) in enumerate(items[b : b + batch_size]):
+                post = np.stack([mean[j, : nf[j]], std[j, : nf[j]]], axis=1).astype(dtype)
                 tmp = path + ".tmp.npy"
                 np.save(tmp, post)
                 os.replace(tmp, path)
-                records.append(dict(rec, frames=int(nf[k]), duration=length / vcfg.sample_rate))
-                written += 1
+                pre = "target_" if k == "target_latents" else ""
+                chunk[c][pre + "frames"] = int(nf[j])
+                chunk[c][pre + "duration"] = int(lengths[j]) / vcfg.sample_rate
+        records += chunk
+        written += len(chunk)
         bar.update(len(todo[s : s + batch_size]))
     bar.close()
     records.sort(key=lambda r: r["latents"])
-    for r in records:  # paths relative to the cache manifest
-        r["latents"] = os.path.relpath(os.path.join(out, r["latents"]), out)
+    for r in records:  # the cache files relative to the cache manifest, the audio absolute
         r["audio"] = os.path.abspath(r["audio"])
+        if has_target(r):
+            r["target_audio"] = os.path.abspath(r["target_audio"])
     path = os.path.join(out, "manifest.jsonl")
     write_manifest(path, records)
     return {"written": written, "kept": kept, "failed": failed, "manifest": path}

@@ -15,9 +15,10 @@ Two sources:
 * ``"latents"``: ``{"mean", "std" [b, T, C], "lengths" [b] frames}`` from the latent cache
   (:mod:`unitok_jax.data.latent_cache`; records carry a ``latents`` file).
 
-Edit pairs (records with ``target_audio`` and ``instruction``, see :mod:`unitok_jax.data.build_edit_corpus`; audio
-source only) add ``"target_wave"``, ``"target_lengths"`` and the ``instruction`` / ``target_markup`` / ``edit_type``
-of each row; the bucket holds the longer of source and target.
+Edit pairs (records with ``target_audio`` and ``instruction``, see :mod:`unitok_jax.data.build_edit_corpus`) add
+the target speech -- audio source: ``"target_wave"``, ``"target_lengths"``; latent source (the cache's
+``target_latents``): ``"target_mean"``, ``"target_std"``, ``"target_lengths"`` -- and the ``instruction`` /
+``target_markup`` / ``edit_type`` of each row; the bucket holds the longer of source and target.
 
 Both add ``"ok" [b]`` (false for an unreadable record: zeros, length 0, counted and skipped by the trainer),
 ``"text"``, ``"speaker"``, ``"id"`` (object arrays) and ``"row"`` [b] (the global row index). The iterator is a grain
@@ -75,8 +76,11 @@ def lm_batches(records: Sequence[dict], *, batch_size: int, seed: int, source: s
         missing = [r["id"] for r in recs if "target_audio" not in r or "instruction" not in r]
         if missing:
             raise ValueError(f"{len(missing)} edit records lack target_audio / instruction (first: {missing[0]!r})")
-        if source != "audio":
-            raise ValueError("edit pairs are encoded on the fly: use source='audio'")
+        if source == "latents":
+            missing = [r["id"] for r in recs if "target_latents" not in r]
+            if missing:
+                raise ValueError(f"{len(missing)} edit records have no 'target_latents' file (first: "
+                                 f"{missing[0]!r}); cache the edit manifest with python -m unitok_jax.data.latent_cache")
         durations = [min(max(float(r["duration"]), float(r.get("target_duration", r["duration"]))), max_seconds)
                      for r in recs]
         plans = grain.MapDataset.source(_EpochPlans(durations, batch_size, seed, window, num_epochs))
@@ -121,12 +125,10 @@ def lm_batches(records: Sequence[dict], *, batch_size: int, seed: int, source: s
 
     c = None
 
-    def load_latent_batch(plan: list[int]) -> dict:
+    def latents_into(paths: list, frames: int):
+        """(mean, std [local, frames, C], lengths [local], readable [local]) of the cache files."""
         nonlocal c
-        rows = list(range(index * local, (index + 1) * local))
-        idx = [plan[r] for r in rows]
-        frames = int(math.ceil(bucket_length(max(durations[i] for i in plan), buckets_seconds) * sample_rate / hop))
-        loaded = [load_latents(recs[i]["latents"]) for i in idx]
+        loaded = [load_latents(p) for p in paths]
         if c is None:
             c = next((x.shape[2] for x in loaded if x is not None), None)
         ch = c or 1
@@ -139,6 +141,17 @@ def lm_batches(records: Sequence[dict], *, batch_size: int, seed: int, source: s
                 x = x[:frames]
                 mean[k, : len(x)], std[k, : len(x)] = x[:, 0], x[:, 1]
                 lengths[k], ok[k] = len(x), True
-        return {"mean": mean, "std": std, "lengths": lengths, "ok": ok, **meta(rows, idx)}
+        return mean, std, lengths, ok
+
+    def load_latent_batch(plan: list[int]) -> dict:
+        rows = list(range(index * local, (index + 1) * local))
+        idx = [plan[r] for r in rows]
+        frames = int(math.ceil(bucket_length(max(durations[i] for i in plan), buckets_seconds) * sample_rate / hop))
+        mean, std, lengths, ok = latents_into([recs[i]["latents"] for i in idx], frames)
+        out = {"mean": mean, "std": std, "lengths": lengths, "ok": ok, **meta(rows, idx)}
+        if edit:
+            tm, ts, tl, t_ok = latents_into([recs[i]["target_latents"] for i in idx], frames)
+            out.update(target_mean=tm, target_std=ts, target_lengths=tl, ok=ok & t_ok)
+        return out
 
     return plans.map(load_audio_batch if source == "audio" else load_latent_batch).to_iter_dataset()

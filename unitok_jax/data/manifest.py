@@ -14,10 +14,12 @@ import os
 from typing import Optional
 
 FIELDS = {"id": (str, int), "audio": str, "text": str, "speaker": (str, int)}
-# latents: a latent-cache file (LM stage); target_audio: an edit pair's target (build_edit_corpus); teacher: the
+# latents: a latent-cache file (LM stage); target_audio: an edit pair's target (build_edit_corpus), target_latents
+# its latent-cache file; teacher: the
 # teacher features of tokenizer stage S1 (a .npy, see unitok_jax.data.pipeline.load_teacher)
-OPTIONAL = {"duration": (int, float), "split": str, "latents": str, "target_audio": str, "teacher": str}
-PATH_KEYS = ("audio", "latents", "target_audio", "teacher")  # relative to the manifest file
+OPTIONAL = {"duration": (int, float), "split": str, "latents": str, "target_audio": str, "target_latents": str,
+            "teacher": str}
+PATH_KEYS = ("audio", "latents", "target_audio", "target_latents", "teacher")  # relative to the manifest file
 
 
 @dataclasses.dataclass

@@ -372,20 +372,11 @@ def cmd_asr(args) -> int:
                                                   "requests": args.requests}, ASR_COLUMNS)
 
 
-def _edit_type_line(name: str, t: dict) -> dict:
-    """One per-type (or overall) summary line of an edit report, for the table."""
-    m, c = t["mean"], t.get("corpus") or {}
-    return {"name": name, "pairs": t["count"], "scored": t["scored"], "no_audio": t["no_audio"],
-            "cot_wer": c.get("wer"), "cot_cer": c.get("cer"), **{k: m.get(k) for k in
-                                                                 ("cot_exact", "mcd", "baseline_mcd", "moved_right",
-                                                                  "progress", "speaker_similarity_target")}}
-
-
 def print_edit_types(report: dict, file=None) -> None:
     """The per-edit-type summary: counts, CoT corpus WER / CER and exact-match rate (semantic), MCD against the
     target and the source's (do-nothing) MCD, fraction moved the right way and mean progress (acoustic)."""
     file = file or sys.stdout
-    lines = [_edit_type_line(t, v) for t, v in report["by_type"].items()] + [_edit_type_line("all", report)]
+    lines = [M.edit_summary(t, v) for t, v in report["by_type"].items()] + [M.edit_summary("all", report)]
     width = max([len(x["name"]) for x in lines] + [9])
     cw = [max(len(h), 7) for _, h, _ in EDIT_TYPE_COLUMNS]
     head = f"\n{'edit type':<{width}}  " + "  ".join(f"{h:>{w}}" for (_, h, _), w in zip(EDIT_TYPE_COLUMNS, cw))

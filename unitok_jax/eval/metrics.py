@@ -694,3 +694,14 @@ def evaluate_edit(items: Iterable[Mapping], sr: int = SAMPLE_RATE, normalize: bo
         del s["rows"]
         report["by_type"][t] = s
     return report
+
+
+def edit_summary(name: str, t: dict) -> dict:
+    """One summary line of an edit report (:func:`evaluate_edit`; ``t`` is the report or one of its ``by_type``
+    entries): ``{"name", "pairs", "scored", "no_audio", "cot_wer", "cot_cer", "cot_exact", "mcd", "baseline_mcd",
+    "moved_right", "progress", "speaker_similarity_target"}`` (None where it does not apply)."""
+    m, c = t["mean"], t.get("corpus") or {}
+    return {"name": name, "pairs": t["count"], "scored": t["scored"], "no_audio": t["no_audio"],
+            "cot_wer": c.get("wer"), "cot_cer": c.get("cer"),
+            **{k: m.get(k) for k in ("cot_exact", "mcd", "baseline_mcd", "moved_right", "progress",
+                                     "speaker_similarity_target")}}

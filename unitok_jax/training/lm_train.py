@@ -321,11 +321,9 @@ def _run(config, workdir: str, stop_after: Optional[int]) -> int:
     it = iter(data)
     edit_it = None
     if config.data.edit_manifest:
-        if config.data.source != "audio":
-            raise SetupError("edit pairs are encoded on the fly: data.edit_manifest needs data.source=audio")
         try:
             edit_it = iter(lm_batches(edits.records, batch_size=config.data.batch_size, seed=config.seed + 1,
-                                      hop=cfg.vae.hop, buckets_seconds=tuple(config.data.buckets_seconds),
+                                      source=config.data.source, hop=cfg.vae.hop, buckets_seconds=tuple(config.data.buckets_seconds),
                                       max_seconds=config.data.max_seconds, sample_rate=cfg.vae.sample_rate))
         except ValueError as e:
             raise SetupError(f"{config.data.edit_manifest}: {e}") from None
@@ -394,7 +392,9 @@ def _run(config, workdir: str, stop_after: Optional[int]) -> int:
             else:
                 mean, std, frames = encode_rows(rows["wave"], rows["lengths"], rows["ok"])
             if use_edit:
-                tgt = encode_rows(rows["target_wave"], rows["target_lengths"], rows["ok"])
+                tgt = ((rows["target_mean"], rows["target_std"], rows["target_lengths"])
+                       if config.data.source == "latents"
+                       else encode_rows(rows["target_wave"], rows["target_lengths"], rows["ok"]))
                 examples, where, skipped = edit_examples_from_rows(rows, (mean, std, frames), tgt, tok, p,
                                                                    seed=config.seed, step=step)
             else:
