@@ -458,17 +458,8 @@ def _train_vae(config, workdir: str, stop_after=None) -> int:
             if held_m:
                 writer.flush()
             bar.update(1)
-            ckpt.save(step, state, data_state())
-            stop = preempt.requested or (stop_after is not None and step - start >= stop_after)
-            if nproc > 1:
-                from jax.experimental import multihost_utils
-
-                stop = bool(np.any(multihost_utils.process_allgather(np.array([stop]))))
-            if stop and step < total:
-                ckpt.save(step, state, data_state(), force=True)
-                ckpt.wait()
-                say(f"\nstopped at step {step} ({'SIGTERM' if preempt.requested else 'stop_after'}); "
-                    f"checkpoint saved in {ckpt.directory}")
+            if ckpt.after_step(step, state, data_state(), preempt=preempt, stop_after=stop_after, start=start,
+                               total=total, say=say):
                 return 0
         ckpt.save(step, state, data_state(), force=True)
         ckpt.wait()

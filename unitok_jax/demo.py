@@ -56,11 +56,11 @@ LLM_H128 = {f"model.bailingmm.llm_config.{k}": v for k, v in (
 
 FULL_VAE = {
     **VAE_H128,
-    "train.steps": 500,
+    "train.steps": 800,
     "data.batch_size": 4,
     "data.crop_seconds": 1.0,
     "train.lr": 1e-3,
-    "train.adv_start_step": 250,  # mel + KL only first: the GAN slows early progress at this size
+    "train.adv_start_step": 400,  # mel + KL only first: the GAN slows early progress at this size
     "sample_every": 0,
     "tensorboard": False,
     "checkpoint.every_steps": 100,
@@ -68,7 +68,7 @@ FULL_VAE = {
 }
 FULL_LM = {
     **LLM_H128,
-    "train.steps": 1000,  # 800 before edit training joined (a quarter of the steps are edit steps now)
+    "train.steps": 2000,
     "data.batch_size": 8,
     "data.tts_fraction": 0.5,
     "data.edit_fraction": 0.25,  # a whole step of edit pairs a quarter of the time

@@ -73,6 +73,26 @@ class TrainCheckpointer:
     def wait(self) -> None:
         self.manager.wait_until_finished()
 
+    def after_step(self, step: int, state: Any, data_state: dict, *, preempt: "Preemption", stop_after: Optional[int],
+                   start: int, total: int, say=print) -> bool:
+        """What both training loops do after each step: the periodic save, then -- on SIGTERM or once
+        ``stop_after`` steps ran in this invocation, agreed across processes (one asking stops all) -- a forced
+        save, waited for, and a message. Returns True when the loop must stop (before ``total``)."""
+        self.save(step, state, data_state)
+        stop = preempt.requested or (stop_after is not None and step - start >= stop_after)
+        if jax.process_count() > 1:
+            import numpy as np
+            from jax.experimental import multihost_utils
+
+            stop = bool(np.any(multihost_utils.process_allgather(np.array([stop]))))
+        if not stop or step >= total:
+            return False
+        self.save(step, state, data_state, force=True)
+        self.wait()
+        say(f"\nstopped at step {step} ({'SIGTERM' if preempt.requested else 'stop_after'}); "
+            f"checkpoint saved in {self.directory}")
+        return True
+
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()

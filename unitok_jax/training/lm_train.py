@@ -433,18 +433,8 @@ def _run(config, workdir: str, stop_after: Optional[int]) -> int:
                 bar.set_postfix(loss=f"{m['loss']:.3f}", text=f"{m['text_ce']:.3f}", **extra,
                                 tok_s=f"{m.get('tokens_per_s') or 0:.0f}")
             bar.update(1)
-            ckpt.save(step, state, data_state())
-            stop = preempt.requested or (stop_after is not None and step - start >= stop_after)
-            if nproc > 1:
-                from jax.experimental import multihost_utils
-
-                stop = bool(np.any(multihost_utils.process_allgather(np.array([stop]))))
-            if stop and step < total:
-                ckpt.save(step, state, data_state(), force=True)
-                ckpt.wait()
-                if pid == 0:
-                    print(f"\nstopped at step {step} ({'SIGTERM' if preempt.requested else 'stop_after'}); "
-                          f"checkpoint saved in {ckpt.directory}")
+            if ckpt.after_step(step, state, data_state(), preempt=preempt, stop_after=stop_after, start=start,
+                               total=total, say=print if pid == 0 else (lambda *a, **k: None)):
                 return 0
         ckpt.save(step, state, data_state(), force=True)
         ckpt.wait()
