@@ -606,37 +606,29 @@ class Demo:
         done = {r["id"] for r in read_jsonl(res_path)}
         return all(r["id"] in done for r in req)
 
-    def asr(self) -> list:
-        if self._task_done("asr"):
+    def _sample_job(self, task: str, extra: list[str], terminal: bool = False) -> list:
+        """``sample.py TASK`` on the LM export over OUT/work/requests/TASK.jsonl, unless every request has a result."""
+        if self._task_done(task):
             return []
-        s = self.recipe["sample"]
-        return [Job("asr", "asr", [Cmd(
-            [self.py, os.path.join(ROOT, "sample.py"), "asr", "--checkpoint", os.path.join(self.p["lm"], "export"),
-             "--input", os.path.join(self.p["requests"], "asr.jsonl"), "--out", os.path.join(self.p["samples"], "asr"),
-             "--max-new-tokens", str(s["max_new_tokens"]), *self._sample_args()])])]
+        return [Job(task, task, [Cmd(
+            [self.py, os.path.join(ROOT, "sample.py"), task, "--checkpoint", os.path.join(self.p["lm"], "export"),
+             "--input", os.path.join(self.p["requests"], f"{task}.jsonl"), "--out",
+             os.path.join(self.p["samples"], task), *extra, *self._sample_args()])], terminal=terminal)]
+
+    def asr(self) -> list:
+        return self._sample_job("asr", ["--max-new-tokens", str(self.recipe["sample"]["max_new_tokens"])])
 
     def tts(self) -> list:
-        if self._task_done("tts"):
-            return []
         s = self.recipe["sample"]
         extra = ["--steps", str(s["steps"]), "--cfg", str(s["cfg"])]
         if s.get("max_patches"):
             extra += ["--max-patches", str(s["max_patches"])]
-        return [Job("tts", "tts", [Cmd(
-            [self.py, os.path.join(ROOT, "sample.py"), "tts", "--checkpoint", os.path.join(self.p["lm"], "export"),
-             "--input", os.path.join(self.p["requests"], "tts.jsonl"), "--out", os.path.join(self.p["samples"], "tts"),
-             *extra, *self._sample_args()])], terminal=True)]
+        return self._sample_job("tts", extra, terminal=True)
 
     def edit(self) -> list:
-        if self._task_done("edit"):
-            return []
         s = self.recipe["sample"]
-        return [Job("edit", "edit", [Cmd(
-            [self.py, os.path.join(ROOT, "sample.py"), "edit", "--checkpoint", os.path.join(self.p["lm"], "export"),
-             "--input", os.path.join(self.p["requests"], "edit.jsonl"), "--out",
-             os.path.join(self.p["samples"], "edit"), "--steps", str(s["steps"]), "--cfg", str(s["cfg"]),
-             "--max-patches", str(s["edit_max_patches"]), "--max-new-tokens", str(s["max_new_tokens"]),
-             *self._sample_args()])])]
+        return self._sample_job("edit", ["--steps", str(s["steps"]), "--cfg", str(s["cfg"]), "--max-patches",
+                                         str(s["edit_max_patches"]), "--max-new-tokens", str(s["max_new_tokens"])])
 
     def _asr_results_for_eval(self) -> str:
         """sample.py writes ``"language": null`` when the model emits no language tag, which the evaluator
