@@ -2,7 +2,8 @@
 
 * the loss goes down (text CE on the ASR rows, flow matching on the TTS rows);
 * N steps in two processes with ``jax.distributed`` (one CPU device each, a data-parallel mesh of 2) == N steps in
-  one process with two devices: same losses every step, same exported params (resume after SIGKILL / SIGTERM is
+  one process with two devices: same losses every step, same exported params, with whole steps of edit pairs among
+  the TTS / ASR steps (``data.edit_manifest``: their own iterator, rows split across processes the same way) (resume after SIGKILL / SIGTERM is
   compared with a straight run in ``tests/test_preemption.py``);
 * the export loads for inference (``UniAudio.load``) with the tokenizer trained for the run.
 """
@@ -36,6 +37,17 @@ def manifest(tmp_path_factory):
         sf.write(root / f"p{i}.wav", wave[i * 24000 : (i + 1) * 24000], sr)
         lines.append(json.dumps({"id": f"p{i}", "audio": f"p{i}.wav", "text": t, "speaker": "1089"}))
     (root / "m.jsonl").write_text("\n".join(lines) + "\n")
+    # edit pairs over the same clips (source p_i, target p_{i+1}): two semantic with the <cot_text> chain, two acoustic
+    edits = []
+    for i, t in enumerate(TEXTS):
+        semantic = i % 2 == 0
+        edits.append(json.dumps({"id": f"e{i}", "audio": f"p{i}.wav", "text": t, "speaker": "1089",
+                                 "target_audio": f"p{(i + 1) % 4}.wav", "target_text": TEXTS[(i + 1) % 4],
+                                 "instruction": f"Delete the word '{t.split()[1]}'." if semantic else "Speak faster.",
+                                 "edit_type": "delete" if semantic else "faster",
+                                 "target_markup": f"{t.split()[0]} <edit></edit> {' '.join(t.split()[2:])}"
+                                 if semantic else None}))
+    (root / "edits.jsonl").write_text("\n".join(edits) + "\n")
     return str(root / "m.jsonl")
 
 
@@ -44,7 +56,9 @@ def _args(workdir, manifest, *extra):
             f"--config.data.manifest={manifest}", f"--config.train.steps={STEPS}", "--config.log_every=1",
             "--config.data.batch_size=4", "--config.train.warmup_steps=0", "--config.train.lr=3e-3",
             "--config.mesh.data=2", "--config.mesh.fsdp=1", "--config.checkpoint.every_steps=100",
-            "--config.data.seq_len=256", "--config.data.max_patches=16", *extra]  # one compilation per run
+            "--config.data.seq_len=256", "--config.data.max_patches=32",  # one compilation per run
+            f"--config.data.edit_manifest={os.path.join(os.path.dirname(manifest), 'edits.jsonl')}",
+            "--config.data.edit_fraction=0.3", *extra]  # seed 0: steps 1 and 8 are edit steps
 
 
 def _env(**kw):
@@ -90,8 +104,10 @@ def test_lm_stage_loss_goes_down_and_exports(straight):
     assert f"done: {STEPS} steps" in out
     m = _metrics(w)
     assert sorted(m) == list(range(1, STEPS + 1))
-    text = [m[s]["text_ce"] for s in m if m[s]["text_tokens"] > 0]
-    flow = [m[s]["flow"] for s in m if m[s]["flow_patches"] > 0]
+    assert [s for s in m if m[s]["edit_step"]] == [1, STEPS]  # edit steps, with text and flow targets
+    assert all(m[s]["text_tokens"] > 0 and m[s]["flow_patches"] > 0 for s in (1, STEPS))
+    text = [m[s]["text_ce"] for s in m if m[s]["text_tokens"] > 0 and not m[s]["edit_step"]]
+    flow = [m[s]["flow"] for s in m if m[s]["flow_patches"] > 0 and not m[s]["edit_step"]]
     assert len(text) >= 3 and len(flow) >= 3  # both tasks were trained (tts_fraction 0.75 per row)
     assert text[-1] < 0.8 * text[0], text
     assert flow[-1] < 0.9 * flow[0], flow
