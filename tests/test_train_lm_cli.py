@@ -3,7 +3,8 @@
 * the loss goes down (text CE on the ASR rows, flow matching on the TTS rows);
 * N steps in two processes with ``jax.distributed`` (one CPU device each, a data-parallel mesh of 2) == N steps in
   one process with two devices: same losses every step, same exported params, with whole steps of edit pairs among
-  the TTS / ASR steps (``data.edit_manifest``: their own iterator, rows split across processes the same way) (resume after SIGKILL / SIGTERM is
+  the TTS / ASR steps (``data.edit_manifest``: their own iterator, rows split across processes the same way)
+  (resume after SIGKILL / SIGTERM is
   compared with a straight run in ``tests/test_preemption.py``);
 * the export loads for inference (``UniAudio.load``) with the tokenizer trained for the run.
 """

@@ -891,8 +891,8 @@ class Demo:
                  f"Every held-out pair of the edit corpus ({rep['count']} pairs over held-out sentences; half of them "
                  "with a held-out voice as the source), edited by `sample.py edit` from its source speech and "
                  "instruction.", "",
-                 "| edit type | pairs scored | no audio | CoT CER | CoT exact | MCD to target (dB) | do-nothing MCD (dB) "
-                 "| property | moved the right way | progress |",
+                 "| edit type | pairs scored | no audio | CoT CER | CoT exact | MCD to target (dB) | "
+                 "do-nothing MCD (dB) | property | moved the right way | progress |",
                  "|---|---|---|---|---|---|---|---|---|---|"]
         props = {}
         for r in rep["rows"]:

@@ -7,9 +7,10 @@ MingTok-Audio / full Ming-UniAudio folder). For each record it writes ``cache/la
 ``[T, 2, C]`` (mean, std; T = the item's own frame count) and ``cache/manifest.jsonl``: the records plus
 ``latents``, ``duration`` and ``frames``. An edit pair (a record with ``target_audio``, see
 :mod:`unitok_jax.data.build_edit_corpus`) also gets ``cache/latents/<n>.target.npy`` and ``target_latents``,
-``target_duration``, ``target_frames``, so edit training can read latents too. Training samples ``mean + std * eps`` afresh every step, as with
-on-the-fly encoding. Each file is written under a temporary name and renamed; an interrupted run resumes (files
-already there are kept). Unreadable audio is reported and left out of the cache manifest.
+``target_duration``, ``target_frames``, so edit training can read latents too. Training samples
+``mean + std * eps`` afresh every step, as with on-the-fly encoding. Each file is written under a temporary name
+and renamed; an interrupted run resumes (files already there are kept). Unreadable audio is reported and left out
+of the cache manifest.
 
 Then train with ``--config.data.manifest=cache/manifest.jsonl --config.data.source=latents`` (edit pairs:
 ``--config.data.edit_manifest=edit_cache/manifest.jsonl``).

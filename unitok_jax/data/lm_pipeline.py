@@ -80,7 +80,8 @@ def lm_batches(records: Sequence[dict], *, batch_size: int, seed: int, source: s
             missing = [r["id"] for r in recs if "target_latents" not in r]
             if missing:
                 raise ValueError(f"{len(missing)} edit records have no 'target_latents' file (first: "
-                                 f"{missing[0]!r}); cache the edit manifest with python -m unitok_jax.data.latent_cache")
+                                 f"{missing[0]!r}); cache the edit manifest with "
+                                 f"python -m unitok_jax.data.latent_cache")
         durations = [min(max(float(r["duration"]), float(r.get("target_duration", r["duration"]))), max_seconds)
                      for r in recs]
         plans = grain.MapDataset.source(_EpochPlans(durations, batch_size, seed, window, num_epochs))

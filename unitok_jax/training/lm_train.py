@@ -323,7 +323,8 @@ def _run(config, workdir: str, stop_after: Optional[int]) -> int:
     if config.data.edit_manifest:
         try:
             edit_it = iter(lm_batches(edits.records, batch_size=config.data.batch_size, seed=config.seed + 1,
-                                      source=config.data.source, hop=cfg.vae.hop, buckets_seconds=tuple(config.data.buckets_seconds),
+                                      source=config.data.source, hop=cfg.vae.hop,
+                                      buckets_seconds=tuple(config.data.buckets_seconds),
                                       max_seconds=config.data.max_seconds, sample_rate=cfg.vae.sample_rate))
         except ValueError as e:
             raise SetupError(f"{config.data.edit_manifest}: {e}") from None
