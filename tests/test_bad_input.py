@@ -255,8 +255,8 @@ def _damage(path, how: str) -> None:
         f = _biggest_param_file(path)
         data = open(f, "rb").read()
         open(f, "wb").write(data[: len(data) // 2])
-    elif how == "no params metadata":
-        os.remove(os.path.join(path, "params", "_METADATA"))
+    elif how == "no params index":
+        os.remove(os.path.join(path, "params", "index.json"))
     elif how == "truncated config":
         cfg = os.path.join(path, "unitok_config.json")
         data = open(cfg).read()
@@ -272,7 +272,7 @@ def _damage(path, how: str) -> None:
 @pytest.mark.parametrize("how,pattern", [
     ("missing shard", r"params: cannot restore params"),
     ("truncated shard", r"params: cannot restore params"),
-    ("no params metadata", r"params: cannot restore params: .*_METADATA"),
+    ("no params index", r"params: cannot restore params: index\.json is missing"),
     ("truncated config", r"unitok_config\.json is not valid JSON"),
     ("config not matching the weights",
      r"unitok_config\.json does not match the weights in params/: \['audio'\]\['encoder'\].* has shape "

@@ -135,3 +135,37 @@ def init_params(cfg: UniAudioConfig, key: jax.Array) -> dict:
         "linear_proj_audio": nn.unbox(cfg.heads.pooling().init(k_pool, pool_in))["params"],
         "stop_head": nn.unbox(heads.StopHead().init(k_stop, jnp.zeros((1, cfg.llm.width), jnp.float32)))["params"],
     }
+
+
+# ------------------------------------------------------------------------------------------------- dtype policy
+
+ROUTER_PARAMS = ("gate", "image_gate", "audio_gate")  # the MoE router weights (leaves of ``moe``; not ``mlp/gate``)
+
+
+def keeps_float32(path) -> bool:
+    """Whether the param at ``path`` (a ``jax.tree_util`` key path or a tuple of names) stays float32 whatever the
+    compute dtype: norm params (RMSNorm / LayerNorm scales and LayerNorm biases: any module named ``*norm``) and
+    the MoE router weights (``gate`` / ``image_gate`` / ``audio_gate`` leaves)."""
+    names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+    if any(n.endswith("norm") for n in names[:-1]):
+        return True
+    return bool(names) and names[-1] in ROUTER_PARAMS and len(names) >= 2 and names[-2] == "moe"
+
+
+def param_dtypes(abstract_params, dtype=None):
+    """The dtype each param is held in when the model is loaded for compute dtype ``dtype`` (DESIGN's policy):
+    a tree like ``abstract_params`` (arrays or ShapeDtypeStructs of the whole UniAudio tree or any sub-tree) of
+    numpy dtypes. ``dtype=None``: every param keeps its own dtype; otherwise floating params become ``dtype``
+    except those :func:`keeps_float32` names (norms, router), which are float32. Non-floating leaves keep theirs.
+
+    The one place this policy lives: conversion (``python -m unitok_jax.convert --dtype``) and
+    :func:`unitok_jax.convert.load` (``dtype=``, cast while reading) both use it."""
+    import numpy as np
+
+    def one(path, x):
+        own = np.dtype(x.dtype)
+        if dtype is None or not jnp.issubdtype(own, jnp.floating):
+            return own
+        return np.dtype(np.float32) if keeps_float32(path) else np.dtype(jnp.dtype(dtype))
+
+    return jax.tree_util.tree_map_with_path(one, abstract_params)

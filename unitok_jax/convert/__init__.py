@@ -1,7 +1,10 @@
-"""Official PyTorch checkpoints -> unitok_jax checkpoints (an orbax params tree plus our own config JSON).
+"""Official PyTorch checkpoints -> unitok_jax checkpoints (orbax params in bounded groups plus our own config JSON).
 
-``python -m unitok_jax.convert SRC_DIR DST_DIR`` converts; :func:`load` restores. Only this package knows the
-reference parameter names; conversion reads safetensors with numpy (no torch).
+``python -m unitok_jax.convert SRC_DIR DST_DIR [--dtype bfloat16|float32]`` converts, streaming: tensors go from
+the memory-mapped safetensors to the checkpoint a bounded group at a time (:func:`convert`). :func:`load` restores,
+with a mesh straight into each param's sharding. Only this package knows the reference parameter names;
+conversion reads safetensors with numpy (no torch). The on-disk layout is described in
+:mod:`unitok_jax.convert.store`.
 """
 from __future__ import annotations
 
@@ -10,22 +13,21 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import numpy as np
 
-from unitok_jax.convert.common import ConversionError, detect_prefix, read_json, read_weights
-from unitok_jax.convert.vae import convert_vae
+from unitok_jax.convert.common import ConversionError, read_json
+from unitok_jax.convert.plan import FULL_PREFIXES, Plan, materialize_plan, plan_reference  # noqa: F401
 from unitok_jax.vae import VAEConfig
 
 FORMAT = "unitok_jax"
-VERSION = 1
+VERSION = 2  # 2: params in groups (convert/store.py); 1: one orbax tree at params/ (still loaded)
+VERSIONS = (1, 2)
 CONFIG_NAME = "unitok_config.json"
 PARAMS_DIR = "params"
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-# Top-level key prefixes of a full Ming-UniAudio checkpoint (spec 6.2); anything else is unexpected.
-FULL_PREFIXES = ("audio.", "model.", "flowloss.", "linear_proj_audio.", "stop_head.")
 
 
 def _uniaudio_from_dict(d: dict):
@@ -65,105 +67,85 @@ class Checkpoint:
         raise ConversionError(f"{self.path or self.source}: the checkpoint holds no AudioVAE")
 
 
-def _vae_section(config: dict) -> tuple[dict, list[str]] | None:
-    """The AudioVAE kwargs in a reference config.json and the prefixes its weights may sit under."""
-    if "audio_tokenizer_config" in config:  # full Ming-UniAudio checkpoint
-        return config["audio_tokenizer_config"], ["audio.", ""]
-    if "kwargs" in config and "enc_kwargs" in config["kwargs"]:  # {"class": ..., "kwargs": ...} (fixtures)
-        return config["kwargs"], ["", "audio."]
-    if "enc_kwargs" in config:  # standalone MingTok-Audio
-        return config, ["", "audio."]
-    return None
+def _dtype(dtype) -> np.dtype:
+    """A numpy dtype from a name ("bfloat16", "float32"), a numpy / jax dtype or scalar type."""
+    import jax.numpy as jnp
 
-
-def convert_full(src: str, config: dict) -> Checkpoint:
-    """A full Ming-UniAudio folder -> one UniAudio checkpoint (every component, cross-checked)."""
-    import warnings
-
-    from unitok_jax.convert.flow import convert_dit, convert_heads
-    from unitok_jax.convert.llm import convert_llm
-    from unitok_jax.model import UniAudioConfig
-
-    weights = read_weights(src)  # lazy: tensors are read as each converter asks for them
-    stray = sorted(k for k in weights if not k.startswith(FULL_PREFIXES))
-    if stray:
-        raise ConversionError(f"{src}: unexpected key(s) outside {list(FULL_PREFIXES)}: {stray[:10]}")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # unknown llm_config keys are reported by the LLM converter's own warning
-        llm_cfg, llm_vars = convert_llm(weights, config["llm_config"])
     try:
-        cfg = UniAudioConfig.from_bailingmm(config)
-    except (KeyError, ValueError, TypeError) as e:
-        raise ConversionError(f"{src}/config.json: invalid model config: {e}") from e
-    cfg = dataclasses.replace(cfg, llm=llm_cfg)
-    _, vae_params = convert_vae(weights, config["audio_tokenizer_config"], prefix="audio.", source=src)
-    flow_params = convert_dit(weights, cfg.flow, prefix="flowloss.cfm.model.", source=src)
-    heads_params = convert_heads(weights, cfg.heads, source=src)
-    params = {
-        "audio": vae_params,
-        "model": llm_vars["params"],
-        "flowloss": flow_params,
-        "linear_proj_audio": heads_params["pooling"],
-        "stop_head": heads_params["stop_head"],
-    }
-    return Checkpoint({"uniaudio": cfg}, {"uniaudio": params}, source=os.path.abspath(src))
+        return np.dtype(jnp.dtype(dtype))
+    except TypeError as e:
+        raise ValueError(f"unknown dtype {dtype!r}") from e
 
 
-def convert_reference(src: str) -> Checkpoint:
+def with_param_dtype(component: str, cfg, dtype) -> Any:
+    """``cfg`` describing params held in ``dtype``: the LLM's ``param_dtype`` becomes ``dtype``, and its compute
+    ``dtype`` too unless ``dtype`` is float32 (then the configured compute dtype stays)."""
+    if component != "uniaudio":
+        return cfg
+    dt = _dtype(dtype)
+    kw = {"param_dtype": dt.name}
+    if dt != np.float32:
+        kw["dtype"] = dt.name
+    return dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, **kw))
+
+
+def convert_full(src: str, config: dict, dtype=np.float32) -> Checkpoint:
+    """A full Ming-UniAudio folder -> one UniAudio checkpoint in memory (every component, cross-checked)."""
+    from unitok_jax.convert.plan import check_plan, plan_full
+
+    plan = plan_full(src, config)
+    check_plan(plan)
+    return _in_memory(plan, dtype)
+
+
+def _in_memory(plan: Plan, dtype) -> Checkpoint:
+    params = materialize_plan(plan, _dtype(dtype))
+    cfg = with_param_dtype(plan.component, plan.config, dtype)
+    return Checkpoint({plan.component: cfg}, {plan.component: params}, source=plan.source, path=plan.path)
+
+
+def convert_reference(src: str, dtype=np.float32) -> Checkpoint:
     """Read a reference checkpoint folder (``config.json`` + ``model.safetensors`` or a sharded set with
-    ``model.safetensors.index.json``) and convert it: a full Ming-UniAudio folder (``llm_config`` +
-    ``audio_tokenizer_config`` + ``ditar_config``) gives a ``"uniaudio"`` checkpoint, a MingTok-Audio folder a
-    ``"vae"`` one."""
-    config = read_json(os.path.join(src, "config.json"))
-    if all(k in config for k in ("llm_config", "audio_tokenizer_config", "ditar_config")):
-        ckpt = convert_full(src, config)
-        ckpt.path = os.path.abspath(src)
-        return ckpt
-    section = _vae_section(config)
-    if section is None:
-        raise ConversionError(
-            f"{src}/config.json holds no AudioVAE config (expected enc_kwargs/dec_kwargs, or audio_tokenizer_config)"
-        )
-    weights = read_weights(src)
-    kwargs, prefixes = section
-    prefix = detect_prefix(weights, "encoder.fc1.weight", prefixes)
-    cfg, params = convert_vae(weights, kwargs, prefix=prefix, source=src)
-    return Checkpoint({"vae": cfg}, {"vae": params}, source=os.path.abspath(src), path=os.path.abspath(src))
+    ``model.safetensors.index.json``) and convert it in memory (numpy, ``dtype`` float32 by default; norms and
+    router float32 whatever ``dtype``): a full Ming-UniAudio folder (``llm_config`` + ``audio_tokenizer_config`` +
+    ``ditar_config``) gives a ``"uniaudio"`` checkpoint, a MingTok-Audio folder a ``"vae"`` one. For a model too
+    large for host memory use :func:`convert` (streams to disk)."""
+    return _in_memory(plan_reference(src), dtype)
 
 
-def save(ckpt: Checkpoint, dst: str, *, overwrite: bool = False) -> None:
-    """Write ``dst/unitok_config.json`` and ``dst/params`` (orbax). The folder is assembled under a temporary name
-    and renamed into place, so an interrupted save never leaves a half-written checkpoint at ``dst``."""
-    import orbax.checkpoint as ocp
-
+def _check_dst(dst: str, overwrite: bool) -> str:
     dst = os.path.abspath(dst)
     if os.path.exists(dst) and not overwrite:
         raise FileExistsError(f"{dst} already exists (pass overwrite=True / --overwrite to replace it)")
+    return dst
+
+
+def _write(dst: str, overwrite: bool, configs: dict, source: str, tokenizer_from: str,
+           fill: Callable, max_group_bytes: int) -> None:
+    """Assemble a checkpoint under a temporary name beside ``dst`` (``fill(writer)`` writes the params through a
+    :class:`~unitok_jax.convert.store.GroupWriter`) and rename it into place, so a failed or interrupted write
+    never leaves a half-written checkpoint at ``dst``."""
+    from unitok_jax.convert.store import GroupWriter
+
+    dst = _check_dst(dst, overwrite)
     parent = os.path.dirname(dst)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.tmp-", dir=parent)
     try:
-        import jax
-
-        if jax.process_count() > 1:  # a single process writes (host params): no cross-process barriers
-            me = jax.process_index()
-            ckptr = ocp.StandardCheckpointer(multiprocessing_options=ocp.options.MultiprocessingOptions(
-                primary_host=me, active_processes={me}, barrier_sync_key_prefix=f"export{me}"))
-        else:
-            ckptr = ocp.StandardCheckpointer()
-        ckptr.save(os.path.join(tmp, PARAMS_DIR), ckpt.params)
-        ckptr.wait_until_finished()
+        writer = GroupWriter(os.path.join(tmp, PARAMS_DIR), max_group_bytes)
+        fill(writer)
+        writer.close()
         meta = {
             "format": FORMAT,
             "version": VERSION,
-            "source": ckpt.source,
-            "components": {k: dataclasses.asdict(v) for k, v in ckpt.configs.items()},
+            "source": source,
+            "components": {k: dataclasses.asdict(v) for k, v in configs.items()},
         }
         with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
             json.dump(meta, f, indent=2)
         for name in TOKENIZER_FILES:  # the text tokenizer travels with a full model
-            if ckpt.path and os.path.isfile(os.path.join(ckpt.path, name)):
-                shutil.copy2(os.path.join(ckpt.path, name), os.path.join(tmp, name))
+            if tokenizer_from and os.path.isfile(os.path.join(tokenizer_from, name)):
+                shutil.copy2(os.path.join(tokenizer_from, name), os.path.join(tmp, name))
         if os.path.exists(dst):
             old = dst + ".old"
             os.replace(dst, old)
@@ -176,9 +158,61 @@ def save(ckpt: Checkpoint, dst: str, *, overwrite: bool = False) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def save(ckpt: Checkpoint, dst: str, *, overwrite: bool = False, max_group_bytes: Optional[int] = None) -> None:
+    """Write ``dst/unitok_config.json`` and ``dst/params`` (orbax, in groups: :mod:`unitok_jax.convert.store`).
+    The folder is assembled under a temporary name and renamed into place, so an interrupted save never leaves a
+    half-written checkpoint at ``dst``."""
+    from unitok_jax.convert.common import flat_items
+    from unitok_jax.convert.store import DEFAULT_GROUP_BYTES
+
+    def fill(writer):
+        for name, tree in ckpt.params.items():
+            for path, x in flat_items(tree):
+                writer.add((name,) + path, None, np.asarray(x))
+
+    _write(dst, overwrite, ckpt.configs, ckpt.source, ckpt.path, fill, max_group_bytes or DEFAULT_GROUP_BYTES)
+
+
+def convert(src: str, dst: str, *, dtype=None, overwrite: bool = False, max_group_bytes: Optional[int] = None,
+            progress: bool = True) -> Plan:
+    """Convert a reference checkpoint folder to a unitok_jax checkpoint at ``dst``, streaming: every key and shape
+    is checked first (nothing read), then the params are read from the memory-mapped safetensors, converted and
+    written a bounded group at a time (``max_group_bytes``, default 512 MiB, or one tensor if larger), so host
+    memory stays near one group, not the model. ``dtype`` (default: the checkpoint's own, bfloat16 for the
+    release) is the dtype the params are written in, norms and router float32
+    (:func:`unitok_jax.model.param_dtypes`). Nothing is written at ``dst`` on failure. Returns the plan (its
+    ``config`` as saved, ``num_params()``)."""
+    from unitok_jax.convert.plan import iter_units, target_dtypes
+    from unitok_jax.convert.store import DEFAULT_GROUP_BYTES
+
+    _check_dst(dst, overwrite)
+    plan = plan_reference(src)
+    dt = _dtype(dtype) if dtype is not None else (plan.source_dtype or np.dtype(np.float32))
+    dtypes = target_dtypes(plan, dt)
+    plan.config = with_param_dtype(plan.component, plan.config, dt)
+    total = sum(int(np.prod(plan.unit_shape(u), dtype=np.int64)) * dtypes[u[0]].itemsize
+                for piece in plan.pieces for u in piece.units)
+
+    def fill(writer):
+        from tqdm import tqdm
+
+        with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, disable=not progress,
+                  desc=f"{plan.component} -> {dt.name}") as bar:
+            for (path, layer), a in iter_units(plan, dtypes):
+                writer.add((plan.component,) + path, layer, a, full_shape=plan.shapes[path],
+                           layers=plan.stacked.get(path))
+                bar.update(a.nbytes)
+                del a
+
+    _write(dst, overwrite, {plan.component: plan.config}, plan.source, plan.path, fill,
+           max_group_bytes or DEFAULT_GROUP_BYTES)
+    return plan
+
+
 def check_params(component: str, cfg, params, where: str) -> None:
     """Raise :class:`ConversionError` (prefixed by ``where``) unless every parameter the config implies is present
-    with the shape it implies (shapes from ``jax.eval_shape`` of the model's init: no allocation)."""
+    with the shape it implies (shapes from ``jax.eval_shape`` of the model's init: no allocation). ``params`` may
+    hold arrays or ``jax.ShapeDtypeStruct``s."""
     import jax
 
     from unitok_jax import model, vae
@@ -199,9 +233,33 @@ def check_params(component: str, cfg, params, where: str) -> None:
                               + (f" (and {more} more)" if more > 0 else ""))
 
 
-def load(path: str) -> Checkpoint:
-    """Restore a checkpoint written by :func:`save` (or the CLI)."""
-    import orbax.checkpoint as ocp
+def component_shardings(component: str, cfg, abstract, mesh, rules=None):
+    """NamedShardings of one component's params (``abstract``: arrays or ShapeDtypeStructs) on ``mesh``: the LLM by
+    its logical axis names under ``rules`` (default :data:`unitok_jax.sharding.DEFAULT_RULES`), the rest FSDP-style
+    (:func:`unitok_jax.sharding.uniaudio_shardings`)."""
+    from unitok_jax import sharding as shd
+
+    rules = shd.DEFAULT_RULES if rules is None else tuple(rules)
+    if component == "uniaudio":
+        return shd.uniaudio_shardings(cfg, abstract, mesh, rules)
+    return shd.uniaudio_shardings(None, {"audio": abstract}, mesh, rules)["audio"]
+
+
+def load(path: str, *, mesh=None, rules=None, dtype=None) -> Checkpoint:
+    """Restore a checkpoint written by :func:`save` / :func:`convert` (or the CLI), VERSION 1 or 2.
+
+    ``mesh``: every param is restored straight into its ``NamedSharding`` (:func:`component_shardings` under
+    ``rules``): orbax reads, per device, only that device's slice, so no host or device holds the whole model.
+    Without a mesh, params land on the default (first local) device. ``dtype`` (None: as stored) casts while
+    reading: compute params become ``dtype``, norms and MoE router weights float32
+    (:func:`unitok_jax.model.param_dtypes`); the returned config follows (:func:`with_param_dtype`). Shapes are
+    checked against the config before anything is allocated."""
+    import jax
+    from jax.sharding import SingleDeviceSharding
+
+    from unitok_jax.convert import store
+    from unitok_jax.convert.plan import nest
+    from unitok_jax.model import param_dtypes
 
     path = os.path.abspath(path)
     meta_path = os.path.join(path, CONFIG_NAME)
@@ -209,9 +267,10 @@ def load(path: str) -> Checkpoint:
         raise ConversionError(f"{path} is not a unitok_jax checkpoint (no {CONFIG_NAME}; convert it first with "
                               f"`python -m unitok_jax.convert SRC {path}`)")
     meta = read_json(meta_path)
-    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+    version = meta.get("version")
+    if meta.get("format") != FORMAT or version not in VERSIONS:
         raise ConversionError(f"{meta_path}: unsupported checkpoint format {meta.get('format')!r} "
-                              f"version {meta.get('version')!r} (expected {FORMAT!r} {VERSION})")
+                              f"version {version!r} (expected {FORMAT!r} {' or '.join(map(str, VERSIONS))})")
     configs = {}
     components = meta.get("components")
     if not isinstance(components, dict) or not components:
@@ -226,16 +285,37 @@ def load(path: str) -> Checkpoint:
     params_dir = os.path.join(path, PARAMS_DIR)
     if not os.path.isdir(params_dir):
         raise ConversionError(f"{path}: the params folder {PARAMS_DIR}/ is missing")
-    try:
-        params = ocp.StandardCheckpointer().restore(params_dir)
-    except Exception as e:  # orbax raises several types for damaged folders
-        raise ConversionError(f"{params_dir}: cannot restore params: {e}") from e
-    missing = sorted(set(configs) - set(params))
+    if version == 1:
+        index, stored = None, store.stored_shapes_v1(params_dir)
+    else:
+        index = store.read_index(params_dir)
+        stored = store.stored_shapes_v2(index)
+    missing = sorted(set(configs) - {p[0] for p in stored})
     if missing:
         raise ConversionError(f"{params_dir}: no params for component(s) {missing}")
+    unknown = sorted({p[0] for p in stored} - set(configs))
+    if unknown:
+        raise ConversionError(f"{params_dir}: params of component(s) {unknown} that {CONFIG_NAME} does not list")
+    device = None if mesh is not None else SingleDeviceSharding(jax.local_devices()[0])
+    targets = {}
     for name, cfg in configs.items():
-        check_params(name, cfg, params[name], f"{path}: {CONFIG_NAME} does not match the weights in {PARAMS_DIR}/")
+        abstract = nest({p[1:]: jax.ShapeDtypeStruct(s, d) for p, (s, d) in stored.items() if p[0] == name})
+        check_params(name, cfg, abstract, f"{path}: {CONFIG_NAME} does not match the weights in {PARAMS_DIR}/")
+        dtypes = param_dtypes(abstract, dtype)
+        shardings = (component_shardings(name, cfg, abstract, mesh, rules) if mesh is not None
+                     else jax.tree.map(lambda _: device, abstract))
+        for (p, a), d, s in zip(jax.tree_util.tree_leaves_with_path(abstract), jax.tree.leaves(dtypes),
+                                jax.tree.leaves(shardings)):
+            targets[(name,) + tuple(k.key for k in p)] = jax.ShapeDtypeStruct(a.shape, d, sharding=s)
+        if name == "uniaudio":
+            own = dtype if dtype is not None else stored[("uniaudio", "model", "embed", "embedding")][1]
+            configs[name] = with_param_dtype(name, cfg, own)
+    if version == 1:
+        flat = store.restore_v1(params_dir, targets, stored)
+    else:
+        flat = store.restore_v2(params_dir, index, targets)
+    params = nest(flat)
     return Checkpoint(configs, {k: params[k] for k in configs}, source=meta.get("source", ""), path=path)
 
 
-__all__ = ["Checkpoint", "ConversionError", "convert_reference", "load", "save"]
+__all__ = ["Checkpoint", "ConversionError", "check_params", "convert", "convert_reference", "load", "save"]

@@ -35,7 +35,14 @@ def _st_dtype(name: str, path: str, key: str):
 
 
 class _SafetensorsFile:
-    """Header-parsed, memory-mapped safetensors file: shapes without reading, slices on demand."""
+    """Header-parsed, memory-mapped safetensors file: shapes without reading, slices on demand.
+
+    Hand-parsed on purpose (the format is an 8-byte length, a JSON header, then raw little-endian tensors):
+    ``safetensors.numpy`` has no bfloat16 (the release's dtype; ml_dtypes gives numpy one), and both the streaming
+    conversion and the per-device sharded reader (:func:`unitok_jax.convert.llm.load_llm`) need a slice of a
+    tensor straight from a memory map, never the whole tensor (``safe_open(...).get_slice`` returns torch/numpy
+    arrays only for the dtypes numpy knows). Each read maps the file afresh and drops the map once the slice is
+    copied, so pages read do not stay in this process's resident memory."""
 
     def __init__(self, path: str):
         self.path = path
@@ -66,6 +73,9 @@ class _SafetensorsFile:
     def shape(self, key):
         return self.entries[key][1]
 
+    def dtype(self, key):
+        return self.entries[key][0]
+
     def read(self, key, index=None) -> np.ndarray:
         dtype, shape, start = self.entries[key]
         if int(np.prod(shape, dtype=np.int64)) == 0:
@@ -79,9 +89,11 @@ class TensorSource(Mapping):
     """Lazy, read-only access to a checkpoint's tensors: a Mapping name -> array (read on access), plus
     ``shape(key)`` without reading and ``read(key, index)`` for slices."""
 
-    def __init__(self, shapes: Mapping[str, tuple], reader: Callable[[str, Any], np.ndarray], name: str):
+    def __init__(self, shapes: Mapping[str, tuple], reader: Callable[[str, Any], np.ndarray], name: str,
+                 dtypes: Optional[Mapping[str, Any]] = None):
         self._shapes = dict(shapes)
         self._reader = reader
+        self._dtypes = dict(dtypes or {})
         self.name = name
 
     def keys(self):
@@ -107,13 +119,29 @@ class TensorSource(Mapping):
     def read(self, key, index=None) -> np.ndarray:
         return self._reader(key, index)
 
+    def dtype(self, key) -> Optional[np.dtype]:
+        """The stored dtype of ``key`` (None if unknown)."""
+        d = self._dtypes.get(key)
+        return None if d is None else np.dtype(d)
+
+    def main_dtype(self) -> Optional[np.dtype]:
+        """The floating dtype holding most of the checkpoint's elements (the checkpoint's "own" dtype: bfloat16
+        for the release), None if no dtype is known."""
+        count: dict = {}
+        for k, shape in self._shapes.items():
+            d = self.dtype(k)
+            if d is not None and (d.kind == "f" or d.name == "bfloat16"):  # ml_dtypes' bfloat16 has kind "V"
+                count[d] = count.get(d, 0) + int(np.prod(shape, dtype=np.int64))
+        return max(count, key=count.get) if count else None
+
     @classmethod
     def from_dict(cls, weights: Mapping[str, Any], name: str = "state dict") -> "TensorSource":
         def read(key, index):
             a = weights[key]
             return np.asarray(a if index is None else a[index])
 
-        return cls({k: tuple(np.shape(v)) for k, v in weights.items()}, read, name)
+        dtypes = {k: v.dtype for k, v in weights.items() if hasattr(v, "dtype")}
+        return cls({k: tuple(np.shape(v)) for k, v in weights.items()}, read, name, dtypes)
 
     @classmethod
     def from_files(cls, files: Sequence[str], name: str, weight_map: Optional[Mapping[str, str]] = None):
@@ -126,7 +154,8 @@ class TensorSource(Mapping):
             absent = sorted(k for k in weight_map if k not in where)
             if absent:
                 raise ConversionError(f"{name}: keys listed in the index are not in their shards, e.g. {absent[:5]}")
-        return cls({k: f.shape(k) for k, f in where.items()}, lambda k, i: where[k].read(k, i), name)
+        return cls({k: f.shape(k) for k, f in where.items()}, lambda k, i: where[k].read(k, i), name,
+                   {k: f.dtype(k) for k, f in where.items()})
 
     @classmethod
     def open(cls, src) -> "TensorSource":
@@ -180,13 +209,21 @@ class WeightReader:
 
     ``prefix`` is prepended to every name asked for. :meth:`finish` raises if any key under the prefix was left
     unused (other than the ``ignore`` patterns).
+
+    With ``checking`` set, :meth:`get` checks the key and its shape without reading: it returns a zero-strided
+    array of the right shape (no memory), except for tensors of at most :data:`CHECK_READ_MAX` elements, which are
+    read for the converters' value checks (Hann window, rotary frequencies). A converter run once this way checks
+    every key before anything large is read (see :class:`Stacked`).
     """
+
+    CHECK_READ_MAX = 1 << 16
 
     def __init__(self, weights: Mapping[str, np.ndarray], prefix: str = "", source: str = "checkpoint"):
         self.weights = weights
         self.prefix = prefix
         self.source = source
         self.used: set[str] = set()
+        self.checking = False
 
     def has(self, name: str) -> bool:
         return self.prefix + name in self.weights
@@ -196,12 +233,14 @@ class WeightReader:
         if key not in self.weights:
             want = f" (expected shape {tuple(shape)})" if shape is not None else ""
             raise ConversionError(f"{self.source}: missing key {key!r}{want}")
-        arr = self.weights[key]
-        if shape is not None and tuple(arr.shape) != tuple(shape):
-            raise ConversionError(
-                f"{self.source}: key {key!r} has shape {tuple(arr.shape)}, expected {tuple(shape)}"
-            )
+        w = self.weights
+        found = tuple(w.shape(key) if isinstance(w, TensorSource) else np.shape(w[key]))
+        if shape is not None and found != tuple(shape):
+            raise ConversionError(f"{self.source}: key {key!r} has shape {found}, expected {tuple(shape)}")
         self.used.add(key)
+        if self.checking and int(np.prod(found, dtype=np.int64)) > self.CHECK_READ_MAX:
+            return np.broadcast_to(np.zeros((), dtype or np.float32), found)
+        arr = self.weights[key]
         return np.asarray(arr, dtype=dtype) if dtype is not None else np.asarray(arr)
 
     def linear(self, name: str, d_in: int, d_out: int, bias: bool) -> dict[str, np.ndarray]:
@@ -251,6 +290,42 @@ def stack_layers(per_layer: list[dict]) -> dict:
     import jax
 
     return jax.tree.map(lambda *xs: np.stack(xs, axis=0), *per_layer)
+
+
+class Stacked:
+    """A scanned stack (params with a leading ``layers`` axis) converted one layer at a time: ``layer(i)`` -> the
+    param tree of layer ``i`` (numpy). Converters return these in place of stacked subtrees, so the streaming
+    conversion can read, convert and write one layer at a time; :func:`materialize` stacks them."""
+
+    def __init__(self, n: int, layer: Callable[[int], dict]):
+        self.n = int(n)
+        self.layer = layer
+
+    def __repr__(self):
+        return f"Stacked(n={self.n})"
+
+
+def materialize(tree):
+    """``tree`` with every :class:`Stacked` replaced by its layers stacked along a new leading axis."""
+    if isinstance(tree, Stacked):
+        return stack_layers([materialize(tree.layer(i)) for i in range(tree.n)])
+    if isinstance(tree, Mapping):
+        return {k: materialize(v) for k, v in tree.items()}
+    return tree
+
+
+def lazy_items(tree, prefix: tuple = ()):
+    """``(path, leaf)`` pairs of a converter's tree, a :class:`Stacked` counting as one leaf."""
+    if isinstance(tree, Mapping):
+        for k, v in tree.items():
+            yield from lazy_items(v, prefix + (k,))
+    else:
+        yield prefix, tree
+
+
+def flat_items(tree, prefix: tuple = ()):
+    """``(path, array)`` pairs of a plain nested-dict param tree."""
+    return lazy_items(tree, prefix)
 
 
 def detect_prefix(weights: Mapping[str, np.ndarray], probe: str, candidates: Sequence[str]) -> str:

@@ -16,8 +16,8 @@ from typing import Mapping, Optional
 
 import numpy as np
 
-from unitok_jax.convert.common import (ConversionError, WeightReader, detect_prefix, heads_in, heads_out, read_weights,
-                                       stack_layers)
+from unitok_jax.convert.common import (ConversionError, Stacked, WeightReader, detect_prefix, heads_in, heads_out,
+                                       materialize, read_weights)
 from unitok_jax.flow import FlowConfig
 from unitok_jax.heads import HeadsConfig
 from unitok_jax.nn import inv_frequencies
@@ -94,10 +94,19 @@ def convert_dit(weights, cfg: FlowConfig, prefix: Optional[str] = None, source: 
     if prefix is None:
         prefix = detect_prefix(weights, FLOW_PROBE, FLOW_PREFIXES)
     r = WeightReader(weights, prefix, source)
+    params = materialize(dit_tree(r, cfg))
+    if strict:
+        r.finish()
+    return params
+
+
+def dit_tree(r: WeightReader, cfg: FlowConfig) -> dict:
+    """The DiT params read through ``r`` (its prefix: where the DiT lives), the block stack lazy
+    (:class:`Stacked`); checks the rotary buffer."""
     H, C, D, n, d, F = cfg.hidden_size, cfg.z_channels, cfg.llm_cond_dim, cfg.num_heads, cfg.head_dim, cfg.mlp_dim
     _check_rotary(r, cfg)
-    layers = []
-    for i in range(cfg.depth):
+
+    def block(i):
         b = f"blocks.{i}."
         attn = {
             "q": heads_in(r, b + "attn.to_q", H, n, d, True),
@@ -108,7 +117,7 @@ def convert_dit(weights, cfg: FlowConfig, prefix: Optional[str] = None, source: 
         if cfg.qk_norm:
             attn["q_norm"] = {"scale": r.get(b + "attn.q_norm.weight", (d,))}
             attn["k_norm"] = {"scale": r.get(b + "attn.k_norm.weight", (d,))}
-        layers.append(
+        return (
             {
                 "attn_norm": {"scale": r.get(b + "norm1.weight", (H,))},
                 "attn": attn,
@@ -119,20 +128,18 @@ def convert_dit(weights, cfg: FlowConfig, prefix: Optional[str] = None, source: 
                 },
             }
         )
-    params = {
+
+    return {
         "t_embedder": {
             "fc1": r.linear("t_embedder.time_mlp.0", cfg.freq_embed_dim, H, True),
             "fc2": r.linear("t_embedder.time_mlp.2", H, H, True),
         },
         "c_embedder": r.linear("c_embedder.cond_embedder", D, H, True),
         "x_embedder": r.linear("x_embedder", C, H, True),
-        "blocks": {"layers": stack_layers(layers)},
+        "blocks": {"layers": Stacked(cfg.depth, block)},
         "final_norm": {"scale": r.get("final_layer.norm_final.weight", (H,))},
         "final_linear": r.linear("final_layer.linear", H, C, True),
     }
-    if strict:
-        r.finish()
-    return params
 
 
 def convert_flow_head(weights, flow_kwargs: Mapping, patch_size: int = 5, prefix: Optional[str] = None,

@@ -49,7 +49,8 @@ class _Plan:
         return key
 
     def read(self, key, index=None):
-        return self.src.read(key, index).astype(self.dtype)
+        a = self.src.read(key, index)
+        return a if self.dtype is None else a.astype(self.dtype)  # dtype None: as stored
 
     def add(self, path: tuple, shape: tuple, fetch: Callable):
         self.params[path] = (tuple(shape), fetch)
@@ -73,7 +74,8 @@ class _Plan:
             sel = range(len(fetchers))[index[0]]
             out = [fetchers[j](index[1:]) for j in sel]
             if not out:
-                return np.zeros((0,) + tuple(_slice_len(s, n) for s, n in zip(index[1:], shape)), self.dtype)
+                return np.zeros((0,) + tuple(_slice_len(s, n) for s, n in zip(index[1:], shape)),
+                                self.dtype or np.float32)
             return np.stack(out, axis=0)
 
         self.add(path, (len(layer_ids),) + tuple(shape), fetch)
@@ -101,6 +103,8 @@ def _detect_root(src: TensorSource) -> str:
 
 
 def _plan_llm(src: TensorSource, cfg, root: str, dtype) -> _Plan:
+    """Every param of the LLM as (shape, fetch(index)), all keys and shapes checked first; ``dtype`` None reads
+    tensors as stored."""
     pl = _Plan(src, dtype)
     m = f"{root}model."
     D, V = cfg.width, cfg.vocab_size
@@ -120,7 +124,7 @@ def _plan_llm(src: TensorSource, cfg, root: str, dtype) -> _Plan:
             if cfg.norm_head:
                 from unitok_jax.llm import apply_norm_head
 
-                w = apply_norm_head(w).astype(dtype)
+                w = apply_norm_head(w).astype(dtype or np.float32)
             return w[i[1]].T
 
         pl.add(("lm_head",), (D, V), head)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from unitok_jax.convert.common import ConversionError, WeightReader, heads_in, heads_out, stack_layers
+from unitok_jax.convert.common import ConversionError, Stacked, WeightReader, heads_in, heads_out, materialize
 from unitok_jax.nn import TransformerConfig
 from unitok_jax.vae import VAEConfig, hann_window
 
@@ -22,12 +22,13 @@ VAE_UNUSED = (
 
 
 def qwen2_stack(r: WeightReader, root: str, c: TransformerConfig) -> dict:
-    """A transformers Qwen2Model (``root.layers.{i}...``, ``root.norm``) -> our Stack params."""
+    """A transformers Qwen2Model (``root.layers.{i}...``, ``root.norm``) -> our Stack params (``layers`` a lazy
+    :class:`Stacked`, converted one layer at a time)."""
     D, N, K, d = c.width, c.num_heads, c.num_kv_heads, c.head_dim
-    layers = []
-    for i in range(c.num_layers):
+
+    def layer(i):
         p = f"{root}.layers.{i}."
-        layers.append(
+        return (
             {
                 "attn_norm": {"scale": r.get(p + "input_layernorm.weight", (D,))},
                 "attn": {
@@ -44,17 +45,18 @@ def qwen2_stack(r: WeightReader, root: str, c: TransformerConfig) -> dict:
                 },
             }
         )
-    return {"layers": stack_layers(layers), "final_norm": {"scale": r.get(f"{root}.norm.weight", (D,))}}
+
+    return {"layers": Stacked(c.num_layers, layer), "final_norm": {"scale": r.get(f"{root}.norm.weight", (D,))}}
 
 
 def whisper_stack(r: WeightReader, root: str, c: TransformerConfig) -> dict:
-    """The semantic module (``root.blocks.{i}...``, ``root.ln_post``) -> our Stack params."""
+    """The semantic module (``root.blocks.{i}...``, ``root.ln_post``) -> our Stack params (``layers`` lazy)."""
     U, N, d, F = c.width, c.num_heads, c.head_dim, c.mlp_dim
     ln = lambda name: {"scale": r.get(f"{name}.weight", (U,)), "bias": r.get(f"{name}.bias", (U,))}  # noqa: E731
-    layers = []
-    for i in range(c.num_layers):
+
+    def layer(i):
         p = f"{root}.blocks.{i}."
-        layers.append(
+        return (
             {
                 "attn_norm": ln(p + "attn_ln"),
                 "attn": {
@@ -67,7 +69,15 @@ def whisper_stack(r: WeightReader, root: str, c: TransformerConfig) -> dict:
                 "mlp": {"fc1": r.linear(p + "mlp.0", U, F, True), "fc2": r.linear(p + "mlp.2", F, U, True)},
             }
         )
-    return {"layers": stack_layers(layers), "final_norm": ln(f"{root}.ln_post")}
+
+    return {"layers": Stacked(c.num_layers, layer), "final_norm": ln(f"{root}.ln_post")}
+
+
+def vae_config(vae_kwargs: dict, source: str = "checkpoint") -> VAEConfig:
+    try:
+        return VAEConfig.from_reference(vae_kwargs)
+    except (ValueError, TypeError, KeyError) as e:
+        raise ConversionError(f"{source}: invalid AudioVAE config: {e}") from e
 
 
 def convert_vae(weights, vae_kwargs: dict, prefix: str = "", source: str = "checkpoint", strict: bool = True):
@@ -76,11 +86,17 @@ def convert_vae(weights, vae_kwargs: dict, prefix: str = "", source: str = "chec
     ``prefix``: where the VAE lives in ``weights`` (``"audio."`` in a full checkpoint). Raises
     :class:`ConversionError` naming the key for missing, mis-shaped or (``strict``) unexpected tensors.
     """
-    try:
-        cfg = VAEConfig.from_reference(vae_kwargs)
-    except (ValueError, TypeError, KeyError) as e:
-        raise ConversionError(f"{source}: invalid AudioVAE config: {e}") from e
+    cfg = vae_config(vae_kwargs, source)
     r = WeightReader(weights, prefix, source)
+    params = materialize(vae_tree(r, cfg))
+    if strict:
+        r.finish(VAE_UNUSED)
+    return cfg, params
+
+
+def vae_tree(r: WeightReader, cfg: VAEConfig) -> dict:
+    """The VAE params read through ``r`` (its prefix: where the VAE lives), the layer stacks lazy
+    (:class:`Stacked`); checks the ISTFT window buffer."""
     e, dcfg = cfg.encoder, cfg.decoder
     C, U = cfg.latent_dim, cfg.unified_dim
     params = {
@@ -103,8 +119,6 @@ def convert_vae(weights, vae_kwargs: dict, prefix: str = "", source: str = "chec
         window = r.get("decoder.head.istft.window", (cfg.n_fft,))
         if not np.allclose(window, hann_window(cfg.n_fft), atol=1e-6):
             raise ConversionError(
-                f"{source}: {prefix}decoder.head.istft.window is not a periodic Hann window of length {cfg.n_fft}"
+                f"{r.source}: {r.prefix}decoder.head.istft.window is not a periodic Hann window of length {cfg.n_fft}"
             )
-    if strict:
-        r.finish(VAE_UNUSED)
-    return cfg, params
+    return params

@@ -1,0 +1,266 @@
+"""Conversion plans: every param of a reference checkpoint as small pieces that are read, converted and written one
+at a time (the streaming conversion), with every key and shape checked before anything large is read.
+
+A :class:`Plan` holds a component's config, the full shape of each of its params, which params are layer stacks
+(our scanned layout, written one layer at a time) and the :class:`Piece` list. A piece reads a bounded amount of
+the source: one LLM param (or one layer of a stacked LLM param; the experts of one layer in the release: ~0.4 GB in
+bfloat16), one layer of a VAE / DiT stack, or a component's small unstacked params. :func:`materialize_plan`
+assembles the whole tree in memory instead (``convert_reference``: small models, tests).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import warnings
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from unitok_jax.convert.common import (ConversionError, Stacked, TensorSource, WeightReader, detect_prefix,
+                                       flat_items, lazy_items, read_json, read_weights)
+
+# Top-level key prefixes of a full Ming-UniAudio checkpoint (spec 6.2); anything else is unexpected.
+FULL_PREFIXES = ("audio.", "model.", "flowloss.", "linear_proj_audio.", "stop_head.")
+
+Path = tuple  # param path inside a component, e.g. ("model", "moe", "layers", "moe", "wi_gate")
+Unit = tuple  # (path, layer index or None): a whole param, or one layer of a stacked param
+
+
+@dataclasses.dataclass
+class Piece:
+    """Some params read together: ``read()`` -> {unit: numpy array} for exactly ``units``."""
+
+    units: list
+    read: Callable[[], dict]
+
+
+@dataclasses.dataclass
+class Plan:
+    component: str  # "uniaudio" (full model) or "vae" (tokenizer only)
+    config: Any
+    shapes: dict  # path -> full shape
+    stacked: dict  # path -> number of layers, for params written one layer at a time
+    pieces: list
+    source: str = ""
+    path: str = ""  # the source folder (holds the tokenizer files of a full model)
+    source_dtype: Optional[np.dtype] = None  # the floating dtype of most of the source's elements
+
+    def unit_shape(self, unit: Unit) -> tuple:
+        path, layer = unit
+        return self.shapes[path] if layer is None else self.shapes[path][1:]
+
+    def num_params(self) -> int:
+        return int(sum(np.prod(s, dtype=np.int64) for s in self.shapes.values()))
+
+    def abstract(self, dtypes: Optional[dict] = None) -> dict:
+        """The nested tree of ``jax.ShapeDtypeStruct`` (``dtypes``: path -> dtype, default float32)."""
+        import jax
+
+        return nest({p: jax.ShapeDtypeStruct(s, (dtypes or {}).get(p, np.float32)) for p, s in self.shapes.items()})
+
+
+def nest(flat: dict) -> dict:
+    out: dict = {}
+    for path, v in flat.items():
+        d = out
+        for k in path[:-1]:
+            d = d.setdefault(k, {})
+        d[path[-1]] = v
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ builders
+
+
+class _Builder:
+    def __init__(self):
+        self.shapes: dict = {}
+        self.stacked: dict = {}
+        self.pieces: list = []
+
+    def add_lazy_tree(self, base: Path, tree_fn: Callable[[], dict], r: WeightReader, strict_ignore=None,
+                      strict: bool = True):
+        """A converter's lazy tree (``tree_fn`` reads through ``r``): first run with ``r.checking`` (every key and
+        shape checked, unused keys refused, nothing large read), then one piece for the unstacked params and one
+        per layer of each :class:`Stacked`."""
+        r.checking = True
+        try:
+            tree = tree_fn()
+            stacks = []
+            for path, leaf in lazy_items(tree):
+                if isinstance(leaf, Stacked):
+                    first = None
+                    for i in range(leaf.n):  # checks every layer's keys
+                        got = {p: np.shape(a) for p, a in flat_items(leaf.layer(i))}
+                        first = first or got
+                    for sub, shape in (first or {}).items():
+                        self.shapes[base + path + sub] = (leaf.n,) + tuple(shape)
+                        self.stacked[base + path + sub] = leaf.n
+                    stacks.append((path, leaf, list(first or {})))
+                else:
+                    self.shapes[base + path] = tuple(np.shape(leaf))
+            if strict:
+                r.finish(strict_ignore or ())
+        finally:
+            r.checking = False
+        top = [base + p for p, leaf in lazy_items(tree) if not isinstance(leaf, Stacked)]
+
+        def read_top():
+            return {(base + p, None): np.asarray(a) for p, a in lazy_items(tree_fn()) if not isinstance(a, Stacked)}
+
+        if top:
+            self.pieces.append(Piece([(p, None) for p in top], read_top))
+        for path, stk, subs in stacks:
+            for i in range(stk.n):
+                def read_layer(stk=stk, i=i, path=path):
+                    return {(base + path + sub, i): np.asarray(a) for sub, a in flat_items(stk.layer(i))}
+
+                self.pieces.append(Piece([(base + path + sub, i) for sub in subs], read_layer))
+
+    def add_arrays(self, base: Path, tree: dict):
+        """Params already read (small: the heads)."""
+        flat = {base + p: np.asarray(a) for p, a in flat_items(tree)}
+        self.shapes.update({p: a.shape for p, a in flat.items()})
+        self.pieces.append(Piece([(p, None) for p in flat], lambda: {(p, None): a for p, a in flat.items()}))
+
+    def add_llm(self, base: Path, plan):
+        """The LLM's plan (:func:`unitok_jax.convert.llm._plan_llm`): unstacked params one piece each, stacked
+        ones one piece per (layer, param), layer by layer."""
+        by_layer: dict = {}
+        for path, (shape, fetch) in plan.params.items():
+            self.shapes[base + path] = tuple(shape)
+            if len(path) > 1 and path[1] == "layers":
+                self.stacked[base + path] = shape[0]
+                for i in range(shape[0]):
+                    by_layer.setdefault((path[0], i), []).append((path, fetch))
+            else:
+                self.pieces.append(Piece([(base + path, None)],
+                                         lambda path=path, fetch=fetch: {(base + path, None): fetch(None)}))
+        for (_, i), items in by_layer.items():
+            for path, fetch in items:
+                self.pieces.append(Piece([(base + path, i)], lambda path=path, fetch=fetch, i=i: {
+                    (base + path, i): fetch((slice(i, i + 1),))[0]}))
+
+
+def _vae_section(config: dict) -> tuple[dict, list[str]] | None:
+    """The AudioVAE kwargs in a reference config.json and the prefixes its weights may sit under."""
+    if "audio_tokenizer_config" in config:  # full Ming-UniAudio checkpoint
+        return config["audio_tokenizer_config"], ["audio.", ""]
+    if "kwargs" in config and "enc_kwargs" in config["kwargs"]:  # {"class": ..., "kwargs": ...} (fixtures)
+        return config["kwargs"], ["", "audio."]
+    if "enc_kwargs" in config:  # standalone MingTok-Audio
+        return config, ["", "audio."]
+    return None
+
+
+def plan_full(src: str, config: dict, weights: Optional[TensorSource] = None) -> Plan:
+    """A full Ming-UniAudio folder -> the plan of one ``"uniaudio"`` checkpoint (every component, every key
+    checked)."""
+    from unitok_jax.convert.flow import convert_heads, dit_tree
+    from unitok_jax.convert.llm import _detect_root, _plan_llm, resolve_config
+    from unitok_jax.convert.vae import VAE_UNUSED, vae_config, vae_tree
+    from unitok_jax.model import UniAudioConfig
+
+    weights = weights if weights is not None else read_weights(src)  # lazy: headers only
+    stray = sorted(k for k in weights if not k.startswith(FULL_PREFIXES))
+    if stray:
+        raise ConversionError(f"{src}: unexpected key(s) outside {list(FULL_PREFIXES)}: {stray[:10]}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # unknown llm_config keys are reported by the LLM converter's own warning
+        llm_cfg = resolve_config(weights, config["llm_config"])
+        llm_plan = _plan_llm(weights, llm_cfg, _detect_root(weights), None)
+    try:
+        cfg = UniAudioConfig.from_bailingmm(config)
+    except (KeyError, ValueError, TypeError) as e:
+        raise ConversionError(f"{src}/config.json: invalid model config: {e}") from e
+    cfg = dataclasses.replace(cfg, llm=llm_cfg)
+    b = _Builder()
+    b.add_llm(("model",), llm_plan)
+    vcfg = vae_config(config["audio_tokenizer_config"], src)
+    rv = WeightReader(weights, "audio.", src)
+    b.add_lazy_tree(("audio",), lambda: vae_tree(rv, vcfg), rv, VAE_UNUSED)
+    rf = WeightReader(weights, "flowloss.cfm.model.", src)
+    b.add_lazy_tree(("flowloss",), lambda: dit_tree(rf, cfg.flow), rf)
+    heads = convert_heads(weights, cfg.heads, source=src)
+    b.add_arrays(("linear_proj_audio",), heads["pooling"])
+    b.add_arrays(("stop_head",), heads["stop_head"])
+    return Plan("uniaudio", cfg, b.shapes, b.stacked, b.pieces, source=os.path.abspath(src),
+                path=os.path.abspath(src), source_dtype=weights.main_dtype())
+
+
+def plan_reference(src: str) -> Plan:
+    """Plan the conversion of a reference checkpoint folder (``config.json`` + ``model.safetensors`` or a sharded
+    set with ``model.safetensors.index.json``): a full Ming-UniAudio folder (``llm_config`` +
+    ``audio_tokenizer_config`` + ``ditar_config``) gives a ``"uniaudio"`` plan, a MingTok-Audio folder a ``"vae"``
+    one. Every key and shape is checked here; only tensors of a few KB (and the heads) are read."""
+    from unitok_jax.convert.vae import VAE_UNUSED, vae_config, vae_tree
+
+    config = read_json(os.path.join(src, "config.json"))
+    if all(k in config for k in ("llm_config", "audio_tokenizer_config", "ditar_config")):
+        plan = plan_full(src, config)
+    else:
+        section = _vae_section(config)
+        if section is None:
+            raise ConversionError(f"{src}/config.json holds no AudioVAE config (expected enc_kwargs/dec_kwargs, or "
+                                  f"audio_tokenizer_config)")
+        weights = read_weights(src)
+        kwargs, prefixes = section
+        prefix = detect_prefix(weights, "encoder.fc1.weight", prefixes)
+        cfg = vae_config(kwargs, src)
+        r = WeightReader(weights, prefix, src)
+        b = _Builder()
+        b.add_lazy_tree((), lambda: vae_tree(r, cfg), r, VAE_UNUSED)
+        plan = Plan("vae", cfg, b.shapes, b.stacked, b.pieces, source=os.path.abspath(src),
+                    path=os.path.abspath(src), source_dtype=weights.main_dtype())
+    check_plan(plan)
+    return plan
+
+
+def check_plan(plan: Plan) -> None:
+    """The planned params must be exactly the model's (tree and shapes; nothing allocated)."""
+    from unitok_jax.convert import check_params
+
+    check_params(plan.component, plan.config, plan.abstract(), f"{plan.source}: converter/model mismatch")
+
+
+def target_dtypes(plan: Plan, dtype) -> dict:
+    """path -> the dtype each param is written in for ``dtype`` (:func:`unitok_jax.model.param_dtypes`: norms and
+    router float32, the rest ``dtype``)."""
+    import jax
+
+    from unitok_jax.model import param_dtypes
+
+    tree = param_dtypes(plan.abstract(), np.dtype(dtype))
+    return {tuple(k.key for k in p): d for p, d in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def iter_units(plan: Plan, dtypes: dict):
+    """``(unit, array)`` of every unit, piece by piece, each cast to its dtype and shape-checked."""
+    for piece in plan.pieces:
+        got = piece.read()
+        if set(got) != set(piece.units):
+            raise ConversionError(f"{plan.source}: internal converter error: a piece read {sorted(got)[:3]}, "
+                                  f"planned {piece.units[:3]}")
+        for unit in piece.units:
+            a = got.pop(unit)
+            want = plan.unit_shape(unit)
+            if tuple(a.shape) != tuple(want):
+                raise ConversionError(f"{plan.source}: converted param {'/'.join(unit[0])} has shape {a.shape}, "
+                                      f"expected {want}")
+            d = dtypes[unit[0]]
+            yield unit, (a if a.dtype == d else a.astype(d))
+        del got
+
+
+def materialize_plan(plan: Plan, dtype=np.float32) -> dict:
+    """The whole params tree in host memory (numpy; stacked params stacked)."""
+    dtypes = target_dtypes(plan, dtype)
+    flat, layers = {}, {}
+    for (path, layer), a in iter_units(plan, dtypes):
+        if layer is None:
+            flat[path] = a
+        else:
+            layers.setdefault(path, {})[layer] = a
+    for path, got in layers.items():
+        flat[path] = np.stack([got[i] for i in range(plan.stacked[path])], 0)
+    return nest({p: flat[p] for p in plan.shapes})
