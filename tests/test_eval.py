@@ -234,7 +234,7 @@ def test_cli_vae(speech, tmp_path, capsys):
     ])
     out = tmp_path / "reports" / "vae.json"
     rc = main(["vae", "--reference", man, "--generated", str(tmp_path / "recon"), "--json", str(out),
-               "--plots", str(tmp_path / "plots")])
+               "--plots", str(tmp_path / "plots"), "--judge", "none"])  # the judge: tests/test_whisper.py
     assert rc == 0
     rep = json.loads(out.read_text())
     assert rep["task"] == "vae" and rep["count"] == rep["scored"] == 2 and rep["failed"] == []
@@ -250,7 +250,7 @@ def test_cli_vae(speech, tmp_path, capsys):
     # a missing reconstruction is a failed item (exit 1), the others are still scored
     os.remove(tmp_path / "recon" / "utt-b.wav")
     assert main(["vae", "--reference", man, "--generated", str(tmp_path / "recon"), "--json", str(out),
-                 "--metrics", "si_sdr", "--quiet"]) == 1
+                 "--metrics", "si_sdr", "--quiet", "--judge", "none"]) == 1
     rep = json.loads(out.read_text())
     assert rep["scored"] == 1 and rep["failed"][0]["id"] == "b" and "no reconstruction" in rep["failed"][0]["error"]
     assert set(rep["mean"]) == {"si_sdr"}
@@ -282,7 +282,7 @@ def test_cli_tts(speech, tmp_path):
     _wav(ref / "r2.wav", b_low)
     out = tmp_path / "tts.json"
     rc = main(["tts", "--results", str(gen), "--reference", man, "--requests", reqs, "--json", str(out),
-               "--plots", str(tmp_path / "plots")])
+               "--plots", str(tmp_path / "plots"), "--judge", "none"])
     assert rc == 1  # u3 has no reference, u4 no result
     rep = json.loads(out.read_text())
     assert rep["count"] == 4 and rep["scored"] == 2
@@ -303,7 +303,8 @@ def test_cli_tts_unreadable_audio(tmp_path, capsys):
     res = _jsonl(tmp_path / "results.jsonl", [{"id": "u1", "wav": "u1.wav"}])
     man = _jsonl(tmp_path / "m.jsonl", [{"id": "u1", "audio": str(FLAC), "text": "t", "speaker": "s"}])
     out = tmp_path / "r.json"
-    assert main(["tts", "--results", res, "--reference", man, "--json", str(out), "--quiet"]) == 1
+    assert main(["tts", "--results", res, "--reference", man, "--json", str(out), "--quiet",
+                 "--judge", "none"]) == 1
     rep = json.loads(out.read_text())
     assert rep["scored"] == 0 and str(tmp_path / "u1.wav") in rep["failed"][0]["error"]
 

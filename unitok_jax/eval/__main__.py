@@ -37,6 +37,15 @@ Input files are JSONL (one object per line), joined on ``id``; relative paths ar
   target and of the source against it, for acoustic edits whether duration / RMS level / SNR estimate / speaker
   proxy moved the right way relative to the source and by how much).
 
+Judge (``vae`` and ``tts``; ``--judge none`` turns it off): Whisper tiny.en, offline (:mod:`unitok_jax.eval.whisper`;
+weights from the ``eval`` extra, never from the network), transcribes the generated speech (reconstructions / TTS
+outputs) and the reference audio of every item with a reference text (vae: the reference line's ``text``; tts: the
+request's or the reference line's ``text``). Rows get ``judge_wer`` / ``judge_cer`` / ``judge_transcript`` (generated)
+and ``judge_ref_wer`` / ``judge_ref_cer`` / ``judge_ref_transcript`` (reference); the report gets ``"judge":
+{"model", "items", "generated": {corpus wer, cer, words, chars}, "reference": {...}, "wer_ratio", "cer_ratio"}``:
+the judge's rates on the generated speech next to its rates on the references (for eSpeak renderings of the same
+sentences: the floor a perfect system would reach).
+
 Which items are scored: vae -- every reference line; tts / asr / edit -- every result (and every request with
 ``--requests``). Speaker proxy voices: the prompts, labelled by the reference line's ``speaker`` (else by the
 prompt's path); each generated utterance is compared with its own voice and with all the others.
@@ -208,6 +217,8 @@ def _finish(args, task: str, report: dict, problems: list[str], inputs: dict, co
             c = report["corpus"]
             table["extra_lines"] = {"corpus": f"WER {_fmt(c['wer'], '.4f')}  CER {_fmt(c['cer'], '.4f')} "
                                               f"({c['words']} words, {c['chars']} characters)"}
+        if judge_line(report):
+            table.setdefault("extra_lines", {})["judge"] = judge_line(report)
         print_table(table, columns)
         if after is not None:
             after(report)
@@ -271,6 +282,50 @@ def _generated_paths(generated: str, refs: dict, problems: list[str]) -> dict:
     return found
 
 
+JUDGE_COLUMNS = [("judge_wer", "J_WER", ".3f"), ("judge_ref_wer", "J_refWER", ".3f")]
+
+
+def add_judge(args, report: dict, items: list, what: str) -> None:
+    """The Whisper judge (:mod:`unitok_jax.eval.whisper`) on ``items`` ``(id, text, generated wave, reference
+    wave)``: per-row ``judge_wer`` / ``judge_cer`` / ``judge_transcript`` on the generated speech and
+    ``judge_ref_*`` on the reference, and ``report["judge"]``: the corpus rates of both (``generated``,
+    ``reference``) and their ratio (``wer_ratio``, ``cer_ratio``; generated / reference). Nothing with
+    ``--judge none`` or without items (no reference text)."""
+    if args.judge == "none":
+        return
+    from unitok_jax.eval import whisper
+
+    if not items:
+        report["judge"] = {"model": whisper.JUDGE_NAME, "items": 0, "note": f"no {what} with a reference text"}
+        return
+    gen = whisper.judge([(i, t, g) for i, t, g, _ in items])
+    ref = whisper.judge([(i, t, r) for i, t, _, r in items])
+    by_id = {r["id"]: r for r in report["rows"]}
+    for g, r in zip(gen["rows"], ref["rows"]):
+        by_id[g["id"]].update(judge_wer=g["wer"], judge_cer=g["cer"], judge_transcript=g["transcript"],
+                              judge_ref_wer=r["wer"], judge_ref_cer=r["cer"], judge_ref_transcript=r["transcript"])
+
+    def ratio(a, b):
+        return None if a is None or not b else a / b
+
+    report["judge"] = {"model": whisper.JUDGE_NAME, "items": len(items), "generated": gen["corpus"],
+                       "reference": ref["corpus"],
+                       "wer_ratio": ratio(gen["corpus"]["wer"], ref["corpus"]["wer"]),
+                       "cer_ratio": ratio(gen["corpus"]["cer"], ref["corpus"]["cer"])}
+    for k in ("judge_wer", "judge_cer", "judge_ref_wer", "judge_ref_cer"):
+        report["mean"][k] = M.summarize([r for r in report["rows"] if r.get(k) is not None], [k]).get(k)
+
+
+def judge_line(report: dict) -> str | None:
+    j = report.get("judge")
+    if not j or not j.get("items"):
+        return None if not j else f"judge ({j['model']}): {j['note']}"
+    g, r = j["generated"], j["reference"]
+    return (f"judge ({j['model']}, {j['items']} items, corpus rates): generated WER {_fmt(g['wer'], '.4f')} CER "
+            f"{_fmt(g['cer'], '.4f')}; reference WER {_fmt(r['wer'], '.4f')} CER {_fmt(r['cer'], '.4f')}; "
+            f"ratio WER {_fmt(j['wer_ratio'], '.2f')} CER {_fmt(j['cer_ratio'], '.2f')}")
+
+
 def cmd_vae(args) -> int:
     problems: list[str] = []
     refs, bad = read_rows(args.reference, "--reference", need=("audio",), split=args.split)
@@ -279,7 +334,7 @@ def cmd_vae(args) -> int:
     if not refs:
         raise InputError(f"--reference {args.reference}: no usable lines")
     load = AudioCache()
-    rows = []
+    rows, judged = [], []
     for rid, r in refs.items():
         if rid not in gen:
             rows.append({"id": rid, "error": f"no reconstruction for this id in {args.generated}"})
@@ -292,10 +347,14 @@ def cmd_vae(args) -> int:
         row = M.evaluate_vae([(rid, ref, out)], SR, metrics=args.metrics)["rows"][0]
         row.update(reference=r["audio"], generated=gen[rid])
         rows.append(row)
+        if isinstance(r.get("text"), str):
+            judged.append((rid, r["text"], out, ref))
         _plot(args.plots, rid, out, ref, f"{rid}: reconstruction vs reference", problems)
     report = M._report(rows, list(args.metrics))
+    add_judge(args, report, judged, "reference line")
     return _finish(args, "vae", report, problems, {"reference": args.reference, "generated": args.generated},
-                   [c for c in VAE_COLUMNS if c[0] in args.metrics or c[0] == "reference_seconds"])
+                   [c for c in VAE_COLUMNS if c[0] in args.metrics or c[0] == "reference_seconds"]
+                   + (JUDGE_COLUMNS if report.get("judge", {}).get("items") else []))
 
 
 def read_results(args, need: tuple) -> tuple[dict, dict, list, list]:
@@ -318,7 +377,7 @@ def cmd_tts(args) -> int:
     refs, bad = read_rows(args.reference, "--reference", need=("audio",))
     problems += bad
     load = AudioCache()
-    items, failed = [], []
+    items, failed, judged = [], [], []
     for rid in ids:
         if rid not in results:
             failed.append({"id": rid, "error": f"requested but no result in {args.results}"})
@@ -338,6 +397,9 @@ def cmd_tts(args) -> int:
             failed.append({"id": rid, "error": str(e)})
             continue
         items.append(item)
+        text = req_rows.get(rid, {}).get("text") or ref_row.get("text") or results[rid].get("text")
+        if isinstance(text, str):
+            judged.append((rid, text, item["generated"], item["reference"]))
         _plot(args.plots, rid, item["generated"], item["reference"], f"{rid}: generated vs reference", problems)
     report = M.evaluate_tts(items, SR)
     by_id = {r["id"]: r for r in report["rows"] + failed}
@@ -346,8 +408,10 @@ def cmd_tts(args) -> int:
         if "error" not in r:
             r.update(generated=results[r["id"]]["audio"], reference=refs[r["id"]]["audio"])
     report = M._report(rows, list(M.TTS_KEYS))
+    add_judge(args, report, judged, "TTS item")
     return _finish(args, "tts", report, problems,
-                   {"results": args.results, "reference": args.reference, "requests": args.requests}, TTS_COLUMNS)
+                   {"results": args.results, "reference": args.reference, "requests": args.requests},
+                   TTS_COLUMNS + (JUDGE_COLUMNS if report.get("judge", {}).get("items") else []))
 
 
 def cmd_asr(args) -> int:
@@ -473,6 +537,10 @@ def main(argv=None) -> int:
                         "edit_type, target_markup}")
     e.add_argument("--requests", help="sample.py edit requests JSONL (requested ids must have results)")
     e.add_argument("--no-normalize", action="store_true", help="score raw CoT texts (whitespace collapsed only)")
+    for p in (v, t):
+        p.add_argument("--judge", choices=("whisper", "none"), default="whisper",
+                       help="independent ASR judge of the generated speech and of the reference audio, on the items "
+                            "with a reference text (default: whisper, Whisper tiny.en offline from the eval extra)")
     for p in (v, t, a, e):
         p.add_argument("--json", help="write the report here (JSON, atomically)")
         p.add_argument("--quiet", action="store_true", help="no table")
