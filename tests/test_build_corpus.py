@@ -122,6 +122,37 @@ def test_plan_split_full_size():
     assert len(per_spk) == 8 and min(per_spk.values()) > 0.6 * max(per_spk.values())
 
 
+def test_composed_sentences_are_many_distinct_and_deterministic():
+    from unitok_jax.data.compose import compose_sentences
+
+    hand = bc.load_sentences()
+    comp = compose_sentences(4000, seed=0, exclude=hand)
+    assert len(set(comp)) == 4000 and not set(comp) & set(hand)
+    assert comp[:100] == compose_sentences(100, seed=0, exclude=hand)  # a larger list extends a smaller one
+    assert comp != compose_sentences(4000, seed=1, exclude=hand)
+    assert not any(re.search(r"\d|\{|\}", s) for s in comp)
+    assert all(s[0].isupper() and s[-1] in ".?" for s in comp)
+    assert len({w.lower().strip(".,?") for s in comp for w in s.split()}) > 500
+
+
+def test_composed_sentences_join_the_training_split_only():
+    """The handwritten split (and so the edit corpus's) is the same with or without composed sentences."""
+    from unitok_jax.data.compose import compose_sentences
+
+    sents = bc.load_sentences()
+    base = bc.plan(sents, seed=0)
+    extra = compose_sentences(300, seed=0, exclude=sents)
+    utts = bc.plan(sents, seed=0, extra_train=extra + sents[:5], extra_readers=2)
+    assert utts[: len(base)] == base
+    added = utts[len(base):]
+    assert len(added) == 2 * 300 and all(u["split"] == "train" for u in added)
+    assert {u["text"] for u in added} == set(extra)
+    assert len({u["id"] for u in utts}) == len(utts)
+    assert not {u["speaker"] for u in added} & {s["id"] for s in bc.SPEAKERS if s["heldout"]}
+    held = [u for u in utts if u["split"] == "heldout"]
+    assert len({u["text"] for u in held}) == bc.MAX_HELDOUT  # 10% of 400, the cap
+
+
 # ---------------------------------------------------------------- building a small corpus
 
 

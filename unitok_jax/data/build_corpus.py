@@ -1,6 +1,6 @@
 """Build a small English speech corpus offline with eSpeak NG (no network, no system packages).
 
-    python -m unitok_jax.data.build_corpus --out data/espeak [--sentences N] [--seed 0] [--overwrite]
+    python -m unitok_jax.data.build_corpus --out data/espeak [--sentences N] [--composed M] [--seed 0] [--overwrite]
 
 Writes into ``--out``::
 
@@ -11,7 +11,10 @@ Writes into ``--out``::
 
 Sentences come from ``sentences.txt`` (package data). A seeded numpy RNG picks the held-out sentences and which
 seen speakers read each training sentence, so the same command gives a byte-identical corpus. Held-out
-sentences never occur in train; held-out speakers (voices) occur only in ``heldout.jsonl``. The corpus is built
+sentences never occur in train; held-out speakers (voices) occur only in ``heldout.jsonl``. ``--composed M`` adds
+M sentences composed from templates and word lists (:mod:`unitok_jax.data.compose`) to the training split only,
+each read by ``--composed-readers`` seen speakers (default 1): the held-out sentences stay the handwritten ones
+(the same split as without them, so the edit corpus's split is unchanged), never a template's. The corpus is built
 in a temporary sibling folder and renamed into place at the end: an interrupted run leaves ``--out`` untouched.
 """
 from __future__ import annotations
@@ -35,6 +38,7 @@ SAMPLE_RATE = 16000
 FORMAT_VERSION = 1
 HELDOUT_FRACTION = 0.1
 MIN_HELDOUT = 2  # a held-out speaker needs >= 2 utterances (one as voice prompt, one as target)
+MAX_HELDOUT = 40  # held-out sentences at most (the evaluation's size)
 
 # id, eSpeak voice, rate (words per minute), pitch (0..100), amplitude (0..200; < 100 keeps peaks below 0.9),
 # held-out speakers appear only in heldout.jsonl
@@ -68,12 +72,15 @@ def load_sentences(path: Optional[str] = None) -> list[str]:
 
 
 def plan(sentences: Sequence[str], *, seed: int = 0, per_sentence: int = 3, limit: Optional[int] = None,
-         speakers: Sequence[dict] = SPEAKERS) -> list[dict]:
+         speakers: Sequence[dict] = SPEAKERS, extra_train: Sequence[str] = (), extra_readers: int = 1) -> list[dict]:
     """Deterministic list of utterances ``{id, text, speaker, split, sentence}`` (no audio yet).
 
-    ``limit`` sentences are drawn (seeded) from ``sentences``; about 10% (at least 2) are held out. Each training
-    sentence is read by ``per_sentence`` distinct seen speakers; each held-out sentence by one seen speaker and
-    every held-out speaker."""
+    ``limit`` sentences are drawn (seeded) from ``sentences``; about 10% (at least 2, at most 40) are held out. Each
+    training sentence is read by ``per_sentence`` distinct seen speakers; each held-out sentence by one seen speaker
+    and every held-out speaker. ``extra_train``: more sentences for the training split only (those also in
+    ``sentences`` are dropped), each read by ``extra_readers`` seen speakers drawn by an RNG of their own, so the
+    plan of ``sentences`` is the same with or without them (ids ``<speaker>_c<n>``, ``sentence`` counting on after
+    the pool)."""
     seen = [s["id"] for s in speakers if not s["heldout"]]
     unseen = [s["id"] for s in speakers if s["heldout"]]
     if not seen or not unseen:
@@ -87,7 +94,7 @@ def plan(sentences: Sequence[str], *, seed: int = 0, per_sentence: int = 3, limi
         raise CorpusError(f"need at least {MIN_HELDOUT + 1} distinct sentences, got {n}")
     rng = np.random.default_rng(seed)
     chosen = rng.permutation(len(unique))[:n]
-    n_held = min(n - 1, max(MIN_HELDOUT, round(HELDOUT_FRACTION * n)))
+    n_held = min(n - 1, max(MIN_HELDOUT, min(MAX_HELDOUT, round(HELDOUT_FRACTION * n))))
     held, train = sorted(chosen[:n_held]), sorted(chosen[n_held:])
     utts = []
     for i in train:
@@ -98,11 +105,22 @@ def plan(sentences: Sequence[str], *, seed: int = 0, per_sentence: int = 3, limi
         readers = [seen[int(rng.integers(len(seen)))]] + unseen
         for spk in readers:
             utts.append(dict(id=f"{spk}_{i:04d}", text=unique[i], speaker=spk, split="heldout", sentence=int(i)))
+    if extra_train:
+        if not 1 <= extra_readers <= len(seen):
+            raise CorpusError(f"extra_readers must be in [1, {len(seen)}], got {extra_readers}")
+        pool = set(unique)
+        extra = [t for t in dict.fromkeys(extra_train) if t not in pool]
+        rng_x = np.random.default_rng([seed, 1])
+        for j, text in enumerate(extra):
+            for spk in sorted(rng_x.choice(len(seen), size=extra_readers, replace=False)):
+                utts.append(dict(id=f"{seen[spk]}_c{j:05d}", text=text, speaker=seen[spk], split="train",
+                                 sentence=len(unique) + j))
     return utts
 
 
 def build_corpus(out: str, *, sentences: Optional[int] = None, seed: int = 0, per_sentence: int = 3,
-                 overwrite: bool = False, text_file: Optional[str] = None, progress: bool = True) -> dict:
+                 overwrite: bool = False, text_file: Optional[str] = None, progress: bool = True,
+                 composed: int = 0, composed_readers: int = 1) -> dict:
     """Synthesise the corpus into ``out`` (see the module docstring) and return the ``corpus.json`` summary.
 
     Raises :class:`CorpusError` if ``out`` is a non-empty folder and ``overwrite`` is False (with ``overwrite``,
@@ -114,8 +132,12 @@ def build_corpus(out: str, *, sentences: Optional[int] = None, seed: int = 0, pe
     from unitok_jax.data.manifest import write_manifest
 
     out = check_output(out, overwrite)
+    from unitok_jax.data.compose import compose_sentences
+
     all_sentences = load_sentences(text_file)
-    utts = plan(all_sentences, seed=seed, per_sentence=per_sentence, limit=sentences)
+    extra = compose_sentences(composed, seed=seed, exclude=all_sentences) if composed else []
+    utts = plan(all_sentences, seed=seed, per_sentence=per_sentence, limit=sentences, extra_train=extra,
+                extra_readers=composed_readers)
     by_id = {s["id"]: s for s in SPEAKERS}
     for s in SPEAKERS:  # fail before any work on an unknown voice
         espeak.check_voice(s["voice"])
@@ -132,7 +154,8 @@ def build_corpus(out: str, *, sentences: Optional[int] = None, seed: int = 0, pe
                                             duration=round(len(wav) / SAMPLE_RATE, 4), split=u["split"]))
         for split, recs in records.items():
             write_manifest(os.path.join(tmp, f"{split}.jsonl"), recs)
-        summary = _summary(records, utts, all_sentences, seed=seed, per_sentence=per_sentence, limit=sentences)
+        summary = _summary(records, utts, all_sentences, seed=seed, per_sentence=per_sentence, limit=sentences,
+                           composed=composed, composed_readers=composed_readers)
         with open(os.path.join(tmp, "corpus.json"), "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=2)
             f.write("\n")
@@ -178,7 +201,7 @@ def atomic_output(out: str):
 
 
 def _summary(records: dict, utts: list, all_sentences: list, *, seed: int, per_sentence: int,
-             limit: Optional[int]) -> dict:
+             limit: Optional[int], composed: int = 0, composed_readers: int = 1) -> dict:
     def stats(recs: list) -> dict:
         return {"utterances": len(recs), "sentences": len({r["text"] for r in recs}),
                 "speakers": sorted({r["speaker"] for r in recs}),
@@ -193,7 +216,8 @@ def _summary(records: dict, utts: list, all_sentences: list, *, seed: int, per_s
         "sample_rate": SAMPLE_RATE,
         "audio_format": "WAV PCM_16 mono",
         "parameters": {"seed": seed, "sentences": limit, "per_sentence": per_sentence,
-                       "heldout_fraction": HELDOUT_FRACTION, "min_heldout": MIN_HELDOUT},
+                       "heldout_fraction": HELDOUT_FRACTION, "min_heldout": MIN_HELDOUT, "max_heldout": MAX_HELDOUT,
+                       "composed": composed, "composed_readers": composed_readers},
         "sentence_pool": {"count": len(all_sentences),
                           "sha256": hashlib.sha256("\n".join(all_sentences).encode()).hexdigest()},
         "total": stats(every),
@@ -212,14 +236,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--per-sentence", type=int, default=3, metavar="K",
                    help="seen speakers reading each training sentence (default 3)")
     p.add_argument("--text", default=None, metavar="FILE", help="sentences file, one per line (default: packaged)")
+    p.add_argument("--composed", type=int, default=0, metavar="M",
+                   help="add M template-composed sentences to the training split (default 0)")
+    p.add_argument("--composed-readers", type=int, default=1, metavar="K",
+                   help="seen speakers reading each composed sentence (default 1)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing corpus in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     if args.sentences is not None and args.sentences < 1:
         p.error("--sentences must be positive")
+    if args.composed < 0:
+        p.error("--composed must be >= 0")
     try:
         s = build_corpus(args.out, sentences=args.sentences, seed=args.seed, per_sentence=args.per_sentence,
-                         overwrite=args.overwrite, text_file=args.text, progress=not args.quiet)
+                         overwrite=args.overwrite, text_file=args.text, progress=not args.quiet,
+                         composed=args.composed, composed_readers=args.composed_readers)
     except (CorpusError, espeak.EspeakError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
