@@ -9,6 +9,7 @@ conversion reads safetensors with numpy (no torch). The on-disk layout is descri
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -77,15 +78,14 @@ def _dtype(dtype) -> np.dtype:
         raise ValueError(f"unknown dtype {dtype!r}") from e
 
 
-def with_param_dtype(component: str, cfg, dtype) -> Any:
-    """``cfg`` describing params held in ``dtype``: the LLM's ``param_dtype`` becomes ``dtype``, and its compute
-    ``dtype`` too unless ``dtype`` is float32 (then the configured compute dtype stays)."""
+def with_param_dtype(component: str, cfg, dtype, compute: bool = True) -> Any:
+    """``cfg`` describing params held in ``dtype``: the LLM's ``param_dtype`` becomes ``dtype`` and, with
+    ``compute``, so does its compute ``dtype`` (a model loaded or converted for bfloat16 computes in bfloat16, one
+    for float32 in float32)."""
     if component != "uniaudio":
         return cfg
     dt = _dtype(dtype)
-    kw = {"param_dtype": dt.name}
-    if dt != np.float32:
-        kw["dtype"] = dt.name
+    kw = {"param_dtype": dt.name, **({"dtype": dt.name} if compute else {})}
     return dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, **kw))
 
 
@@ -177,8 +177,8 @@ def convert(src: str, dst: str, *, dtype=None, overwrite: bool = False, max_grou
             progress: bool = True) -> Plan:
     """Convert a reference checkpoint folder to a unitok_jax checkpoint at ``dst``, streaming: every key and shape
     is checked first (nothing read), then the params are read from the memory-mapped safetensors, converted and
-    written a bounded group at a time (``max_group_bytes``, default 512 MiB, or one tensor if larger), so host
-    memory stays near one group, not the model. ``dtype`` (default: the checkpoint's own, bfloat16 for the
+    written a bounded group at a time (``max_group_bytes``, default 512 MiB, or one tensor if larger; a stacked
+    param larger than that, one layer at a time), so host memory stays near one group, not the model. ``dtype`` (default: the checkpoint's own, bfloat16 for the
     release) is the dtype the params are written in, norms and router float32
     (:func:`unitok_jax.model.param_dtypes`). Nothing is written at ``dst`` on failure. Returns the plan (its
     ``config`` as saved, ``num_params()``)."""
@@ -190,23 +190,43 @@ def convert(src: str, dst: str, *, dtype=None, overwrite: bool = False, max_grou
     dt = _dtype(dtype) if dtype is not None else (plan.source_dtype or np.dtype(np.float32))
     dtypes = target_dtypes(plan, dt)
     plan.config = with_param_dtype(plan.component, plan.config, dt)
+    max_group_bytes = max_group_bytes or DEFAULT_GROUP_BYTES
+    pieces = plan.pieces(dtypes, max_group_bytes)
     total = sum(int(np.prod(plan.unit_shape(u), dtype=np.int64)) * dtypes[u[0]].itemsize
-                for piece in plan.pieces for u in piece.units)
+                for piece in pieces for u in piece.units)
 
     def fill(writer):
         from tqdm import tqdm
 
         with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, disable=not progress,
                   desc=f"{plan.component} -> {dt.name}") as bar:
-            for (path, layer), a in iter_units(plan, dtypes):
+            for (path, layer), a in iter_units(plan, dtypes, pieces):
                 writer.add((plan.component,) + path, layer, a, full_shape=plan.shapes[path],
-                           layers=plan.stacked.get(path))
+                           layers=None if layer is None else plan.stacked[path])
                 bar.update(a.nbytes)
                 del a
 
-    _write(dst, overwrite, {plan.component: plan.config}, plan.source, plan.path, fill,
-           max_group_bytes or DEFAULT_GROUP_BYTES)
+    _write(dst, overwrite, {plan.component: plan.config}, plan.source, plan.path, fill, max_group_bytes)
     return plan
+
+
+def abstract_params(component: str, cfg):
+    """ShapeDtypeStructs of a component's params as its config implies (``jax.eval_shape`` of the model's init:
+    nothing allocated; remembered per config, tracing the full model takes seconds)."""
+    try:
+        return _abstract_params(component, cfg)
+    except TypeError:  # an unhashable config
+        return _abstract_params.__wrapped__(component, cfg)
+
+
+@functools.lru_cache(maxsize=8)
+def _abstract_params(component: str, cfg):
+    import jax
+
+    from unitok_jax import model, vae
+
+    init = {"vae": vae.init_params, "uniaudio": model.init_params}[component]
+    return jax.eval_shape(lambda k: init(cfg, k), jax.random.key(0))
 
 
 def check_params(component: str, cfg, params, where: str) -> None:
@@ -215,10 +235,7 @@ def check_params(component: str, cfg, params, where: str) -> None:
     hold arrays or ``jax.ShapeDtypeStruct``s."""
     import jax
 
-    from unitok_jax import model, vae
-
-    init = {"vae": vae.init_params, "uniaudio": model.init_params}[component]
-    want = jax.eval_shape(lambda k: init(cfg, k), jax.random.key(0))
+    want = abstract_params(component, cfg)
     have = {jax.tree_util.keystr(k): np.shape(v) for k, v in jax.tree_util.tree_leaves_with_path(params)}
     missing, wrong = [], []
     for k, v in jax.tree_util.tree_leaves_with_path(want):
@@ -237,9 +254,38 @@ def component_shardings(component: str, cfg, abstract, mesh, rules=None):
     """NamedShardings of one component's params (``abstract``: arrays or ShapeDtypeStructs) on ``mesh``: the LLM by
     its logical axis names under ``rules`` (default :data:`unitok_jax.sharding.DEFAULT_RULES`), the rest FSDP-style
     (:func:`unitok_jax.sharding.uniaudio_shardings`)."""
+    import jax
+
     from unitok_jax import sharding as shd
 
-    rules = shd.DEFAULT_RULES if rules is None else tuple(rules)
+    rules = shd.DEFAULT_RULES if rules is None else tuple(tuple(r) for r in rules)
+    shapes = tuple((jax.tree_util.keystr(p), tuple(x.shape)) for p, x in jax.tree_util.tree_leaves_with_path(abstract))
+    try:
+        hash((cfg, mesh, rules))
+    except TypeError:  # unhashable config or rules: nothing remembered
+        return _component_shardings.__wrapped__(component, cfg, mesh, rules, shapes, abstract)
+    return _component_shardings(component, cfg, mesh, rules, shapes, _Unhashed(abstract))
+
+
+class _Unhashed:
+    """Carries a value through ``functools.lru_cache`` without taking part in the key."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def __hash__(self):
+        return 0
+
+    def __eq__(self, other):
+        return isinstance(other, _Unhashed)
+
+
+@functools.lru_cache(maxsize=8)
+def _component_shardings(component, cfg, mesh, rules, shapes, abstract):
+    # remembered: the LLM's shardings come from tracing its init, which takes seconds
+    from unitok_jax import sharding as shd
+
+    abstract = abstract.value if isinstance(abstract, _Unhashed) else abstract
     if component == "uniaudio":
         return shd.uniaudio_shardings(cfg, abstract, mesh, rules)
     return shd.uniaudio_shardings(None, {"audio": abstract}, mesh, rules)["audio"]
@@ -252,8 +298,10 @@ def load(path: str, *, mesh=None, rules=None, dtype=None) -> Checkpoint:
     ``rules``): orbax reads, per device, only that device's slice, so no host or device holds the whole model.
     Without a mesh, params land on the default (first local) device. ``dtype`` (None: as stored) casts while
     reading: compute params become ``dtype``, norms and MoE router weights float32
-    (:func:`unitok_jax.model.param_dtypes`); the returned config follows (:func:`with_param_dtype`). Shapes are
-    checked against the config before anything is allocated."""
+    (:func:`unitok_jax.model.param_dtypes`); the returned config follows (:func:`with_param_dtype`: the LLM's
+    ``param_dtype`` and compute ``dtype`` become ``dtype``; with ``dtype=None`` its ``param_dtype`` is the stored
+    one and the compute dtype is the saved config's). Shapes are checked against the config before anything is
+    allocated."""
     import jax
     from jax.sharding import SingleDeviceSharding
 
@@ -307,9 +355,9 @@ def load(path: str, *, mesh=None, rules=None, dtype=None) -> Checkpoint:
         for (p, a), d, s in zip(jax.tree_util.tree_leaves_with_path(abstract), jax.tree.leaves(dtypes),
                                 jax.tree.leaves(shardings)):
             targets[(name,) + tuple(k.key for k in p)] = jax.ShapeDtypeStruct(a.shape, d, sharding=s)
-        if name == "uniaudio":
+        if name == "uniaudio":  # requested: params and compute in it; as stored: the params' dtype
             own = dtype if dtype is not None else stored[("uniaudio", "model", "embed", "embedding")][1]
-            configs[name] = with_param_dtype(name, cfg, own)
+            configs[name] = with_param_dtype(name, cfg, own, compute=dtype is not None)
     if version == 1:
         flat = store.restore_v1(params_dir, targets, stored)
     else:

@@ -37,12 +37,12 @@ def _st_dtype(name: str, path: str, key: str):
 class _SafetensorsFile:
     """Header-parsed, memory-mapped safetensors file: shapes without reading, slices on demand.
 
-    Hand-parsed on purpose (the format is an 8-byte length, a JSON header, then raw little-endian tensors):
-    ``safetensors.numpy`` has no bfloat16 (the release's dtype; ml_dtypes gives numpy one), and both the streaming
-    conversion and the per-device sharded reader (:func:`unitok_jax.convert.llm.load_llm`) need a slice of a
-    tensor straight from a memory map, never the whole tensor (``safe_open(...).get_slice`` returns torch/numpy
-    arrays only for the dtypes numpy knows). Each read maps the file afresh and drops the map once the slice is
-    copied, so pages read do not stay in this process's resident memory."""
+    Hand-parsed on purpose (the format is an 8-byte length, a JSON header, then raw little-endian tensors): numpy
+    has no bfloat16 of its own, and safetensors' numpy reader cannot read the release's BF16 tensors (safetensors
+    0.8: "data type 'bfloat16' not understood"; ml_dtypes supplies the dtype here). Both the streaming conversion
+    and the per-device sharded reader (:func:`unitok_jax.convert.llm.load_llm`) also need any slice of a tensor
+    straight from a memory map, never the whole tensor. Each read maps the file afresh and drops the map once the
+    slice is copied, so the pages read do not stay in this process's resident memory."""
 
     def __init__(self, path: str):
         self.path = path

@@ -2,14 +2,16 @@
 at a time (the streaming conversion), with every key and shape checked before anything large is read.
 
 A :class:`Plan` holds a component's config, the full shape of each of its params, which params are layer stacks
-(our scanned layout, written one layer at a time) and the :class:`Piece` list. A piece reads a bounded amount of
-the source: one LLM param (or one layer of a stacked LLM param; the experts of one layer in the release: ~0.4 GB in
-bfloat16), one layer of a VAE / DiT stack, or a component's small unstacked params. :func:`materialize_plan`
-assembles the whole tree in memory instead (``convert_reference``: small models, tests).
+(our scanned layout) and how to read them as :class:`Piece` s. A piece reads a bounded amount of the source: one
+LLM param, or one layer of a stacked LLM param larger than the group size (the experts: one layer's 64 experts are
+~0.4 GB in bfloat16 in the release), a whole VAE / DiT stack or one layer of it, or a component's small unstacked
+params. :func:`materialize_plan` assembles the whole tree in memory instead (``convert_reference``: small models,
+tests).
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import warnings
 from typing import Any, Callable, Optional
@@ -39,11 +41,19 @@ class Plan:
     component: str  # "uniaudio" (full model) or "vae" (tokenizer only)
     config: Any
     shapes: dict  # path -> full shape
-    stacked: dict  # path -> number of layers, for params written one layer at a time
-    pieces: list
+    stacked: dict  # path -> number of layers, for params of layer stacks (our scanned layout)
+    parts: list  # part(nbytes, max_bytes) -> [Piece] (see _Builder)
     source: str = ""
     path: str = ""  # the source folder (holds the tokenizer files of a full model)
     source_dtype: Optional[np.dtype] = None  # the floating dtype of most of the source's elements
+
+    def pieces(self, dtypes: dict, max_bytes: float = float("inf")) -> list:
+        """The pieces to read for params written in ``dtypes`` (path -> dtype), layer stacks of more than
+        ``max_bytes`` one layer at a time."""
+        def nbytes(path):
+            return int(np.prod(self.shapes[path], dtype=np.int64)) * np.dtype(dtypes[path]).itemsize
+
+        return [piece for part in self.parts for piece in part(nbytes, max_bytes)]
 
     def unit_shape(self, unit: Unit) -> tuple:
         path, layer = unit
@@ -73,16 +83,20 @@ def nest(flat: dict) -> dict:
 
 
 class _Builder:
+    """Collects shapes and *parts*: ``part(nbytes, max_bytes) -> [Piece]``, where ``nbytes(path)`` is a param's
+    size in the dtype it is written in. A layer stack small enough (at most ``max_bytes``) is read and written
+    whole; a larger one layer by layer (only such params are restored layer by layer, see ``store.py``)."""
+
     def __init__(self):
         self.shapes: dict = {}
-        self.stacked: dict = {}
-        self.pieces: list = []
+        self.stacked: dict = {}  # path -> layers, for params of a layer stack
+        self.parts: list = []
 
     def add_lazy_tree(self, base: Path, tree_fn: Callable[[], dict], r: WeightReader, strict_ignore=None,
                       strict: bool = True):
         """A converter's lazy tree (``tree_fn`` reads through ``r``): first run with ``r.checking`` (every key and
-        shape checked, unused keys refused, nothing large read), then one piece for the unstacked params and one
-        per layer of each :class:`Stacked`."""
+        shape checked, unused keys refused, nothing large read), then one piece for the unstacked params and, per
+        :class:`Stacked`, one piece for the whole stack or one per layer."""
         r.checking = True
         try:
             tree = tree_fn()
@@ -109,37 +123,50 @@ class _Builder:
             return {(base + p, None): np.asarray(a) for p, a in lazy_items(tree_fn()) if not isinstance(a, Stacked)}
 
         if top:
-            self.pieces.append(Piece([(p, None) for p in top], read_top))
+            self.parts.append(lambda nbytes, max_bytes: [Piece([(p, None) for p in top], read_top)])
         for path, stk, subs in stacks:
-            for i in range(stk.n):
-                def read_layer(stk=stk, i=i, path=path):
+            paths = [base + path + sub for sub in subs]
+
+            def part(nbytes, max_bytes, stk=stk, path=path, subs=subs, paths=paths):
+                if sum(nbytes(p) for p in paths) <= max_bytes:
+                    def read_all():
+                        layers = [dict(flat_items(stk.layer(i))) for i in range(stk.n)]
+                        return {(base + path + sub, None): np.stack([np.asarray(la[sub]) for la in layers], 0)
+                                for sub in subs}
+
+                    return [Piece([(p, None) for p in paths], read_all)]
+
+                def read_layer(i):
                     return {(base + path + sub, i): np.asarray(a) for sub, a in flat_items(stk.layer(i))}
 
-                self.pieces.append(Piece([(base + path + sub, i) for sub in subs], read_layer))
+                return [Piece([(p, i) for p in paths], functools.partial(read_layer, i)) for i in range(stk.n)]
+
+            self.parts.append(part)
 
     def add_arrays(self, base: Path, tree: dict):
         """Params already read (small: the heads)."""
         flat = {base + p: np.asarray(a) for p, a in flat_items(tree)}
         self.shapes.update({p: a.shape for p, a in flat.items()})
-        self.pieces.append(Piece([(p, None) for p in flat], lambda: {(p, None): a for p, a in flat.items()}))
+        piece = Piece([(p, None) for p in flat], lambda: {(p, None): a for p, a in flat.items()})
+        self.parts.append(lambda nbytes, max_bytes: [piece])
 
     def add_llm(self, base: Path, plan):
-        """The LLM's plan (:func:`unitok_jax.convert.llm._plan_llm`): unstacked params one piece each, stacked
-        ones one piece per (layer, param), layer by layer."""
-        by_layer: dict = {}
+        """The LLM's plan (:func:`unitok_jax.convert.llm._plan_llm`): one piece per param, except a stacked param
+        larger than ``max_bytes`` (the experts): one piece per layer."""
         for path, (shape, fetch) in plan.params.items():
-            self.shapes[base + path] = tuple(shape)
-            if len(path) > 1 and path[1] == "layers":
-                self.stacked[base + path] = shape[0]
-                for i in range(shape[0]):
-                    by_layer.setdefault((path[0], i), []).append((path, fetch))
-            else:
-                self.pieces.append(Piece([(base + path, None)],
-                                         lambda path=path, fetch=fetch: {(base + path, None): fetch(None)}))
-        for (_, i), items in by_layer.items():
-            for path, fetch in items:
-                self.pieces.append(Piece([(base + path, i)], lambda path=path, fetch=fetch, i=i: {
-                    (base + path, i): fetch((slice(i, i + 1),))[0]}))
+            full = base + path
+            self.shapes[full] = tuple(shape)
+            stacked = len(path) > 1 and path[1] == "layers"
+            if stacked:
+                self.stacked[full] = shape[0]
+
+            def part(nbytes, max_bytes, full=full, fetch=fetch, stacked=stacked, n=shape[0]):
+                if not stacked or nbytes(full) <= max_bytes:
+                    return [Piece([(full, None)], lambda: {(full, None): fetch(None)})]
+                return [Piece([(full, i)], functools.partial(lambda i: {(full, i): fetch((slice(i, i + 1),))[0]}, i))
+                        for i in range(n)]
+
+            self.parts.append(part)
 
 
 def _vae_section(config: dict) -> tuple[dict, list[str]] | None:
@@ -184,7 +211,7 @@ def plan_full(src: str, config: dict, weights: Optional[TensorSource] = None) ->
     heads = convert_heads(weights, cfg.heads, source=src)
     b.add_arrays(("linear_proj_audio",), heads["pooling"])
     b.add_arrays(("stop_head",), heads["stop_head"])
-    return Plan("uniaudio", cfg, b.shapes, b.stacked, b.pieces, source=os.path.abspath(src),
+    return Plan("uniaudio", cfg, b.shapes, b.stacked, b.parts, source=os.path.abspath(src),
                 path=os.path.abspath(src), source_dtype=weights.main_dtype())
 
 
@@ -210,7 +237,7 @@ def plan_reference(src: str) -> Plan:
         r = WeightReader(weights, prefix, src)
         b = _Builder()
         b.add_lazy_tree((), lambda: vae_tree(r, cfg), r, VAE_UNUSED)
-        plan = Plan("vae", cfg, b.shapes, b.stacked, b.pieces, source=os.path.abspath(src),
+        plan = Plan("vae", cfg, b.shapes, b.stacked, b.parts, source=os.path.abspath(src),
                     path=os.path.abspath(src), source_dtype=weights.main_dtype())
     check_plan(plan)
     return plan
@@ -234,9 +261,10 @@ def target_dtypes(plan: Plan, dtype) -> dict:
     return {tuple(k.key for k in p): d for p, d in jax.tree_util.tree_leaves_with_path(tree)}
 
 
-def iter_units(plan: Plan, dtypes: dict):
-    """``(unit, array)`` of every unit, piece by piece, each cast to its dtype and shape-checked."""
-    for piece in plan.pieces:
+def iter_units(plan: Plan, dtypes: dict, pieces: Optional[list] = None):
+    """``(unit, array)`` of every unit of ``pieces`` (default: every param whole), piece by piece, each cast to its
+    dtype and shape-checked."""
+    for piece in plan.pieces(dtypes) if pieces is None else pieces:
         got = piece.read()
         if set(got) != set(piece.units):
             raise ConversionError(f"{plan.source}: internal converter error: a piece read {sorted(got)[:3]}, "
@@ -253,14 +281,6 @@ def iter_units(plan: Plan, dtypes: dict):
 
 
 def materialize_plan(plan: Plan, dtype=np.float32) -> dict:
-    """The whole params tree in host memory (numpy; stacked params stacked)."""
-    dtypes = target_dtypes(plan, dtype)
-    flat, layers = {}, {}
-    for (path, layer), a in iter_units(plan, dtypes):
-        if layer is None:
-            flat[path] = a
-        else:
-            layers.setdefault(path, {})[layer] = a
-    for path, got in layers.items():
-        flat[path] = np.stack([got[i] for i in range(plan.stacked[path])], 0)
+    """The whole params tree in host memory (numpy)."""
+    flat = {path: a for (path, _), a in iter_units(plan, target_dtypes(plan, dtype))}
     return nest({p: flat[p] for p in plan.shapes})

@@ -6,16 +6,18 @@ Layout (VERSION 2)::
                               "groups": [{"dir": "00000", "units": [[path, layer or null], ...]}]}
     params/00000/ ...        one orbax checkpoint (StandardCheckpointer) per group: {"u0": array, "u1": ...}
 
-A param is stored whole (``layer`` null) or, for a layer stack (our scanned layout, leading ``layers`` axis), one
-orbax array per layer. A group is a bounded set of such units (:data:`DEFAULT_GROUP_BYTES`, or one unit if larger),
-so the conversion holds one group in host memory, never the model: orbax writes a pytree in one call and has no
-stable API to append to a checkpoint or to write an array slab by slab (``ocp.v1.partial`` is experimental and
-appends whole leaves only), hence one orbax item per group and our own index.
+A param is stored whole (``layer`` null) or, for a layer stack (our scanned layout, leading ``layers`` axis) larger
+than a group, one orbax array per layer (``layers``: how many). A group is a bounded set of such units
+(:data:`DEFAULT_GROUP_BYTES`, or one unit if larger), so the conversion holds one group in host memory, never the
+model: orbax writes a pytree in one call and has no stable API to append to a checkpoint or to write an array slab
+by slab (``ocp.v1.partial`` is experimental and appends whole leaves only), hence one orbax item per group and our
+own index.
 
 Restoring builds each param's target (``jax.ShapeDtypeStruct`` with its dtype and ``NamedSharding``) and lets orbax
-read, per device, only that device's slice, cast on read; a stacked param is allocated sharded and filled layer by
-layer (a donated ``dynamic_update_slice``), so neither the host nor a device ever holds more than its shard plus
-one layer's shard. VERSION 1 (one orbax checkpoint of the whole tree at ``params/``) is restored the same way.
+read, per device, only that device's slice, cast on read; a param stored layer by layer is allocated sharded and
+filled one layer at a time (a donated ``dynamic_update_slice``, one compile per such param), so neither the host
+nor a device ever holds more than its shard plus one layer's shard. VERSION 1 (one orbax checkpoint of the whole
+tree at ``params/``) is restored the same way.
 """
 from __future__ import annotations
 
@@ -61,7 +63,9 @@ class GroupWriter:
         self._bytes = 0
 
     def add(self, path: tuple, layer: Optional[int], array: np.ndarray, full_shape=None, layers=None):
-        a = np.asarray(array)
+        # contiguous here: handed a transposed view, orbax / tensorstore make their own copies, and the process's
+        # resident size was seen to creep up group after group
+        a = np.ascontiguousarray(array)
         if self._pending and self._bytes + a.nbytes > self.max:
             self.flush()
         self._pending[f"u{len(self._units)}"] = a
@@ -81,6 +85,7 @@ class GroupWriter:
         self.ckptr.wait_until_finished()
         self.groups.append({"dir": name, "units": self._units})
         self._pending, self._units, self._bytes = {}, [], 0
+        release_free_memory()
 
     def close(self) -> dict:
         self.flush()
@@ -88,6 +93,26 @@ class GroupWriter:
         with open(os.path.join(self.dir, INDEX_NAME), "w") as f:
             json.dump(index, f)
         return index
+
+
+def release_free_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc ``malloc_trim``; a no-op elsewhere). glibc serves allocations
+    under its dynamic mmap threshold (up to 32 MiB) from per-thread arenas and keeps what is freed there, so without
+    this the resident size of a long conversion creeps up group after group although nothing is kept."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            import ctypes
+
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None
 
 
 # ------------------------------------------------------------------------------------------------ reading
@@ -139,12 +164,14 @@ def _np_dtype(name: str):
     return np.dtype(name)
 
 
-@functools.lru_cache(maxsize=None)
-def _zeros_fn(shape, dtype, sharding):
+def _zeros(shape: tuple, dtype, sharding):
+    """A zero array in ``sharding``, each device's block made on the host (nothing compiled)."""
     import jax
-    import jax.numpy as jnp
 
-    return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
+    def block(index):
+        return np.zeros(tuple(len(range(n)[i]) for n, i in zip(shape, index)), dtype)
+
+    return jax.make_array_from_callback(shape, sharding, block)
 
 
 @functools.lru_cache(maxsize=None)
@@ -197,7 +224,7 @@ def restore_v2(params_dir: str, index: dict, targets: dict) -> dict:
                 continue
             t = targets[path]
             if path not in out:
-                out[path] = _zeros_fn(tuple(t.shape), np.dtype(t.dtype), t.sharding)()
+                out[path] = _zeros(tuple(t.shape), np.dtype(t.dtype), t.sharding)
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*donated buffers were not usable.*")
                 out[path] = _set_layer_fn(t.sharding)(out[path], x, layer)
