@@ -177,7 +177,7 @@ def convert(src: str, dst: str, *, dtype=None, overwrite: bool = False, max_grou
             progress: bool = True) -> Plan:
     """Convert a reference checkpoint folder to a unitok_jax checkpoint at ``dst``, streaming: every key and shape
     is checked first (nothing read), then the params are read from the memory-mapped safetensors, converted and
-    written a bounded group at a time (``max_group_bytes``, default 512 MiB, or one tensor if larger; a stacked
+    written a bounded group at a time (``max_group_bytes``, default 256 MiB, or one tensor if larger; a stacked
     param larger than that, one layer at a time), so host memory stays near one group, not the model. ``dtype`` (default: the checkpoint's own, bfloat16 for the
     release) is the dtype the params are written in, norms and router float32
     (:func:`unitok_jax.model.param_dtypes`). Nothing is written at ``dst`` on failure. Returns the plan (its

@@ -19,7 +19,7 @@ def main(argv=None) -> int:
                          "checkpoint's own (bfloat16 for the release)")
     ap.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     ap.add_argument("--group-mb", type=int, default=None,
-                    help="write params in orbax groups of at most this many MiB (default 512; one tensor if larger)")
+                    help="write params in orbax groups of at most this many MiB (default 256; one tensor if larger)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
 

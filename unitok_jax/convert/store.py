@@ -33,7 +33,7 @@ from unitok_jax.convert.common import ConversionError
 
 INDEX_NAME = "index.json"
 INDEX_FORMAT = "unitok_jax.params"
-DEFAULT_GROUP_BYTES = 512 << 20
+DEFAULT_GROUP_BYTES = 256 << 20
 
 
 def _checkpointer():
@@ -81,14 +81,16 @@ class GroupWriter:
         if not self._pending:
             return
         name = f"{len(self.groups):05d}"
+        # orbax copies the arrays, then writes in the background while the next group is read and converted; its
+        # next save waits for this one, so at most two groups are in memory
         self.ckptr.save(os.path.join(self.dir, name), self._pending)
-        self.ckptr.wait_until_finished()
         self.groups.append({"dir": name, "units": self._units})
         self._pending, self._units, self._bytes = {}, [], 0
         release_free_memory()
 
     def close(self) -> dict:
         self.flush()
+        self.ckptr.wait_until_finished()
         index = {"format": INDEX_FORMAT, "params": list(self.params.values()), "groups": self.groups}
         with open(os.path.join(self.dir, INDEX_NAME), "w") as f:
             json.dump(index, f)
@@ -199,9 +201,11 @@ def restore_v2(params_dir: str, index: dict, targets: dict) -> dict:
     per param of the index), read group by group; stacked params are filled one layer at a time."""
     import jax
 
+    import orbax.checkpoint as ocp
+
     out: dict = {}
     filled: dict = {}
-    ckptr = _checkpointer()
+    ckptr = ocp.StandardCheckpointer()  # every process restores (its own shards), as for VERSION 1
     layers_of = {p["path"]: p["layers"] for p in index["params"]}
     for g in index["groups"]:
         units = list(enumerate(g["units"]))
