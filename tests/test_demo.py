@@ -1,6 +1,6 @@
-"""``make demo`` end to end at the smoke-test size (python -m unitok_jax.demo --quick): corpus -> VAE -> latent cache
--> LM -> reconstruct / ASR / TTS -> eval -> report, then a resumed run that redoes nothing and a refused recipe
-change."""
+"""``make demo`` end to end at the smoke-test size (python -m unitok_jax.demo --quick): corpus -> VAE + Whisper teacher
+-> S1 + latent cache -> LM -> reconstruct / ASR / TTS / edit -> eval (with the Whisper judge) -> report, then a resumed
+run that redoes nothing and a refused recipe change."""
 from __future__ import annotations
 
 import json
@@ -81,10 +81,22 @@ def test_quick_demo_writes_report_plots_and_eval_json(quick_demo):
     assert cer and abs(float(cer.group(1)) / 100 - reports["asr"]["corpus"]["cer"]) < 1e-4
     mcd = re.search(r"\| MCD-DTW \(dB\) \| ([0-9.]+) \|", text)
     assert mcd and abs(float(mcd.group(1)) - reports["tts"]["mean"]["mcd"]) < 0.01
-    for phase in ("corpus", "edit_corpus", "vae", "latents", "lm", "reconstruct", "asr", "tts", "edit", "eval"):
+    for phase in demo.PHASES[:-1]:
         assert re.search(rf"^\| {phase} \| \d+:\d\d[ |]", text, re.M), phase
     assert re.search(r"\*\*total\*\* \| \*\*\d+:\d\d\*\*", text)
     assert "--config.train.steps=" in text and "sample.py tts" in text
+    # the judge: its rates on the generated speech beside its rates on the eSpeak originals, in the eval JSON and
+    # in the report
+    for task in ("vae", "tts"):
+        j = reports[task]["judge"]
+        assert j["items"] == reports[task]["scored"] and "Whisper tiny.en" in j["model"]
+        assert _finite(j["generated"]["wer"]) and _finite(j["reference"]["wer"])
+        assert j["reference"]["wer"] <= 0.5  # eSpeak speech is intelligible to the judge
+    row = re.search(r"\| judge WER on the generated speech \| ([0-9.]+)% \| ([0-9.]+)% on the eSpeak", text)
+    assert row and abs(float(row.group(1)) / 100 - reports["tts"]["judge"]["generated"]["wer"]) < 1e-4
+    assert abs(float(row.group(2)) / 100 - reports["tts"]["judge"]["reference"]["wer"]) < 1e-4
+    row = re.search(r"\| judge WER on reconstructions \| ([0-9.]+)% \| ([0-9.]+)% on the originals", text)
+    assert row and abs(float(row.group(1)) / 100 - reports["vae"]["judge"]["generated"]["wer"]) < 1e-4
     assert "mel_tts.png" in text and "mel_reconstruction.png" in text
 
     # PNGs (real images, not empty files) and the example wavs the report links
@@ -135,8 +147,32 @@ def test_quick_demo_trains_on_edit_pairs_and_evaluates_every_heldout_pair(quick_
         row = re.search(rf"^\| {etype} \| (\d+)/(\d+) \| (\d+) \|", section, re.M)
         assert row and (int(row.group(1)), int(row.group(2)), int(row.group(3))) == (t["scored"], t["count"],
                                                                                   t["no_audio"]), etype
-    base = re.search(r"do-nothing MCD: the source against the target \(dB\) \| ([0-9.]+) \|", text)
+    base = re.search(r"do-nothing \(the source against the target\): ([0-9.]+) \|", text)
     assert base and abs(float(base.group(1)) - rep["mean"]["baseline_mcd"]) < 0.01
+
+
+def test_quick_demo_distils_the_whisper_teacher_before_the_lm(quick_demo):
+    """teacher -> S1 (from the S0 export) -> the LM starts from the S1 export; composed sentences in training."""
+    out, _, _ = quick_demo
+    work = out / "work"
+    teacher = _jsonl(work / "teacher" / "manifest.jsonl")
+    recipe = demo.RECIPES["quick"]
+    assert len(teacher) == recipe["teacher"]["limit"]
+    from unitok_jax.data.pipeline import load_teacher
+
+    import soundfile as sf
+
+    for r in teacher:
+        feats = load_teacher(str(work / "teacher" / r["teacher"]), recipe["teacher"]["dim"])
+        assert len(feats) == -(-sf.info(r["audio"]).frames // 320)  # 50 Hz rows over the utterance
+    s1 = [r for r in _jsonl(work / "s1" / "metrics.jsonl") if "step" in r]
+    assert s1 and all(_finite(r["loss"]) for r in s1)
+    assert (work / "s1" / "export" / "unitok_config.json").is_file()
+    cmds = json.loads((work / "commands.json").read_text())
+    assert any("--config.train.objective=s1" in c and str(work / "vae" / "export") in c for c in cmds["s1"])
+    assert any(f"--config.init.vae={work / 's1' / 'export'}" in c for c in cmds["lm"])
+    train = _jsonl(work / "corpus" / "train.jsonl")
+    assert sum("_c" in r["id"] for r in train) == recipe["corpus"]["composed"]
 
 
 def test_rerun_resumes_without_redoing_phases(quick_demo):
@@ -145,7 +181,7 @@ def test_rerun_resumes_without_redoing_phases(quick_demo):
     t0 = time.perf_counter()
     proc = _run("--out", str(out), "--quick")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for phase in ("corpus", "edit_corpus", "vae", "latents", "lm", "reconstruct", "asr", "tts", "edit", "eval"):
+    for phase in demo.PHASES[:-1]:
         assert f"-- {phase}: already done" in proc.stdout, phase
     assert "$ " not in proc.stdout  # no command was run again
     assert (out / "work" / "timings.json").read_text() == before
@@ -161,8 +197,10 @@ def test_a_different_recipe_in_the_same_folder_is_refused(quick_demo):
 
 
 def test_recipe_overrides_and_config_flags():
-    r = demo.build_recipe(False, ["vae.train.steps=7", "lm.data.buckets_seconds=[4.0]", "sample.cfg=1.5"])
+    r = demo.build_recipe(False, ["vae.train.steps=7", "lm.data.buckets_seconds=[4.0]", "sample.cfg=1.5",
+                                  "s1.train.steps=5", "teacher.limit=10"])
     assert r["vae"]["train.steps"] == 7 and r["sample"]["cfg"] == 1.5 and r["mode"] == "full"
+    assert r["s1"]["train.steps"] == 5 and r["teacher"]["limit"] == 10
     assert "--config.train.steps=7" in demo.config_flags(r["vae"])
     assert "--config.data.buckets_seconds=(4.0,)" in demo.config_flags(r["lm"])
     assert demo.RECIPES["full"]["vae"]["train.steps"] != 7  # the defaults are not modified
