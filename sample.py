@@ -16,6 +16,15 @@ request, so a killed run loses at most the requests in flight: re-running skips 
 samples (a numerical fault) is written with them replaced and reported (``nonfinite_samples`` in its row).
 ``reconstruct`` encodes and decodes audio files with the AudioVAE (re-runs likewise keep finished outputs). Exit
 status: 0 if every request succeeded, 1 if some failed, 2 for a usage or checkpoint error.
+
+At scale (tts / asr / edit): ``--mesh data=2,fsdp=2,expert=2`` (or a preset of ``unitok_jax.sharding.MESH_PRESETS``)
+loads every parameter straight into its sharding over this process's devices and runs the compiled loops SPMD on
+that mesh; ``--dtype bfloat16`` casts the compute parameters on load. Several processes (``jax.distributed``, started
+as for train.py: ``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID``, SLURM, Open MPI or a TPU
+slice; ``--distributed``) split the request list deterministically (request k of the file goes to process
+k mod P), each on its own devices with its own copy of the model (sampling needs no traffic between hosts); each
+writes its WAVs and its rows to ``results.part-<rank>.jsonl``, and process 0 merges the parts into the one
+``results.jsonl`` at the end. A killed multi-process job resumes like a single-process one (any process count).
 """
 from __future__ import annotations
 
@@ -220,12 +229,24 @@ def _write_results(path: str, rows: dict) -> None:
     os.replace(tmp, path)
 
 
-def _read_results(path: str) -> dict:
+def _result_parts(folder: str) -> list[str]:
+    """The per-process result files (``results.part-<rank>.jsonl``) in ``folder``."""
+    import re
+
+    return sorted(os.path.join(folder, n) for n in os.listdir(folder) if re.fullmatch(r"results\.part-\d+\.jsonl", n))
+
+
+def _read_results(path: str, parts: bool = True) -> dict:
+    """Rows of ``results.jsonl`` and (``parts``) of the per-process parts beside it (a killed multi-process run
+    leaves them), keyed by id."""
     import json
 
     rows = {}
-    if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
+    folder = os.path.dirname(path) or "."
+    for p in [path] + (_result_parts(folder) if parts and os.path.isdir(folder) else []):
+        if not os.path.isfile(p):
+            continue
+        with open(p, encoding="utf-8") as f:
             for raw in f:
                 try:
                     obj = json.loads(raw)
@@ -235,7 +256,27 @@ def _read_results(path: str) -> dict:
     return rows
 
 
+def _merge_results(path: str, ids: set[str] | None = None) -> None:
+    """Fold the per-process parts into ``results.jsonl`` (atomically), then remove the parts. ``ids``: keep only
+    rows of these ids (None: all)."""
+    rows = _read_results(path)
+    _write_results(path, {k: v for k, v in rows.items() if ids is None or k in ids})
+    for p in _result_parts(os.path.dirname(path) or "."):
+        os.unlink(p)
+
+
+def _barrier(name: str) -> None:
+    """All processes reach this point (no-op for one process)."""
+    import jax
+
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
 def run_task(args) -> int:
+    import jax
     from tqdm import tqdm
 
     from unitok_jax.api import InputError, NonFiniteAudioWarning, UniAudio
@@ -243,25 +284,47 @@ def run_task(args) -> int:
     from unitok_jax.convert import ConversionError
     from unitok_jax.generate import Sampler
     from unitok_jax.text import TextError
+    from unitok_jax.training.sharded import maybe_initialize_distributed
 
+    try:
+        maybe_initialize_distributed(args.distributed)
+    except (ValueError, RuntimeError) as e:
+        print(f"error: --distributed {args.distributed}: {e}", file=sys.stderr)
+        return 2
+    rank, nproc = jax.process_index(), jax.process_count()
     try:
         requests, errors = read_requests(args.input, args.command)
     except OSError as e:
         print(f"error: cannot read {args.input}: {e}", file=sys.stderr)
         return 2
     try:
-        m = UniAudio.load(args.checkpoint)
+        m = UniAudio.load(args.checkpoint, mesh=args.mesh, dtype=args.dtype)
     except (ConversionError, TextError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except ValueError as e:  # a bad --mesh / --dtype (or a mesh that does not match the devices)
+        print(f"error: --mesh {args.mesh} / --dtype {args.dtype}: {e}", file=sys.stderr)
+        return 2
     os.makedirs(args.out, exist_ok=True)
-    _remove_stale_temps(args.out)
+    if rank == 0:
+        _remove_stale_temps(args.out)
+        if args.overwrite:
+            for part in _result_parts(args.out):
+                os.unlink(part)
+    _barrier("sample-start")  # no process writes before process 0 has cleaned up
     results_path = os.path.join(args.out, "results.jsonl")
     results = {} if args.overwrite else _read_results(results_path)
     wav_out = args.command in ("tts", "edit")
-    todo = [r for r in requests if args.overwrite or r.id not in results
+    mine = requests[rank::nproc]  # deterministic split: request k of the file -> process k mod P
+    todo = [r for r in mine if args.overwrite or r.id not in results
             or (wav_out and not os.path.isfile(os.path.join(args.out, f"{r.id}.wav")))]
-    skipped = len(requests) - len(todo)
+    skipped = len(mine) - len(todo)
+    if nproc > 1:  # this process's rows go to its own part; process 0 merges them at the end
+        errors = [e for k, e in enumerate(errors) if k % nproc == rank]
+        results_file = os.path.join(args.out, f"results.part-{rank}.jsonl")
+        results = {k: v for k, v in results.items() if k in {r.id for r in mine}}
+    else:
+        results_file = results_path
     sr = m.sample_rate
     sampler = Sampler(steps=args.steps, cfg=args.cfg, sigma=args.sigma, temperature=args.temperature, sway=args.sway)
 
@@ -312,7 +375,7 @@ def run_task(args) -> int:
             notes.append(f"{args.input}:{r.line}: {bad} non-finite sample(s) in the generated audio replaced "
                          f"(NaN -> 0, +-inf -> +-1)")
         results[r.id] = {"id": r.id, "line": r.line, **row}
-        _write_results(results_path, results)
+        _write_results(results_file, results)
         done += 1
 
     bar = tqdm(total=len(todo), desc=args.command, unit="utt", disable=args.quiet)
@@ -339,7 +402,8 @@ def run_task(args) -> int:
                 def asr(rs, ws):
                     ctx = [r.fields.get("context") for r in rs]
                     ctx = [c.split(",") if isinstance(c, str) else c for c in ctx]
-                    return m.asr(ws, ctx, seed=args.seed, max_new_tokens=args.max_new_tokens, with_language=True)
+                    return m.asr(ws, ctx, seed=args.seed, max_new_tokens=args.max_new_tokens, with_language=True,
+                                 request_ids=[r.line for r in rs])
 
                 rs, outs, _ = call(asr, ok)
                 for (r, _), (lang, txt) in zip(rs, outs):
@@ -349,7 +413,7 @@ def run_task(args) -> int:
                     ws, [r.fields["instruction"] for r in rs], semantic=[bool(r.fields.get("semantic", False))
                                                                         for r in rs],
                     seed=args.seed, max_text_tokens=args.max_new_tokens, max_patches=args.max_patches or 256,
-                    sampler=sampler), ok)
+                    sampler=sampler, request_ids=[r.line for r in rs]), ok)
                 for k, ((r, _), o) in enumerate(zip(rs, outs)):
                     finish(r, {"text": o.text, "target_transcript": o.target_transcript, "target_markup": o.markup},
                            o.wave, bad.get(k, 0))
@@ -362,7 +426,13 @@ def run_task(args) -> int:
         print(f"warning: {e}", file=sys.stderr)
     for e in errors:
         print(f"skipped {e}", file=sys.stderr)
-    print(f"{done} done, {skipped} already done, {len(errors)} failed; {audio_s:.1f} s of audio in {wall:.1f} s"
+    if nproc > 1:
+        _barrier("sample-done")  # every part is complete
+        if rank == 0:
+            _merge_results(results_path)
+        _barrier("sample-merged")
+    who = f"process {rank}/{nproc}: " if nproc > 1 else ""
+    print(f"{who}{done} done, {skipped} already done, {len(errors)} failed; {audio_s:.1f} s of audio in {wall:.1f} s"
           f" -> {results_path}")
     return 0 if not errors else 1
 
@@ -389,6 +459,15 @@ def main(argv=None) -> int:
         t.add_argument("--max-seconds", type=float, default=None, help="reject input audio longer than this")
         t.add_argument("--overwrite", action="store_true", help="redo requests whose outputs exist")
         t.add_argument("--quiet", action="store_true", help="no progress bar")
+        t.add_argument("--mesh", default=None,
+                       help="device mesh over this process's devices: axis sizes (data=2,fsdp=2,expert=2; one may be "
+                            "-1) or a preset (1xH100, 8xH100, v5e-8, v5p-8, ...); default: one device")
+        t.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
+                       help="cast the compute parameters on load (norms and the MoE router stay float32); default: "
+                            "the checkpoint's dtype")
+        t.add_argument("--distributed", choices=("auto", "on", "off"), default="auto",
+                       help="jax.distributed across processes, as train.py: auto = when JAX_COORDINATOR_ADDRESS/"
+                            "JAX_NUM_PROCESSES/JAX_PROCESS_ID, SLURM, Open MPI or a TPU slice describe several")
     rec = sub.add_parser("reconstruct", help="encode and decode audio files with the AudioVAE")
     rec.add_argument("--checkpoint", required=True, help="unitok_jax checkpoint folder (python -m unitok_jax.convert)")
     rec.add_argument("inputs", nargs="*", help="audio files (any format/rate soundfile or librosa can read)")

@@ -11,21 +11,45 @@ Configs: ``tiny`` (:data:`unitok_jax.generate.TINY_BAILINGMM` at the real 320-sa
 (``../shared/perf/small/config.json``: LLM 512 x 6, 16 experts; VAE/semantic 256 x 4). The official 16B-parameter
 LLM is not built from random weights here.
 
-Usage: ``python bench/generate.py [--config tiny|small] [--quick] [--json PATH]``; ``--quick`` (< 2 min on 2 CPU
-cores) uses fewer patches and repeats.
+``--mesh data=2,fsdp=2,expert=2`` (or a preset) also runs the compiled loop SPMD on that mesh (params sharded by
+:func:`unitok_jax.sharding.uniaudio_shardings`, the batch over data x fsdp, the MoE expert-parallel) and prints its
+throughput against one device in the same run. On a CPU the script simulates the mesh's devices
+(``--xla_force_host_platform_device_count``): they share the same cores, so the ratio shows what the partitioning
+and its communication cost, not a speed-up.
+
+Usage: ``python bench/generate.py [--config tiny|small] [--mesh SPEC] [--quick] [--json PATH]``; ``--quick``
+(< 2 min on 2 CPU cores) uses fewer patches and repeats.
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import json
+import math
+import os
 import pathlib
 import platform
 import statistics
 import sys
 import time
 
-import jax
+
+def _simulate_mesh_devices(argv) -> None:
+    """Before jax starts: with ``--mesh`` on a CPU-only run, simulate as many host devices as the mesh needs."""
+    spec = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--mesh"), None)
+    spec = spec or next((a.split("=", 1)[1] for a in argv if a.startswith("--mesh=")), None)
+    if not spec or "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
+        return
+    from unitok_jax.sharding import MESH_PRESETS
+
+    sizes = MESH_PRESETS.get(spec) or {k: int(v) for k, v in (x.split("=") for x in spec.split(",") if x)}
+    n = math.prod(v for v in sizes.values() if v > 0)
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n}")
+
+
+_simulate_mesh_devices(sys.argv[1:])
+
+import jax  # noqa: E402
 import numpy as np
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -80,6 +104,7 @@ def main(argv=None):
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--chunk", type=int, default=4, help="streaming chunk, patches")
     ap.add_argument("--steps", type=int, default=10, help="flow sampler steps")
+    ap.add_argument("--mesh", default=None, help="also run on this mesh (axis=size,... or a preset)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
@@ -105,9 +130,21 @@ def main(argv=None):
     req1 = make_requests(cfg, 1, 24, 8, patches)
     sec, comp = timed(lambda: G.tts(params, cfg, *req1, key, mode="python", **kw), repeats)
     record("python loop of jitted steps", 1, sec, comp)
-    base = next(r for r in rows if r["mode"] == "compiled loop" and r["batch"] == 1)
+    python_b1 = rows[-1]["frames_per_s"]
+    if args.mesh:
+        from unitok_jax import sharding as shd
+
+        mesh = shd.make_mesh({"mesh": shd.parse_mesh(args.mesh)})
+        pm = jax.device_put(params, shd.uniaudio_shardings(cfg, jax.eval_shape(lambda: params), mesh,
+                                                           shd.DEFAULT_RULES))
+        for b in [int(x) for x in args.batches.split(",")]:
+            req = make_requests(cfg, b, 24, 8, patches)
+            sec, comp = timed(lambda: G.tts(pm, cfg, *req, key, mesh=mesh, **kw), repeats)
+            record(f"compiled loop, mesh {args.mesh} ({mesh.devices.size} devices)", b, sec, comp)
     for r in rows:
-        r["speedup_vs_python_b1"] = r["frames_per_s"] / rows[-1]["frames_per_s"]
+        r["speedup_vs_python_b1"] = r["frames_per_s"] / python_b1
+        one = next((x for x in rows if x["mode"] == "compiled loop" and x["batch"] == r["batch"]), None)
+        r["vs_one_device"] = r["frames_per_s"] / one["frames_per_s"] if one else None
 
     def first_chunk():
         t0 = time.perf_counter()
@@ -124,17 +161,17 @@ def main(argv=None):
     dev = jax.devices()[0]
     print(f"# TTS generation, config={args.config}, device={dev.platform} ({dev.device_kind}), "
           f"{patches} patches/request, flow steps={args.steps}, frame rate {frame_rate:g} Hz")
-    print("| mode | batch | wall s | compile s | latent frames/s | RTF | x python b1 |")
-    print("|---|---|---|---|---|---|---|")
+    print("| mode | batch | wall s | compile s | latent frames/s | RTF | x python b1 | x one device |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
+        one = "" if r["vs_one_device"] is None else f"{r['vs_one_device']:.2f}"
         print(f"| {r['mode']} | {r['batch']} | {r['seconds']:.3f} | {r['compile_s']:.1f} | {r['frames_per_s']:.0f} "
-              f"| {r['rtf']:.4f} | {r['speedup_vs_python_b1']:.2f} |")
+              f"| {r['rtf']:.4f} | {r['speedup_vs_python_b1']:.2f} | {one} |")
     print(f"\nstreaming (batch 1, chunk {args.chunk} patches = {args.chunk * cfg.patch_size / frame_rate * 1000:.0f} ms"
           f" of audio): first-chunk latency {lat * 1000:.1f} ms")
-    del base
     if args.json:
         out = {"config": args.config, "device": f"{dev.platform} {dev.device_kind}", "host": platform.node(),
-               "patches": patches, "flow_steps": args.steps, "rows": rows,
+               "patches": patches, "flow_steps": args.steps, "mesh": args.mesh, "rows": rows,
                "stream_first_chunk_ms": lat * 1000, "stream_chunk_patches": args.chunk}
         pathlib.Path(args.json).write_text(json.dumps(out, indent=2))
 

@@ -14,18 +14,11 @@ import copy
 import ml_collections
 
 from configs import vae as vae_configs
+from unitok_jax import sharding as shd
 from unitok_jax.llm import OFFICIAL_LLM_CONFIG
 
-# Mesh sizes per pod preset (devices = chips as JAX sees them).
-MESH_PRESETS = {
-    # TPU v5p-256: 128 chips (megacore: one JAX device per chip). 64 experts over 8 expert groups, the rest FSDP.
-    "v5p-256": {"data": 1, "fsdp": 16, "tensor": 1, "expert": 8},
-    # One node of 8 NVIDIA H100 (NVLink): FSDP over 4, experts over 2.
-    "8xH100": {"data": 1, "fsdp": 4, "tensor": 1, "expert": 2},
-    # A 4-node H100 cluster (32 GPUs): data parallel across nodes, FSDP x expert inside a node.
-    "32xH100": {"data": 4, "fsdp": 4, "tensor": 1, "expert": 2},
-}
-PRESET_DEVICES = {"v5p-256": 128, "8xH100": 8, "32xH100": 32}
+# Mesh presets live in the package (sample.py and the API use them too); re-exported here for configs.
+MESH_PRESETS, PRESET_DEVICES = shd.MESH_PRESETS, shd.PRESET_DEVICES
 
 TINY_LLM = {
     "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
@@ -119,8 +112,4 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
 
 def mesh_sizes(config: ml_collections.ConfigDict) -> dict:
     """The mesh axis sizes the config asks for (the preset, if any, wins)."""
-    if config.mesh_preset:
-        if config.mesh_preset not in MESH_PRESETS:
-            raise ValueError(f"unknown mesh_preset {config.mesh_preset!r}; choose from {sorted(MESH_PRESETS)}")
-        return dict(MESH_PRESETS[config.mesh_preset])
-    return dict(config.mesh)
+    return shd.mesh_sizes(config.mesh_preset, dict(config.mesh))

@@ -7,6 +7,12 @@ text.
   waves = m.tts(["Hello there."], prompt_wavs=["voice.wav"], prompt_texts=["The voice prompt's words."])
   texts = m.asr(["speech.flac"])
 
+On a device mesh (a GPU node, a TPU slice): ``UniAudio.load("ckpt/", mesh="data=2,fsdp=2,expert=2",
+dtype="bfloat16")`` restores every parameter straight into its sharding (no device or host holds the whole model;
+see :func:`unitok_jax.sharding.uniaudio_shardings`) and every call runs SPMD on the mesh (the batch split over
+``data`` x ``fsdp``, the MoE expert-parallel). ``mesh`` is a :class:`jax.sharding.Mesh`, a preset name of
+:data:`unitok_jax.sharding.MESH_PRESETS`, ``"axis=size,..."`` or a dict of axis sizes (one may be -1: the rest).
+
 Bad input never reaches the model: every batch call checks each input first and raises :class:`InputError` (a
 ``ValueError``) whose ``index`` is the position of the bad input and whose message names it and what was wrong
 (unreadable file, wrong shape, NaN/inf samples, audio shorter than one 0.1 s patch, empty or un-encodable text, a
@@ -27,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from unitok_jax import generate, text, vae
+from unitok_jax import sharding as shd
 from unitok_jax.audio import AudioError, load_audio
 from unitok_jax.model import UniAudioConfig
 
@@ -74,24 +81,52 @@ class EditOutput:
     markup: Optional[str] = None  # the raw <cot_text> content, <edit>…</edit> spans kept (None: no <cot_text>)
 
 
-class UniAudio:
-    """A loaded Ming-UniAudio model (config, params on device, text tokenizer)."""
+def as_mesh(mesh) -> Optional[jax.sharding.Mesh]:
+    """``None``, a Mesh, a preset name / ``"axis=size,..."`` string, or a dict of axis sizes -> a Mesh over this
+    process's devices (or None). Bad specs raise ``ValueError`` naming what was wrong."""
+    if mesh is None or isinstance(mesh, jax.sharding.Mesh):
+        return mesh
+    sizes = shd.parse_mesh(mesh) if isinstance(mesh, str) else dict(mesh)
+    return shd.make_mesh({"mesh": sizes}, devices=jax.local_devices())
 
-    def __init__(self, cfg: UniAudioConfig, params, tokenizer: "text.TextTokenizer"):
+
+class UniAudio:
+    """A loaded Ming-UniAudio model (config, params on device or sharded over a mesh, text tokenizer)."""
+
+    def __init__(self, cfg: UniAudioConfig, params, tokenizer: "text.TextTokenizer", *, mesh=None, rules=None):
+        """``params``: host or device arrays; with ``mesh`` they are placed into their shardings (a no-op for arrays
+        already there, as :meth:`load` returns them)."""
         self.cfg = cfg
+        self.mesh = as_mesh(mesh)
+        self.rules = tuple(rules) if rules is not None else shd.DEFAULT_RULES
+        if self.mesh is not None:
+            params = jax.device_put(params, shd.uniaudio_shardings(cfg, jax.eval_shape(lambda: params), self.mesh,
+                                                                   self.rules))
         self.params = params
         self.tok = tokenizer
 
     @classmethod
-    def load(cls, path: str) -> "UniAudio":
+    def load(cls, path: str, *, mesh=None, dtype=None, rules=None) -> "UniAudio":
         """A checkpoint written by ``python -m unitok_jax.convert`` from a full model folder (with its
-        ``tokenizer.json``)."""
+        ``tokenizer.json``). ``mesh``: restore each parameter straight into its sharding on that mesh (see
+        :func:`as_mesh`) and run every call on it; ``rules``: the logical-axis rules (default
+        :data:`unitok_jax.sharding.DEFAULT_RULES`); ``dtype`` (e.g. ``"bfloat16"``): cast the compute parameters
+        on restore (norms and the MoE router stay float32); None keeps the stored dtype."""
         from unitok_jax.convert import ConversionError, load
 
-        ckpt = load(path)
+        mesh = as_mesh(mesh)
+        ckpt = load(path, mesh=mesh, rules=rules, dtype=dtype)
         if "uniaudio" not in ckpt.configs:
             raise ConversionError(f"{path} holds only an AudioVAE; TTS/ASR/edit need a full Ming-UniAudio checkpoint")
-        return cls(ckpt.configs["uniaudio"], jax.device_put(ckpt.params["uniaudio"]), text.TextTokenizer.from_dir(path))
+        params = ckpt.params["uniaudio"] if mesh is not None else jax.device_put(ckpt.params["uniaudio"])
+        return cls(ckpt.configs["uniaudio"], params, text.TextTokenizer.from_dir(path), mesh=mesh, rules=rules)
+
+    def _where(self) -> dict:
+        """Where the generation calls run (``mesh`` / ``rules`` keyword arguments)."""
+        return {"mesh": self.mesh, "rules": self.rules}
+
+    def _on_mesh(self):
+        return generate._Mesh.of(self.mesh, self.rules).context()
 
     # ----------------------------------------------------------------------------------------------- audio
 
@@ -185,8 +220,9 @@ class UniAudio:
                 t = vae.num_frames(int(lengths[i]), hop)
                 noise[i, :t] = np.asarray(jax.random.normal(jax.random.fold_in(key, int(rid)), (t, c)))
             noise = jnp.asarray(noise)
-        enc = vae.encode(self.params["audio"], self.cfg.vae, jnp.asarray(batch), jnp.asarray(lengths), noise=noise,
-                         sample=sample)
+        with self._on_mesh():
+            enc = vae.encode(self.params["audio"], self.cfg.vae, jnp.asarray(batch), jnp.asarray(lengths),
+                             noise=noise, sample=sample)
         lat, n = np.asarray(enc.latent), np.asarray(enc.frame_num)
         return [lat[i, : n[i]] for i in range(len(waves))]
 
@@ -203,7 +239,9 @@ class UniAudio:
         """Encode (posterior mean) and decode each input."""
         lat = self.encode(wavs, None, sample=False)
         padded, lengths = generate.pad_sequences(lat, dtype=np.float32)
-        out = np.asarray(vae.decode(self.params["audio"], self.cfg.vae, jnp.asarray(padded), jnp.asarray(lengths)))
+        with self._on_mesh():
+            out = np.asarray(vae.decode(self.params["audio"], self.cfg.vae, jnp.asarray(padded),
+                                        jnp.asarray(lengths)))
         return [finite_audio(out[i, : lengths[i] * self.cfg.vae.hop], i, "reconstruction") for i in range(len(lat))]
 
     # ----------------------------------------------------------------------------------------------- tasks
@@ -241,14 +279,16 @@ class UniAudio:
         ids_p, lengths = generate.pad_sequences(ids, dtype=np.int32)
         res = generate.tts(self.params, self.cfg, ids_p, lengths, lat, counts, budgets, k_gen,
                            request_ids=request_ids, sampler=sampler, min_steps=min_steps,
-                           stop_threshold=stop_threshold)
+                           stop_threshold=stop_threshold, **self._where())
         spp = self.cfg.patch_size * self.cfg.vae.hop
         return [finite_audio(res.waves[i, : res.counts[i] * spp], i) for i in range(n)]
 
     def asr(self, wavs: Sequence[Audio], context: Optional[Sequence[Optional[Sequence[str]]]] = None, *,
-            seed: int = 0, max_new_tokens: int = 128, with_language: bool = False):
+            seed: int = 0, max_new_tokens: int = 128, with_language: bool = False,
+            request_ids: Optional[Sequence[int]] = None):
         """Transcripts (spec §1.2). ``context``: optional hot words per input. ``with_language``: return
-        (language, transcript) pairs."""
+        (language, transcript) pairs. ``request_ids``: the posterior noise of input i comes from its id (default:
+        its position), so an input transcribes the same whatever else is in the call."""
         wavs = self._waves(wavs, "audio")
         context = list(context) if context is not None else [None] * len(wavs)
         for i, cw in enumerate(context):
@@ -257,12 +297,12 @@ class UniAudio:
         est = [text.asr_prompt(self.tok, int(c), context_words=cw)[0]
                for c, cw in zip(self._patch_counts(wavs), context)]
         self._check_positions(est, [max_new_tokens] * len(est), "audio too long?")
-        lat, counts = self._patched(self.encode(wavs, jax.random.key(seed)))
+        lat, counts = self._patched(self.encode(wavs, jax.random.key(seed), request_ids=request_ids))
         ids = [text.asr_prompt(self.tok, int(c), context_words=cw)[0] for c, cw in zip(counts, context)]
         ids_p, lengths = generate.pad_sequences(ids, dtype=np.int32)
         res = generate.asr(self.params, self.cfg, ids_p, lengths, lat, counts, eos_id=self.tok.id("eos"),
                            audio_patch_id=self.tok.id("audio_patch"), max_new_tokens=max_new_tokens,
-                           pad_id=self.tok.id("eos"))
+                           pad_id=self.tok.id("eos"), **self._where())
         out = []
         for i in range(len(lat)):
             lang, transcript = text.parse_asr_output(self.tok.decode(res.tokens[i, : res.n[i]].tolist()))
@@ -272,9 +312,10 @@ class UniAudio:
     def edit(self, wavs: Sequence[Audio], instructions: Sequence[str], *, semantic: Union[bool, Sequence[bool]] = False,
              seed: int = 0, max_text_tokens: int = 128, max_patches: int = 256,
              sampler: generate.Sampler = generate.Sampler(), min_steps: int = 16,
-             stop_threshold: float = 0.5) -> list[EditOutput]:
+             stop_threshold: float = 0.5, request_ids: Optional[Sequence[int]] = None) -> list[EditOutput]:
         """Free-form edits (spec §1.4): ``semantic`` (per input or for all) appends ``<answer>`` so the model
-        writes the edited transcript first, as the reference does for insert / delete / substitute edits."""
+        writes the edited transcript first, as the reference does for insert / delete / substitute edits.
+        ``request_ids``: as :meth:`tts` (input i's randomness from its id, default its position)."""
         n = len(wavs)
         sem = [semantic] * n if isinstance(semantic, bool) else list(semantic)
         instructions = [self._text(s, "instruction", i) for i, s in enumerate(instructions)]
@@ -284,13 +325,14 @@ class UniAudio:
         est = [text.edit_prompt(self.tok, int(c), ins, semantic=s)[0]
                for c, ins, s in zip(self._patch_counts(wavs), instructions, sem)]
         self._check_positions(est, [max_text_tokens + max_patches] * n, "audio too long?")
-        lat, counts = self._patched(self.encode(wavs, k_enc))
+        lat, counts = self._patched(self.encode(wavs, k_enc, request_ids=request_ids))
         ids = [text.edit_prompt(self.tok, int(c), ins, semantic=s)[0] for c, ins, s in zip(counts, instructions, sem)]
         ids_p, lengths = generate.pad_sequences(ids, dtype=np.int32)
         res = generate.edit(self.params, self.cfg, ids_p, lengths, lat, counts, k_gen, eos_id=self.tok.id("eos"),
                             gen_audio_id=self.tok.id("gen_audio"), audio_patch_id=self.tok.id("audio_patch"),
                             max_text_tokens=max_text_tokens, max_patches=max_patches, sampler=sampler,
-                            min_steps=min_steps, stop_threshold=stop_threshold, pad_id=self.tok.id("eos"))
+                            min_steps=min_steps, stop_threshold=stop_threshold, pad_id=self.tok.id("eos"),
+                            request_ids=request_ids, **self._where())
         spp = self.cfg.patch_size * self.cfg.vae.hop
         out = []
         for i in range(n):

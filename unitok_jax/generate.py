@@ -16,6 +16,12 @@ Conventions:
 * Static shapes come from length buckets (:func:`bucket`): prompt length, prompt patches, output budgets and the
   batch are padded up to a few sizes so a batch job compiles a handful of programs, not one per request.
 * Token ids (``<audioPatch>``, ``<|endoftext|>``, ``<gen_audio>``) are arguments, never hard-coded.
+* On a device mesh (``mesh=``, with logical-axis ``rules``; params placed by
+  :func:`unitok_jax.sharding.uniaudio_shardings`, e.g. by ``UniAudio.load(mesh=...)``) the very same programs run
+  SPMD: the batch is split over the mesh axes the rules give ``batch`` (``data`` x ``fsdp``; the batch bucket is
+  rounded up to a multiple of their size), the weights stay sharded as loaded, and the MoE layers inside the
+  ``while_loop`` are expert-parallel when the rules put ``expert`` on a mesh axis of size > 1. ``mesh=None`` (the
+  default) is one device, unchanged.
 
 Where we differ from the reference on purpose (spec §9):
 
@@ -33,6 +39,7 @@ Where we differ from the reference on purpose (spec §9):
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from typing import Iterator, NamedTuple, Optional, Sequence
@@ -42,6 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from unitok_jax import heads, llm, model, vae
+from unitok_jax import sharding as shd
 from unitok_jax.model import UniAudioConfig
 
 # A CPU-sized model with the full structure (multi_gate LLM, MoE, semantic module, DiT) for tests and benchmarks.
@@ -119,6 +127,58 @@ def pad_sequences(seqs: Sequence, value=0, dtype=None) -> tuple[np.ndarray, np.n
     lengths = np.array([len(s) for s in seqs], np.int32)
     t = int(max(lengths.max(), 1))
     return np.stack([pad_axis(s, t, 0, value) for s in seqs]), lengths
+
+
+class _Mesh(NamedTuple):
+    """Where a generation call runs: ``mesh`` (None: the default device) and the logical-axis ``rules``."""
+
+    mesh: Optional[jax.sharding.Mesh]
+    rules: tuple
+
+    @classmethod
+    def of(cls, mesh, rules) -> "_Mesh":
+        return cls(mesh, tuple(rules) if rules is not None else shd.DEFAULT_RULES)
+
+    def batch_axes(self) -> tuple:
+        if self.mesh is None:
+            return ()
+        t = shd.rule_target(self.rules, "batch")
+        axes = (t,) if isinstance(t, str) else tuple(t or ())
+        return tuple(a for a in axes if self.mesh.shape.get(a, 1) > 1)
+
+    def batch_multiple(self) -> int:
+        """Rows per batch must be a multiple of this (the product of the batch mesh axes)."""
+        n = 1
+        for a in self.batch_axes():
+            n *= int(self.mesh.shape[a])
+        return n
+
+    def rows(self, b: int, batch_buckets) -> int:
+        """The batch bucket of ``b`` rows, a multiple of the batch mesh axes."""
+        bb, m = bucket(b, batch_buckets), self.batch_multiple()
+        return -(-bb // m) * m
+
+    def context(self):
+        """Trace context: the mesh and rules (activations constrained, MoE expert-parallel), or nothing."""
+        return contextlib.nullcontext() if self.mesh is None else shd.use_sharding(self.mesh, self.rules)
+
+    def put(self, tree, rows: int):
+        """Host inputs onto the mesh: arrays whose leading dim is ``rows`` split over the batch axes, the rest (and
+        PRNG keys) replicated. No mesh: unchanged (jit places them)."""
+        if self.mesh is None:
+            return tree
+        from jax.sharding import NamedSharding, PartitionSpec as P
+
+        batch = NamedSharding(self.mesh, P(self.batch_axes() or None))
+        rep = NamedSharding(self.mesh, P())
+
+        def one(x):
+            if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+                return jax.device_put(x, rep)
+            x = np.asarray(x)
+            return jax.device_put(x, batch if x.ndim and x.shape[0] == rows else rep)
+
+        return jax.tree.map(one, tree)
 
 
 def _row_keys(key, request_ids):
@@ -272,7 +332,7 @@ class TTSResult(NamedTuple):
 
 
 def _tts_prepare(ids, lengths, prompt, prompt_patches, budgets, key, request_ids, sampler, min_steps,
-                 stop_threshold, max_patches, buckets, cfg, batch_buckets=BATCH_BUCKETS):
+                 stop_threshold, max_patches, buckets, cfg, batch_buckets=BATCH_BUCKETS, where: _Mesh = _Mesh(None, ())):
     ids = np.asarray(ids, np.int32)
     b = ids.shape[0]
     p = cfg.patch_size
@@ -284,7 +344,7 @@ def _tts_prepare(ids, lengths, prompt, prompt_patches, budgets, key, request_ids
         raise ValueError(f"prompt has {prompt.shape[1]} frames, fewer than max(prompt_patches) * {p}")
     request_ids = np.arange(b, dtype=np.int32) if request_ids is None else np.asarray(request_ids, np.int32)
     n = bucket(max_patches if max_patches is not None else max(int(budgets.max(initial=1)), 1), buckets)
-    bb = bucket(b, batch_buckets)
+    bb = where.rows(b, batch_buckets)
     s = bucket(ids.shape[1], buckets)
     pp = bucket(max(int(prompt_patches.max(initial=1)), 1), buckets)
     prompt = prompt[:, : pp * p] if prompt.shape[1] > pp * p else prompt
@@ -300,13 +360,14 @@ def _tts_prepare(ids, lengths, prompt, prompt_patches, budgets, key, request_ids
         pad_axis(min_steps, bb, 0),
         _knobs(sampler, stop_threshold),
     )
-    return args, n, b
+    return where.put(args, bb), n, b
 
 
 def tts(params, cfg: UniAudioConfig, ids, lengths, prompt, prompt_patches, budgets, key, *,
         request_ids=None, sampler: Sampler = Sampler(), min_steps=16, stop_threshold: float = 0.5,
         emit_stop_patch: bool = True, max_patches: Optional[int] = None, buckets=DEFAULT_BUCKETS,
-        batch_buckets=BATCH_BUCKETS, decode: bool = True, mode: str = "compiled") -> TTSResult:
+        batch_buckets=BATCH_BUCKETS, decode: bool = True, mode: str = "compiled", mesh=None,
+        rules=None) -> TTSResult:
     """Batched TTS with a voice prompt (spec §1.3, §5.5).
 
     ``ids`` [B, S] right-padded text ids with ``lengths`` [B] (each ending with ``<audio>``); ``prompt`` [B, Tp, C]
@@ -314,18 +375,22 @@ def tts(params, cfg: UniAudioConfig, ids, lengths, prompt, prompt_patches, budge
     zeros); ``budgets`` [B] patch caps (spec §5.5 step 2 / §9 #6 are the caller's formula); ``min_steps`` (int or [B])
     and ``stop_threshold``: a row stops after emitting patch k when ``prob > stop_threshold and k > min_steps``.
     ``mode="python"`` drives the same jitted step from a host loop (one dispatch per step, the reference's way; for
-    tests and the benchmark). Shapes are padded to ``buckets``; results are trimmed to B rows."""
-    args, n, b = _tts_prepare(ids, lengths, prompt, prompt_patches, budgets, key, request_ids, sampler, min_steps,
-                              stop_threshold, max_patches, buckets, cfg, batch_buckets)
-    state = tts_init(params, cfg, *args, max_patches=n)
-    if mode == "compiled":
-        state = tts_run(params, cfg, state, jnp.int32(n + 1), steps=sampler.steps, emit_stop_patch=emit_stop_patch)
-    elif mode == "python":
-        while not bool(jnp.all(state["done"])):
-            state = tts_step(params, cfg, state, steps=sampler.steps, emit_stop_patch=emit_stop_patch)
-    else:
+    tests and the benchmark). Shapes are padded to ``buckets``; results are trimmed to B rows. ``mesh`` / ``rules``:
+    run SPMD on a device mesh (module docstring)."""
+    if mode not in ("compiled", "python"):
         raise ValueError(f"mode must be 'compiled' or 'python', got {mode!r}")
-    waves = np.asarray(decode_latents(params, cfg, state["out"], state["count"]))[:b] if decode else None
+    where = _Mesh.of(mesh, rules)
+    args, n, b = _tts_prepare(ids, lengths, prompt, prompt_patches, budgets, key, request_ids, sampler, min_steps,
+                              stop_threshold, max_patches, buckets, cfg, batch_buckets, where)
+    with where.context():
+        state = tts_init(params, cfg, *args, max_patches=n)
+        if mode == "compiled":
+            state = tts_run(params, cfg, state, jnp.int32(n + 1), steps=sampler.steps,
+                            emit_stop_patch=emit_stop_patch)
+        else:
+            while not bool(jnp.all(state["done"])):
+                state = tts_step(params, cfg, state, steps=sampler.steps, emit_stop_patch=emit_stop_patch)
+        waves = np.asarray(decode_latents(params, cfg, state["out"], state["count"]))[:b] if decode else None
     return TTSResult(np.asarray(state["out"])[:b], np.asarray(state["count"])[:b], waves,
                      np.asarray(state["stopped"])[:b])
 
@@ -339,25 +404,30 @@ class StreamChunk(NamedTuple):
 def tts_stream(params, cfg: UniAudioConfig, ids, lengths, prompt, prompt_patches, budgets, key, *,
                chunk_patches: int = 4, request_ids=None, sampler: Sampler = Sampler(), min_steps=16,
                stop_threshold: float = 0.5, emit_stop_patch: bool = True, max_patches: Optional[int] = None,
-               buckets=DEFAULT_BUCKETS, batch_buckets=BATCH_BUCKETS) -> Iterator[StreamChunk]:
+               buckets=DEFAULT_BUCKETS, batch_buckets=BATCH_BUCKETS, mesh=None,
+               rules=None) -> Iterator[StreamChunk]:
     """Streaming TTS: the compiled loop of :func:`tts` (same init, same :func:`tts_run` program) runs
     ``chunk_patches`` steps at a time on device, then the host decodes each row's new patches with
     :func:`unitok_jax.vae.decode_stream` and yields them. Per row, the concatenated audio equals :func:`tts`'s
     waveform (same key) up to float rounding; the last chunk of a row is always flushed (``last=True``), also when the
     budget ended it (the reference loses the tail then, spec §9 #7). Rows are decoded one by one (each has its own
     decoder cache and overlap-add tails; a row's end can fall inside a chunk)."""
+    where = _Mesh.of(mesh, rules)
     args, n, b = _tts_prepare(ids, lengths, prompt, prompt_patches, budgets, key, request_ids, sampler, min_steps,
-                              stop_threshold, max_patches, buckets, cfg, batch_buckets)
+                              stop_threshold, max_patches, buckets, cfg, batch_buckets, where)
     k = int(chunk_patches)
     p = cfg.patch_size
-    state = tts_init(params, cfg, *args, max_patches=n)
+    with where.context():
+        state = tts_init(params, cfg, *args, max_patches=n)
     streams = [vae.init_stream_state(cfg.vae, 1, n * p, k * p) for _ in range(b)]
     sent = np.zeros((b,), np.int64)
     finished = np.asarray(state["done"])[:b].copy()
     limit = 0
     while not finished.all():
         limit += k
-        state = tts_run(params, cfg, state, jnp.int32(limit), steps=sampler.steps, emit_stop_patch=emit_stop_patch)
+        with where.context():
+            state = tts_run(params, cfg, state, jnp.int32(limit), steps=sampler.steps,
+                            emit_stop_patch=emit_stop_patch)
         count = np.asarray(state["count"])[:b]
         done = np.asarray(state["done"])[:b]
         new = count - sent
@@ -370,7 +440,8 @@ def tts_stream(params, cfg: UniAudioConfig, ids, lengths, prompt, prompt_patches
             if chunk.shape[1] == 0:  # done without a new patch (emit_stop_patch=False): flush needs a frame
                 audio.append(np.zeros((0,), np.float32))
                 continue
-            y, streams[r] = vae.decode_stream(params["audio"], cfg.vae, chunk, streams[r], last=bool(done[r]))
+            with where.context():
+                y, streams[r] = vae.decode_stream(params["audio"], cfg.vae, chunk, streams[r], last=bool(done[r]))
             audio.append(np.asarray(y[0]))
         sent = count.astype(np.int64)
         finished = finished | done
@@ -446,13 +517,18 @@ class TextResult(NamedTuple):
 
 def asr(params, cfg: UniAudioConfig, ids, lengths, audio, audio_patches, key=None, *, eos_id: int,
         audio_patch_id: int, max_new_tokens: int = 128, budgets=None, audio_gate: bool = True, pad_id: int = 0,
-        buckets=DEFAULT_BUCKETS, batch_buckets=BATCH_BUCKETS, mode: str = "compiled") -> TextResult:
+        buckets=DEFAULT_BUCKETS, batch_buckets=BATCH_BUCKETS, mode: str = "compiled", mesh=None,
+        rules=None) -> TextResult:
     """Batched greedy ASR (spec §1.2, §5.4). ``ids`` [B, S] right-padded full prompts (``lengths``) holding
     ``audio_patches[b]`` ``<audioPatch>`` ids each, replaced in order by the pooled patches of ``audio`` [B, T, C]
     (right-padded latents). Decoding stops per row at ``eos_id`` or after ``budgets[b]`` (default
     ``max_new_tokens``) tokens. ``audio_gate``: route the audio positions of the prefill through multi_gate's
-    ``audio_gate`` (the reference's ASR path, spec §9 #11). ``key`` is unused (greedy)."""
+    ``audio_gate`` (the reference's ASR path, spec §9 #11). ``key`` is unused (greedy). ``mesh`` / ``rules``: as
+    :func:`tts`."""
     del key
+    if mode not in ("compiled", "python"):
+        raise ValueError(f"mode must be 'compiled' or 'python', got {mode!r}")
+    where = _Mesh.of(mesh, rules)
     ids = np.asarray(ids, np.int32)
     b = ids.shape[0]
     p = cfg.patch_size
@@ -460,20 +536,20 @@ def asr(params, cfg: UniAudioConfig, ids, lengths, audio, audio_patches, key=Non
     audio_patches = np.asarray(audio_patches, np.int32)
     budgets = np.full((b,), max_new_tokens, np.int32) if budgets is None else np.asarray(budgets, np.int32)
     m = bucket(max(int(budgets.max(initial=1)), 1), buckets)
-    bb, s = bucket(b, batch_buckets), bucket(ids.shape[1], buckets)
+    bb, s = where.rows(b, batch_buckets), bucket(ids.shape[1], buckets)
     tp = bucket(max(int(audio_patches.max(initial=1)), 1), buckets) * p
     audio = audio[:, :tp]
-    state = asr_init(params, cfg, pad_axis(pad_axis(ids, s, 1, pad_id), bb, 0, pad_id),
-                     pad_axis(np.asarray(lengths, np.int32), bb, 0, 1), pad_axis(pad_axis(audio, tp, 1), bb, 0),
-                     pad_axis(audio_patches, bb, 0), pad_axis(budgets, bb, 0), max_new_tokens=m,
-                     audio_patch_id=int(audio_patch_id), audio_gate=audio_gate)
-    if mode == "compiled":
-        state = asr_run(params, cfg, state, jnp.int32(m + 1), eos_id=int(eos_id), pad_id=int(pad_id))
-    elif mode == "python":
-        while not bool(jnp.all(state["done"])):
-            state = asr_step(params, cfg, state, eos_id=int(eos_id), pad_id=int(pad_id))
-    else:
-        raise ValueError(f"mode must be 'compiled' or 'python', got {mode!r}")
+    args = where.put((pad_axis(pad_axis(ids, s, 1, pad_id), bb, 0, pad_id),
+                      pad_axis(np.asarray(lengths, np.int32), bb, 0, 1), pad_axis(pad_axis(audio, tp, 1), bb, 0),
+                      pad_axis(audio_patches, bb, 0), pad_axis(budgets, bb, 0)), bb)
+    with where.context():
+        state = asr_init(params, cfg, *args, max_new_tokens=m, audio_patch_id=int(audio_patch_id),
+                         audio_gate=audio_gate)
+        if mode == "compiled":
+            state = asr_run(params, cfg, state, jnp.int32(m + 1), eos_id=int(eos_id), pad_id=int(pad_id))
+        else:
+            while not bool(jnp.all(state["done"])):
+                state = asr_step(params, cfg, state, eos_id=int(eos_id), pad_id=int(pad_id))
     n = np.asarray(state["n"])[:b]
     tokens = np.asarray(state["tokens"])[:b]
     tokens = np.where(np.arange(tokens.shape[1])[None] < n[:, None], tokens, pad_id)
@@ -573,13 +649,17 @@ def edit(params, cfg: UniAudioConfig, ids, lengths, audio, audio_patches, key, *
          audio_patch_id: int, max_text_tokens: int = 128, max_patches: int = 256, text_budgets=None,
          audio_budgets=None, request_ids=None, sampler: Sampler = Sampler(), min_steps=16,
          stop_threshold: float = 0.5, emit_stop_patch: bool = True, pad_id: int = 0, buckets=DEFAULT_BUCKETS,
-         batch_buckets=BATCH_BUCKETS, decode: bool = True, mode: str = "compiled") -> EditResult:
+         batch_buckets=BATCH_BUCKETS, decode: bool = True, mode: str = "compiled", mesh=None,
+         rules=None) -> EditResult:
     """Batched free-form editing (spec §1.4, §5.6): greedy text per row until ``gen_audio_id`` (then that row's
     audio phase: flow patches with history starting at zeros and the semantic cache continuing from the source
     audio, stop rule as :func:`tts`) or ``eos_id`` (text only). ``ids`` [B, S] right-padded edit prompts with
     ``audio_patches[b]`` ``<audioPatch>`` ids, ``audio`` [B, T, C] the source latents. Text and audio have separate
     budgets (``text_budgets`` / ``audio_budgets`` [B], default the maxima); the reference shares one
-    ``max(2.5 S, 100)`` step budget and has no EOS stop (spec §9 #8)."""
+    ``max(2.5 S, 100)`` step budget and has no EOS stop (spec §9 #8). ``mesh`` / ``rules``: as :func:`tts`."""
+    if mode not in ("compiled", "python"):
+        raise ValueError(f"mode must be 'compiled' or 'python', got {mode!r}")
+    where = _Mesh.of(mesh, rules)
     ids = np.asarray(ids, np.int32)
     b = ids.shape[0]
     p = cfg.patch_size
@@ -589,29 +669,28 @@ def edit(params, cfg: UniAudioConfig, ids, lengths, audio, audio_patches, key, *
     ab = np.full((b,), max_patches, np.int32) if audio_budgets is None else np.asarray(audio_budgets, np.int32)
     m = bucket(max(int(tb.max(initial=1)), 1), buckets)
     nb = bucket(max(int(ab.max(initial=1)), 1), buckets)
-    bb, s = bucket(b, batch_buckets), bucket(ids.shape[1], buckets)
+    bb, s = where.rows(b, batch_buckets), bucket(ids.shape[1], buckets)
     tp = bucket(max(int(audio_patches.max(initial=1)), 1), buckets) * p
     audio = audio[:, :tp]
     request_ids = np.arange(b, dtype=np.int32) if request_ids is None else np.asarray(request_ids, np.int32)
     min_steps = np.broadcast_to(np.asarray(min_steps, np.int32), (b,))
-    state = edit_init(params, cfg, pad_axis(pad_axis(ids, s, 1, pad_id), bb, 0, pad_id),
+    args = where.put((pad_axis(pad_axis(ids, s, 1, pad_id), bb, 0, pad_id),
                       pad_axis(np.asarray(lengths, np.int32), bb, 0, 1), pad_axis(pad_axis(audio, tp, 1), bb, 0),
                       pad_axis(audio_patches, bb, 0), pad_axis(tb, bb, 0), pad_axis(ab, bb, 0), key,
-                      pad_axis(request_ids, bb, 0), pad_axis(min_steps, bb, 0), _knobs(sampler, stop_threshold),
-                      max_text=m, max_patches=nb, audio_patch_id=int(audio_patch_id))
+                      pad_axis(request_ids, bb, 0), pad_axis(min_steps, bb, 0), _knobs(sampler, stop_threshold)), bb)
     static = dict(steps=sampler.steps, emit_stop_patch=emit_stop_patch, eos_id=int(eos_id),
                   gen_audio_id=int(gen_audio_id), pad_id=int(pad_id))
-    if mode == "compiled":
-        state = edit_run(params, cfg, state, jnp.int32(m + nb + 1), **static)
-    elif mode == "python":
-        while not bool(jnp.all(state["done"])):
-            state = edit_step(params, cfg, state, **static)
-    else:
-        raise ValueError(f"mode must be 'compiled' or 'python', got {mode!r}")
+    with where.context():
+        state = edit_init(params, cfg, *args, max_text=m, max_patches=nb, audio_patch_id=int(audio_patch_id))
+        if mode == "compiled":
+            state = edit_run(params, cfg, state, jnp.int32(m + nb + 1), **static)
+        else:
+            while not bool(jnp.all(state["done"])):
+                state = edit_step(params, cfg, state, **static)
+        waves = np.asarray(decode_latents(params, cfg, state["out"], state["count"]))[:b] if decode else None
     n = np.asarray(state["n"])[:b]
     tokens = np.asarray(state["tokens"])[:b]
     tokens = np.where(np.arange(tokens.shape[1])[None] < n[:, None], tokens, pad_id)
-    waves = np.asarray(decode_latents(params, cfg, state["out"], state["count"]))[:b] if decode else None
     return EditResult(tokens, n, np.asarray(state["audio"])[:b], np.asarray(state["out"])[:b],
                       np.asarray(state["count"])[:b], waves, np.asarray(state["stopped"])[:b],
                       np.asarray(state["eos"])[:b])

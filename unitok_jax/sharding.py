@@ -49,6 +49,54 @@ DEFAULT_RULES: tuple = (
 )
 
 
+# Mesh sizes per preset (devices = chips as JAX sees them). Training pods and sampling machines.
+MESH_PRESETS: dict = {
+    # TPU v5p-256: 128 chips (megacore: one JAX device per chip). 64 experts over 8 expert groups, the rest FSDP.
+    "v5p-256": {"data": 1, "fsdp": 16, "tensor": 1, "expert": 8},
+    # One node of 8 NVIDIA H100 (NVLink): FSDP over 4, experts over 2.
+    "8xH100": {"data": 1, "fsdp": 4, "tensor": 1, "expert": 2},
+    # A 4-node H100 cluster (32 GPUs): data parallel across nodes, FSDP x expert inside a node.
+    "32xH100": {"data": 4, "fsdp": 4, "tensor": 1, "expert": 2},
+    # Sampling: one H100 (the model whole on one device, bf16), a TPU v5e-8 (8 chips of 16 GiB), a TPU v5p-8 (4 chips
+    # of 95 GiB). The batch (KV and semantic caches) splits over data x fsdp only, so an experts-only mesh holds every
+    # cache whole on each chip. bench/memory.py (TTS: 64 prompt + 512 output patches, bf16, 10 % margin): on v5e-8
+    # expert=8 fits batch 2, fsdp=4 x expert=2 fits 16; on v5p-8 expert=4 fits 32, fsdp=2 x expert=2 fits 64.
+    "1xH100": {"data": 1, "fsdp": 1, "tensor": 1, "expert": 1},
+    "v5e-8": {"data": 1, "fsdp": 4, "tensor": 1, "expert": 2},
+    "v5p-8": {"data": 1, "fsdp": 2, "tensor": 1, "expert": 2},
+}
+PRESET_DEVICES = {"v5p-256": 128, "8xH100": 8, "32xH100": 32, "1xH100": 1, "v5e-8": 8, "v5p-8": 4}
+
+
+def mesh_sizes(preset: str = "", sizes: Optional[Mapping[str, int]] = None) -> dict:
+    """Mesh axis sizes: the ``preset`` (a key of :data:`MESH_PRESETS`) if given, else ``sizes``."""
+    if preset:
+        if preset not in MESH_PRESETS:
+            raise ValueError(f"unknown mesh preset {preset!r}; choose from {sorted(MESH_PRESETS)}")
+        return dict(MESH_PRESETS[preset])
+    return dict(sizes or {})
+
+
+def parse_mesh(spec: str) -> dict:
+    """``"data=2,fsdp=2,expert=2"`` or a preset name -> mesh axis sizes (``ValueError`` with the reason)."""
+    spec = spec.strip()
+    if spec in MESH_PRESETS:
+        return dict(MESH_PRESETS[spec])
+    sizes = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        name, eq, val = part.partition("=")
+        if not eq or name.strip() not in MESH_AXES:
+            raise ValueError(f"mesh {spec!r}: expected a preset ({', '.join(sorted(MESH_PRESETS))}) or "
+                             f"axis=size pairs over {MESH_AXES}, e.g. data=2,fsdp=2,expert=2")
+        try:
+            sizes[name.strip()] = int(val)
+        except ValueError:
+            raise ValueError(f"mesh {spec!r}: size of {name.strip()!r} is not an integer: {val!r}") from None
+    if not sizes:
+        raise ValueError(f"mesh {spec!r} names no axis")
+    return sizes
+
+
 @dataclasses.dataclass(frozen=True)
 class ShardingConfig:
     """``mesh``: ((axis name, size), ...), sizes may be -1 once ("the rest"); ``rules``: ((logical, mesh), ...)."""
@@ -153,6 +201,76 @@ def put_sharded(tree, abstract_boxed, mesh: Mesh, rules: Sequence):
     """Place a host (numpy) param tree on ``mesh`` following the logical names of ``abstract_boxed``."""
     shardings = shardings_for(abstract_boxed, mesh, rules)
     return jax.tree.map(lambda x, s: jax.device_put(np.asarray(x), s), tree, shardings)
+
+
+# ------------------------------------------------------------------------------------- the whole UniAudio tree
+
+FSDP_MIN_SIZE = 1 << 16
+
+
+def fsdp_spec(shape: Sequence[int], mesh: Mesh, stacked: bool = False, min_size: int = FSDP_MIN_SIZE,
+              axis: Optional[str] = "fsdp") -> PartitionSpec:
+    """Spec of a leaf without logical names: split over mesh ``axis`` on its largest dim divisible by that axis's
+    size, if the leaf has at least ``min_size`` elements (never the leading ``layers`` dim of a scanned stack when
+    ``stacked``); replicated otherwise."""
+    n = int(mesh.shape.get(axis, 1)) if axis else 1
+    if n == 1 or math.prod(shape) < min_size:
+        return PartitionSpec()
+    dims = [d for d in range(len(shape)) if not (stacked and d == 0 and len(shape) >= 3) and shape[d] % n == 0]
+    if not dims:
+        return PartitionSpec()
+    d = max(dims, key=lambda i: shape[i])
+    return PartitionSpec(*([None] * d + [axis]))
+
+
+def divisible_spec(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
+    """``spec`` with the mesh axes dropped from any dim they do not divide (e.g. 1 KV head on a tensor axis of 2):
+    that dim is replicated instead of failing."""
+    out = []
+    for d, axes in enumerate(tuple(spec) + (None,) * (len(shape) - len(spec))):
+        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        keep, n = [], 1
+        for a in names:
+            if shape[d] % (n * int(mesh.shape.get(a, 1))) == 0:
+                keep.append(a)
+                n *= int(mesh.shape.get(a, 1))
+        out.append(None if not keep else keep[0] if len(keep) == 1 else tuple(keep))
+    while out and out[-1] is None:
+        out.pop()
+    return PartitionSpec(*out)
+
+
+def rule_target(rules: Sequence, logical: str):
+    """The mesh axis (or axes, or None) ``rules`` map the logical name ``logical`` to."""
+    for name, target in rules:
+        if name == logical:
+            return target
+    return None
+
+
+def uniaudio_shardings(cfg, params_abstract: Mapping, mesh: Mesh, rules: Sequence) -> dict:
+    """NamedShardings of a UniAudio params tree (``params_abstract``: arrays or ShapeDtypeStructs, any subset of the
+    components). The LLM (``"model"``) follows its modules' logical axis names under ``rules`` (experts over the
+    axis ``expert`` maps to, the rest over ``fsdp`` / ``tensor``); the other components carry no logical names and
+    are split FSDP-style (:func:`fsdp_spec`) over the mesh axis the rules give ``embed`` (by default ``fsdp``)."""
+    from unitok_jax import llm as llm_lib
+
+    embed_axis = rule_target(rules, "embed")
+    if isinstance(embed_axis, (tuple, list)):
+        embed_axis = embed_axis[0] if embed_axis else None
+    out = {}
+    for name, sub in params_abstract.items():
+        if name == "model":
+            boxed = jax.eval_shape(lambda: llm_lib.init_params(cfg.llm, jax.random.key(0)))["params"]
+            named = shardings_for(boxed, mesh, rules)
+            if jax.tree.structure(named) != jax.tree.structure(sub):
+                raise ValueError("params['model'] does not have the LLM config's structure")
+            out[name] = jax.tree.map(lambda x, s: NamedSharding(mesh, divisible_spec(s.spec, x.shape, mesh)),
+                                     sub, named)
+        else:
+            out[name] = jax.tree.map(
+                lambda x: NamedSharding(mesh, fsdp_spec(x.shape, mesh, stacked=True, axis=embed_axis)), sub)
+    return out
 
 
 @contextlib.contextmanager

@@ -9,6 +9,8 @@ Shardings of the params:
   :data:`FSDP_MIN_SIZE` elements is sharded FSDP-style on its largest dimension divisible by the ``fsdp`` axis
   (never the leading ``layers`` axis of a scanned stack), the rest is replicated.
 
+Both rules live in :func:`unitok_jax.sharding.uniaudio_shardings` (inference loads by the same shardings).
+
 Optimizer-state leaves that mirror a param (Adam moments) take that param's sharding
 (``optax.tree_map_params``); scalars (counts) are replicated.
 
@@ -18,7 +20,6 @@ describes several processes; each process then feeds its own rows of every globa
 """
 from __future__ import annotations
 
-import math
 import os
 from typing import Any, Callable, Sequence
 
@@ -28,10 +29,8 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from unitok_jax import llm as llm_lib
 from unitok_jax import sharding as shd
 
-FSDP_MIN_SIZE = 1 << 16
 BATCH_AXES = ("data", "fsdp")
 
 
@@ -72,30 +71,10 @@ def _axis_size(mesh: Mesh, name: str) -> int:
     return int(mesh.shape.get(name, 1))
 
 
-def fsdp_spec(shape: Sequence[int], mesh: Mesh, stacked: bool = False, min_size: int = FSDP_MIN_SIZE) -> P:
-    """FSDP spec for a leaf without logical names: its largest dim divisible by the ``fsdp`` axis, if big enough."""
-    n = _axis_size(mesh, "fsdp")
-    if n == 1 or math.prod(shape) < min_size:
-        return P()
-    dims = [d for d in range(len(shape)) if not (stacked and d == 0 and len(shape) >= 3) and shape[d] % n == 0]
-    if not dims:
-        return P()
-    d = max(dims, key=lambda i: shape[i])
-    return P(*([None] * d + ["fsdp"]))
-
-
-def param_shardings(cfg, params_abstract: dict, mesh: Mesh, rules: Sequence) -> dict:
-    """NamedShardings of a UniAudio params tree (``params_abstract``: arrays or ShapeDtypeStructs)."""
-    out = {}
-    for name, sub in params_abstract.items():
-        if name == "model":
-            boxed = jax.eval_shape(lambda: llm_lib.init_params(cfg.llm, jax.random.key(0)))["params"]
-            out[name] = shd.shardings_for(boxed, mesh, rules)
-            if jax.tree.structure(out[name]) != jax.tree.structure(sub):
-                raise ValueError("params['model'] does not have the LLM config's structure")
-        else:
-            out[name] = jax.tree.map(lambda x: NamedSharding(mesh, fsdp_spec(x.shape, mesh, stacked=True)), sub)
-    return out
+# one home: the param shardings of the whole model live in unitok_jax.sharding (training and inference share them)
+fsdp_spec = shd.fsdp_spec
+param_shardings = shd.uniaudio_shardings
+FSDP_MIN_SIZE = shd.FSDP_MIN_SIZE
 
 
 def state_shardings(state_abstract: dict, optimizer: optax.GradientTransformation, param_sh: dict,

@@ -1,0 +1,264 @@
+"""Sampling on a device mesh (8 simulated CPU devices, in a subprocess: XLA's device count is fixed when jax starts).
+
+* TTS (latents, waveform), ASR (text) and edit (text, latents) through :class:`unitok_jax.api.UniAudio` on the meshes
+  (data 2 x fsdp 2 x expert 2) and (fsdp 4 x tensor 2) == the same calls on one device, float32, within 1e-5
+  relative, for a batch of 3 requests of different lengths (3 rows padded to a batch of 4 on the mesh);
+* the params carry the shardings the rules give (expert weights split over ``expert``, never replicated there);
+* bfloat16 params (the dtype policy of :func:`unitok_jax.model.param_dtypes`): the first LLM logits stay within
+  5e-2 relative of float32 and bfloat16 TTS is finite;
+* ``sample.py --mesh`` (one process, 8 devices) == ``sample.py`` without a mesh; 2 processes (``jax.distributed`` on
+  localhost) == 1 process, with one ``results.jsonl``; a 2-process job killed mid-way resumes and completes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from conftest import REPO, SHARED_DATA, rel_err, save_tiny_checkpoint, tiny_uniaudio
+
+SENTENCES = ["he hoped there would be stew for dinner", "turnips and carrots and bruised potatoes",
+             "fat mutton pieces to be ladled out", "please translate the text to speech"]
+MESHES = {"dp_fsdp_ep": "data=2,fsdp=2,expert=2", "fsdp_tp": "fsdp=4,tensor=2"}
+
+
+def _env(devices: int, **kw) -> dict:
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **kw)
+    for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+        if k not in kw:
+            env.pop(k, None)
+    return env
+
+
+def _child(out_dir: str) -> None:
+    """Runs in the 8-device subprocess: every output of every configuration into ``out_dir/<name>.npz``."""
+    import jax
+
+    jax.config.update("jax_default_matmul_precision", "highest")
+    from jax.sharding import NamedSharding
+
+    from unitok_jax import llm, model
+    from unitok_jax.api import UniAudio
+    from unitok_jax.convert import with_param_dtype
+    from unitok_jax.generate import Sampler
+
+    tok, cfg, params = tiny_uniaudio(SENTENCES * 4)
+    speech, _ = sf.read(SHARED_DATA / "librispeech-1089-134686-0000.flac", dtype="float32")
+    waves = [speech[:5000], speech[8000:14000], speech[20000:23000]]  # 3 inputs of different lengths
+    texts = [SENTENCES[0], SENTENCES[1][:12], SENTENCES[2]]
+    fast = Sampler(steps=2)  # 2 flow steps with guidance: the same program shape as 10, compiled and run faster
+
+    def run(m, name):
+        out = {}
+        tts = m.tts(texts, waves, [SENTENCES[3]] * 3, seed=1, max_patches=6, min_steps=100, sampler=fast)
+        for i, w in enumerate(tts):
+            out[f"tts_wave{i}"] = w
+        asr = m.asr(waves, max_new_tokens=6)
+        ed = m.edit(waves, ["make it louder", "say it slower", "delete the word stew"], semantic=[False, False, True],
+                    seed=2, max_text_tokens=6, max_patches=4, min_steps=100, sampler=fast)
+        for i, o in enumerate(ed):
+            out[f"edit_wave{i}"] = o.wave
+        with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
+            json.dump({"asr": asr, "edit_text": [o.text for o in ed]}, f)
+        np.savez(os.path.join(out_dir, f"{name}.npz"), **out)
+
+    run(UniAudio(cfg, params, tok), "single")
+    specs = {}
+    for name, spec in MESHES.items():
+        m = UniAudio(cfg, params, tok, mesh=spec)
+        specs[name] = {jax.tree_util.keystr(k): [list(a) if isinstance(a, tuple) else a for a in v.sharding.spec]
+                       for k, v in jax.tree_util.tree_leaves_with_path(m.params)
+                       if isinstance(v.sharding, NamedSharding)}
+        run(m, name)
+    with open(os.path.join(out_dir, "specs.json"), "w") as f:
+        json.dump(specs, f)
+
+    # bfloat16: the load-time policy (norms, router float32), the LLM computing in bfloat16
+    dtypes = model.param_dtypes(jax.eval_shape(lambda: params), "bfloat16")
+    p16 = jax.tree.map(lambda x, d: x.astype(d), params, dtypes)
+    cfg16 = with_param_dtype("uniaudio", cfg, "bfloat16")
+    ids = np.asarray([tok.encode(SENTENCES[0])], np.int32)
+    logits = {}
+    for tag, (c, p) in {"f32": (cfg, params), "bf16": (cfg16, p16)}.items():
+        lm = model.llm_module(c)
+        cache = llm.init_cache(c.llm, 1, ids.shape[1] + 4)
+        lg, _, cache = llm.prefill(lm, model.llm_vars(p), cache, input_ids=ids, lengths=np.array([ids.shape[1]]))
+        steps = [np.asarray(lg, np.float32)]
+        for t in range(3):  # the first greedy decode steps, fed the float32 run's tokens
+            tok_t = ids[:, -1:] if t == 0 else np.asarray([[3 + t]], np.int32)
+            lg, _, cache = llm.decode_step(lm, model.llm_vars(p), cache, input_ids=tok_t[:, 0])
+            steps.append(np.asarray(lg, np.float32))
+        logits[tag] = np.stack(steps)
+    tts16 = UniAudio(cfg16, p16, tok).tts(texts, waves, seed=1, max_patches=4, min_steps=100, sampler=fast)
+    np.savez(os.path.join(out_dir, "bf16.npz"), logits_f32=logits["f32"], logits_bf16=logits["bf16"],
+             tts_finite=np.array([np.isfinite(w).all() and w.size > 0 for w in tts16]))
+
+
+@pytest.fixture(scope="module")
+def mesh_runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("mesh")
+    proc = subprocess.run([sys.executable, __file__, "child", str(out)], cwd=REPO, env=_env(8), capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return out
+
+
+def _load(folder, name):
+    with open(folder / f"{name}.json") as f:
+        return dict(np.load(folder / f"{name}.npz")), json.load(f)
+
+
+@pytest.mark.parametrize("mesh", sorted(MESHES))
+def test_sampling_on_a_mesh_equals_one_device(mesh_runs, mesh):
+    ref, ref_txt = _load(mesh_runs, "single")
+    got, got_txt = _load(mesh_runs, mesh)
+    assert sorted(got) == sorted(ref)
+    for k in ref:
+        assert got[k].shape == ref[k].shape, k
+        assert ref[k].size == 0 or rel_err(got[k], ref[k]) <= 1e-5, (k, rel_err(got[k], ref[k]))
+    assert any(ref[f"tts_wave{i}"].size for i in range(3))  # the comparison covers real audio
+    assert got_txt == ref_txt  # ASR transcripts (language, text) and edit texts
+
+
+def test_mesh_params_carry_the_rules_shardings(mesh_runs):
+    with open(mesh_runs / "specs.json") as f:
+        specs = json.load(f)
+    ep = specs["dp_fsdp_ep"]
+    experts = {k: v for k, v in ep.items() if k.endswith(("['wi_gate']", "['wi_up']", "['wo']"))}
+    assert len(experts) == 3  # wi_gate, wi_up, wo
+    for k, v in experts.items():  # [layers, E, in, out]: E over expert, never replicated there
+        assert k.startswith("['model']") and v[1] == "expert", (k, v)
+    tp = specs["fsdp_tp"]
+    assert any("tensor" in json.dumps(v) for k, v in tp.items() if "['model']" in k)
+    assert any("fsdp" in json.dumps(v) for k, v in tp.items() if k.startswith("['audio']"))  # the VAE: FSDP-style
+
+
+def test_bfloat16_logits_close_and_outputs_finite(mesh_runs):
+    d = dict(np.load(mesh_runs / "bf16.npz"))
+    assert d["logits_bf16"].shape == d["logits_f32"].shape
+    err = rel_err(d["logits_bf16"], d["logits_f32"])
+    assert err <= 5e-2, err  # bfloat16 has 8 mantissa bits: ~1e-2 relative after a few layers
+    assert err > 0  # it really ran in bfloat16
+    assert d["tts_finite"].all()
+
+
+# ------------------------------------------------------------------------------------------------- sample.py
+
+
+@pytest.fixture(scope="module")
+def ckpt_dir(tmp_path_factory):
+    tok, cfg, params = tiny_uniaudio(SENTENCES * 4)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny"
+    save_tiny_checkpoint(path, tok, cfg, params)
+    return path
+
+
+def _requests(tmp_path, n=6):
+    speech = str(SHARED_DATA / "librispeech-1089-134686-0000.flac")
+    req = tmp_path / "req.jsonl"
+    req.write_text("".join(json.dumps({"id": f"r{i}", "text": SENTENCES[i % 4][: 10 + 5 * i], "prompt_wav": speech,
+                                       "prompt_text": SENTENCES[3]}) + "\n" for i in range(n)))
+    return req
+
+
+def _cmd(ckpt, req, out, *extra):
+    return [sys.executable, "sample.py", "tts", "--checkpoint", str(ckpt), "--input", str(req), "--out", str(out),
+            "--quiet", "--steps", "2", "--max-patches", "3", "--batch-size", "2", "--max-seconds", "30", *extra]
+
+
+def _outputs(out):
+    rows = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    return {r["id"]: sf.read(out / r["wav"], dtype="float32")[0] for r in rows}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _two_processes(ckpt, req, out, *extra):
+    port = _free_port()
+    return [subprocess.Popen(_cmd(ckpt, req, out, *extra), cwd=REPO,
+                             env=_env(1, JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2",
+                                      JAX_PROCESS_ID=str(i)),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+
+
+def _assert_same(a: dict, b: dict, tol=1e-4):
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert a[k].shape == b[k].shape, k
+        assert np.abs(a[k] - b[k]).max() <= tol, (k, np.abs(a[k] - b[k]).max())  # 16-bit PCM: 1 step = 3e-5
+
+
+def test_sample_py_mesh_and_two_processes_equal_one_device(ckpt_dir, tmp_path):
+    req = _requests(tmp_path)
+    one = tmp_path / "one"
+    r = subprocess.run(_cmd(ckpt_dir, req, one), cwd=REPO, env=_env(1), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ref = _outputs(one)
+    assert len(ref) == 6
+
+    mesh = tmp_path / "mesh"
+    r = subprocess.run(_cmd(ckpt_dir, req, mesh, "--mesh", "data=2,fsdp=2,expert=2"), cwd=REPO, env=_env(8),
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    _assert_same(_outputs(mesh), ref)
+
+    two = tmp_path / "two"
+    procs = _two_processes(ckpt_dir, req, two)
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (o, e) in zip(procs, outs):
+        assert p.returncode == 0, e[-3000:]
+    assert "process 0/2: 3 done" in outs[0][0] and "process 1/2: 3 done" in outs[1][0]
+    assert not [n for n in os.listdir(two) if n.startswith("results.part")]  # merged into one results.jsonl
+    _assert_same(_outputs(two), ref)
+
+    bad = subprocess.run(_cmd(ckpt_dir, req, tmp_path / "bad", "--mesh", "data=3"), cwd=REPO, env=_env(8),
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "--mesh data=3" in bad.stderr and "8" in bad.stderr, bad.stderr[-2000:]
+    assert not (tmp_path / "bad").exists()  # nothing written for a refused run
+
+
+def test_killed_two_process_job_resumes(ckpt_dir, tmp_path):
+    req = _requests(tmp_path, n=8)
+    out = tmp_path / "out"
+    procs = _two_processes(ckpt_dir, req, out, "--batch-size", "1")
+    deadline = time.time() + 300
+    while time.time() < deadline:  # kill both once some (not all) requests have finished
+        parts = [out / f"results.part-{i}.jsonl" for i in range(2)]
+        if out.exists() and any(p.exists() and p.read_text().strip() for p in parts):
+            break
+        if any(p.poll() is not None for p in procs):
+            break
+        time.sleep(0.2)
+    for p in procs:
+        p.send_signal(signal.SIGKILL)
+        p.communicate()
+    done_before = {json.loads(x)["id"] for p in sorted(out.glob("results.part-*.jsonl"))
+                   for x in p.read_text().splitlines()}
+    assert 0 < len(done_before) < 8, done_before  # killed mid-way
+    procs = _two_processes(ckpt_dir, req, out, "--batch-size", "1")
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (o, e) in zip(procs, outs):
+        assert p.returncode == 0, e[-3000:]
+    redone = sum(int(o.split(" done")[0].rsplit(" ", 1)[-1]) for o, _ in outs)
+    assert redone == 8 - len(done_before)  # finished requests were not redone
+    rows = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    assert sorted(r["id"] for r in rows) == [f"r{i}" for i in range(8)]
+    assert all((out / r["wav"]).is_file() for r in rows)
+    assert not [n for n in os.listdir(out) if n.startswith(".") or n.startswith("results.part")]
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["child"]:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    _child(sys.argv[2])
