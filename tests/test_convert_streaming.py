@@ -63,7 +63,8 @@ def _reference_keys(cfg) -> dict:
             return np.broadcast_to(np.zeros((), np.float32), shape)
 
     shapes = {}
-    for prefix, fn in (("audio.", lambda r: vae_tree(r, cfg.vae)), ("flowloss.cfm.model.", lambda r: dit_tree(r, cfg.flow))):
+    for prefix, fn in (("audio.", lambda r: vae_tree(r, cfg.vae)),
+                       ("flowloss.cfm.model.", lambda r: dit_tree(r, cfg.flow))):
         r = Recorder(prefix)
         materialize(fn(r))
         shapes.update(r.shapes)
@@ -161,7 +162,10 @@ unitok_jax.convert.plan.plan_reference(src)
 rep = {}
 for dtype in ("bfloat16", "float32"):
     release_free_memory()
-    open("/proc/self/clear_refs", "w").write("5")  # reset VmHWM to the current RSS
+    try:
+        open("/proc/self/clear_refs", "w").write("5")  # reset VmHWM to the current RSS (Linux >= 4.0)
+    except OSError:
+        pass  # then the peak may include the planning above: an over-estimate
     before = mem()["VmRSS"]
     rc = main([src, out + "/" + dtype, "--dtype", dtype, "--group-mb", "4"])
     rep[dtype] = {"rc": rc, "before": before, "peak": mem()["VmHWM"]}
@@ -254,12 +258,13 @@ def _worker(tmp: str) -> dict:
            "stored_dtypes": {k: str(v.dtype) for k, v in stored.items()},
            "llm_bytes_f32": sum(v.nbytes for k, v in ref32.items() if k.startswith("['model']")),
            "wi_gate_shape": list(stored["['model']['moe']['layers']['moe']['wi_gate']"].shape), "meshes": {},
-           "llm_layer_by_layer": sorted(p["path"][-1] for p in index["params"] if p["layers"] and p["path"][1] == "model"),
+           "llm_layer_by_layer": sorted(p["path"][-1] for p in index["params"]
+                                        if p["layers"] and p["path"][1] == "model"),
            "vae_layer_by_layer": sum(bool(p["layers"]) for p in index["params"] if p["path"][1] == "audio")}
     # a VERSION 1 checkpoint (one orbax tree at params/) of the same values in float32
     os.makedirs(v1)
-    ocp.StandardCheckpointer().save(os.path.join(v1, PARAMS_DIR),
-                                    {"uniaudio": jax.tree.map(lambda x: np.asarray(x, np.float32), single.params["uniaudio"])})
+    as_f32 = jax.tree.map(lambda x: np.asarray(x, np.float32), single.params["uniaudio"])
+    ocp.StandardCheckpointer().save(os.path.join(v1, PARAMS_DIR), {"uniaudio": as_f32})
     meta = json.load(open(os.path.join(dst, CONFIG_NAME)))
     meta["components"]["uniaudio"]["llm"].update(param_dtype="float32", dtype="float32")
     json.dump({**meta, "version": 1}, open(os.path.join(v1, CONFIG_NAME), "w"))

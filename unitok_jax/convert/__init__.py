@@ -178,10 +178,10 @@ def convert(src: str, dst: str, *, dtype=None, overwrite: bool = False, max_grou
     """Convert a reference checkpoint folder to a unitok_jax checkpoint at ``dst``, streaming: every key and shape
     is checked first (nothing read), then the params are read from the memory-mapped safetensors, converted and
     written a bounded group at a time (``max_group_bytes``, default 256 MiB, or one tensor if larger; a stacked
-    param larger than that, one layer at a time), so host memory stays near one group, not the model. ``dtype`` (default: the checkpoint's own, bfloat16 for the
-    release) is the dtype the params are written in, norms and router float32
-    (:func:`unitok_jax.model.param_dtypes`). Nothing is written at ``dst`` on failure. Returns the plan (its
-    ``config`` as saved, ``num_params()``)."""
+    param larger than that, one layer at a time), so host memory stays near two groups, not the model. ``dtype``
+    (default: the checkpoint's own, bfloat16 for the release) is the dtype the params are written in, norms and
+    router float32 (:func:`unitok_jax.model.param_dtypes`). Nothing is written at ``dst`` on failure. Returns the
+    plan (its ``config`` as saved, ``num_params()``)."""
     from unitok_jax.convert.plan import iter_units, target_dtypes
     from unitok_jax.convert.store import DEFAULT_GROUP_BYTES
 
@@ -259,33 +259,23 @@ def component_shardings(component: str, cfg, abstract, mesh, rules=None):
     from unitok_jax import sharding as shd
 
     rules = shd.DEFAULT_RULES if rules is None else tuple(tuple(r) for r in rules)
-    shapes = tuple((jax.tree_util.keystr(p), tuple(x.shape)) for p, x in jax.tree_util.tree_leaves_with_path(abstract))
+    shapes = tuple((tuple(k.key for k in p), tuple(x.shape)) for p, x in jax.tree_util.tree_leaves_with_path(abstract))
     try:
         hash((cfg, mesh, rules))
-    except TypeError:  # unhashable config or rules: nothing remembered
-        return _component_shardings.__wrapped__(component, cfg, mesh, rules, shapes, abstract)
-    return _component_shardings(component, cfg, mesh, rules, shapes, _Unhashed(abstract))
-
-
-class _Unhashed:
-    """Carries a value through ``functools.lru_cache`` without taking part in the key."""
-
-    def __init__(self, value):
-        self.value = value
-
-    def __hash__(self):
-        return 0
-
-    def __eq__(self, other):
-        return isinstance(other, _Unhashed)
+    except TypeError:  # unhashable config or rules (lists from JSON): nothing remembered
+        return _component_shardings.__wrapped__(component, cfg, mesh, rules, shapes)
+    return _component_shardings(component, cfg, mesh, rules, shapes)
 
 
 @functools.lru_cache(maxsize=8)
-def _component_shardings(component, cfg, mesh, rules, shapes, abstract):
+def _component_shardings(component, cfg, mesh, rules, shapes):
     # remembered: the LLM's shardings come from tracing its init, which takes seconds
-    from unitok_jax import sharding as shd
+    import jax
 
-    abstract = abstract.value if isinstance(abstract, _Unhashed) else abstract
+    from unitok_jax import sharding as shd
+    from unitok_jax.convert.plan import nest
+
+    abstract = nest({p: jax.ShapeDtypeStruct(s, np.float32) for p, s in shapes})
     if component == "uniaudio":
         return shd.uniaudio_shardings(cfg, abstract, mesh, rules)
     return shd.uniaudio_shardings(None, {"audio": abstract}, mesh, rules)["audio"]

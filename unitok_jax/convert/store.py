@@ -25,7 +25,7 @@ import functools
 import json
 import os
 import warnings
-from typing import Any, Iterable, Optional
+from typing import Iterable, Optional
 
 import numpy as np
 
@@ -167,13 +167,11 @@ def _np_dtype(name: str):
 
 
 def _zeros(shape: tuple, dtype, sharding):
-    """A zero array in ``sharding``, each device's block made on the host (nothing compiled)."""
-    import jax
+    """A zero array made in ``sharding`` on the devices (a host-made one would pass whole blocks through host
+    memory)."""
+    import jax.numpy as jnp
 
-    def block(index):
-        return np.zeros(tuple(len(range(n)[i]) for n, i in zip(shape, index)), dtype)
-
-    return jax.make_array_from_callback(shape, sharding, block)
+    return jnp.zeros(shape, dtype, device=sharding)
 
 
 @functools.lru_cache(maxsize=None)
@@ -200,7 +198,6 @@ def restore_v2(params_dir: str, index: dict, targets: dict) -> dict:
     """path -> jax.Array for every stored param (``targets``: path -> ShapeDtypeStruct with dtype and sharding, one
     per param of the index), read group by group; stacked params are filled one layer at a time."""
     import jax
-
     import orbax.checkpoint as ocp
 
     out: dict = {}
@@ -244,6 +241,7 @@ def restore_v2(params_dir: str, index: dict, targets: dict) -> dict:
 
 def restore_v1(params_dir: str, targets: dict, stored: Iterable) -> dict:
     """path -> jax.Array from a VERSION 1 checkpoint (one orbax tree) restored into ``targets``."""
+    import jax
     import orbax.checkpoint as ocp
 
     from unitok_jax.convert.plan import nest
@@ -255,12 +253,4 @@ def restore_v1(params_dir: str, targets: dict, stored: Iterable) -> dict:
         tree = ocp.StandardCheckpointer().restore(params_dir, nest(dict(targets)))
     except Exception as e:  # orbax raises several types for damaged folders
         raise ConversionError(f"{params_dir}: cannot restore params: {e}") from e
-    import jax
-
     return {tuple(k.key for k in p): x for p, x in jax.tree_util.tree_leaves_with_path(tree)}
-
-
-def json_default(o: Any):
-    if isinstance(o, np.dtype):
-        return o.name
-    raise TypeError(type(o))
