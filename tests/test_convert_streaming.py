@@ -246,8 +246,8 @@ def _worker(tmp: str) -> dict:
     assert jax.device_count() == 8
     src, dst, v1 = (os.path.join(tmp, x) for x in ("src", "ck", "v1"))
     write_official(src, _config(big=False))
-    # default dtype: the shards' bfloat16; groups of 16 KiB: the experts (32 KiB) and the VAE stacks are written layer
-    # by layer
+    # default dtype: the shards' bfloat16; groups of 16 KiB: the experts (32 KiB) and the largest params of the VAE
+    # stacks are written layer by layer
     convert(src, dst, progress=False, max_group_bytes=16 << 10)
     index = json.load(open(os.path.join(dst, PARAMS_DIR, "index.json")))
     single = load(dst)
@@ -320,7 +320,8 @@ def _is_f32_by_policy(k: str) -> bool:
 
 def test_sharded_load_default_dtype_and_single_device(sharded):
     assert sharded["single_on_default_device"]
-    assert sharded["llm_layer_by_layer"] == ["wi_gate", "wi_up", "wo"] and sharded["vae_layer_by_layer"] > 10
+    # layer by layer: the experts, and the largest params of the VAE stacks (the smaller ones are gathered whole)
+    assert sharded["llm_layer_by_layer"] == ["wi_gate", "wi_up", "wo"] and sharded["vae_layer_by_layer"] > 0
     for k, d in sharded["stored_dtypes"].items():  # converted with the shards' own dtype, norms/router float32
         assert d == ("float32" if _is_f32_by_policy(k) else "bfloat16"), (k, d)
 

@@ -42,7 +42,7 @@ class Plan:
     config: Any
     shapes: dict  # path -> full shape
     stacked: dict  # path -> number of layers, for params of layer stacks (our scanned layout)
-    parts: list  # part(nbytes, max_bytes) -> [Piece] (see _Builder)
+    parts: list  # part(dtypes, max_bytes) -> [Piece] (see _Builder)
     source: str = ""
     path: str = ""  # the source folder (holds the tokenizer files of a full model)
     source_dtype: Optional[np.dtype] = None  # the floating dtype of most of the source's elements
@@ -50,10 +50,7 @@ class Plan:
     def pieces(self, dtypes: dict, max_bytes: float = float("inf")) -> list:
         """The pieces to read for params written in ``dtypes`` (path -> dtype), layer stacks of more than
         ``max_bytes`` one layer at a time."""
-        def nbytes(path):
-            return int(np.prod(self.shapes[path], dtype=np.int64)) * np.dtype(dtypes[path]).itemsize
-
-        return [piece for part in self.parts for piece in part(nbytes, max_bytes)]
+        return [piece for part in self.parts for piece in part(_Sizes(self.shapes, dtypes), max_bytes)]
 
     def unit_shape(self, unit: Unit) -> tuple:
         path, layer = unit
@@ -67,6 +64,19 @@ class Plan:
         import jax
 
         return nest({p: jax.ShapeDtypeStruct(s, (dtypes or {}).get(p, np.float32)) for p, s in self.shapes.items()})
+
+
+class _Sizes:
+    """What a part needs to know of the target dtypes: ``nbytes(path)`` and ``cast(path, array)``."""
+
+    def __init__(self, shapes: dict, dtypes: dict):
+        self.shapes, self.dtypes = shapes, dtypes
+
+    def nbytes(self, path) -> int:
+        return int(np.prod(self.shapes[path], dtype=np.int64)) * np.dtype(self.dtypes[path]).itemsize
+
+    def cast(self, path, a) -> np.ndarray:
+        return np.asarray(a, self.dtypes[path])
 
 
 def nest(flat: dict) -> dict:
@@ -83,9 +93,9 @@ def nest(flat: dict) -> dict:
 
 
 class _Builder:
-    """Collects shapes and *parts*: ``part(nbytes, max_bytes) -> [Piece]``, where ``nbytes(path)`` is a param's
-    size in the dtype it is written in. A layer stack small enough (at most ``max_bytes``) is read and written
-    whole; a larger one layer by layer (only such params are restored layer by layer, see ``store.py``)."""
+    """Collects shapes and *parts*: ``part(sizes, max_bytes) -> [Piece]`` (``sizes``: a :class:`_Sizes` for the
+    dtypes the params are written in). A stacked param is read and written whole when that fits ``max_bytes``,
+    otherwise one layer at a time (only such params are restored layer by layer, see ``store.py``)."""
 
     def __init__(self):
         self.shapes: dict = {}
@@ -123,23 +133,36 @@ class _Builder:
             return {(base + p, None): np.asarray(a) for p, a in lazy_items(tree_fn()) if not isinstance(a, Stacked)}
 
         if top:
-            self.parts.append(lambda nbytes, max_bytes: [Piece([(p, None) for p in top], read_top)])
+            self.parts.append(lambda sizes, max_bytes: [Piece([(p, None) for p in top], read_top)])
         for path, stk, subs in stacks:
-            paths = [base + path + sub for sub in subs]
 
-            def part(nbytes, max_bytes, stk=stk, path=path, subs=subs, paths=paths):
-                if sum(nbytes(p) for p in paths) <= max_bytes:
-                    def read_all():
-                        layers = [dict(flat_items(stk.layer(i))) for i in range(stk.n)]
-                        return {(base + path + sub, None): np.stack([np.asarray(la[sub]) for la in layers], 0)
-                                for sub in subs}
-
-                    return [Piece([(p, None) for p in paths], read_all)]
+            def part(sizes, max_bytes, stk=stk, path=path, subs=subs):
+                # The smallest params of the stack, up to max_bytes together, are collected over the layers and
+                # written whole with the last layer; the others layer by layer. The pieces must be read in order.
+                whole, room = set(), max_bytes
+                for sub in sorted(subs, key=lambda sub: sizes.nbytes(base + path + sub)):
+                    if sizes.nbytes(base + path + sub) > room:
+                        break
+                    whole.add(sub)
+                    room -= sizes.nbytes(base + path + sub)
+                collected: dict = {}
 
                 def read_layer(i):
-                    return {(base + path + sub, i): np.asarray(a) for sub, a in flat_items(stk.layer(i))}
+                    if i == 0:
+                        collected.clear()
+                    out = {}
+                    for sub, a in flat_items(stk.layer(i)):
+                        if sub not in whole:
+                            out[(base + path + sub, i)] = np.asarray(a)
+                            continue
+                        collected.setdefault(sub, []).append(sizes.cast(base + path + sub, a))
+                        if i == stk.n - 1:
+                            out[(base + path + sub, None)] = np.stack(collected.pop(sub), 0)
+                    return out
 
-                return [Piece([(p, i) for p in paths], functools.partial(read_layer, i)) for i in range(stk.n)]
+                return [Piece([(base + path + sub, i) for sub in subs if sub not in whole]
+                              + ([(base + path + sub, None) for sub in subs if sub in whole] if i == stk.n - 1 else []),
+                              functools.partial(read_layer, i)) for i in range(stk.n)]
 
             self.parts.append(part)
 
@@ -148,7 +171,7 @@ class _Builder:
         flat = {base + p: np.asarray(a) for p, a in flat_items(tree)}
         self.shapes.update({p: a.shape for p, a in flat.items()})
         piece = Piece([(p, None) for p in flat], lambda: {(p, None): a for p, a in flat.items()})
-        self.parts.append(lambda nbytes, max_bytes: [piece])
+        self.parts.append(lambda sizes, max_bytes: [piece])
 
     def add_llm(self, base: Path, plan):
         """The LLM's plan (:func:`unitok_jax.convert.llm._plan_llm`): one piece per param, except a stacked param
@@ -160,8 +183,8 @@ class _Builder:
             if stacked:
                 self.stacked[full] = shape[0]
 
-            def part(nbytes, max_bytes, full=full, fetch=fetch, stacked=stacked, n=shape[0]):
-                if not stacked or nbytes(full) <= max_bytes:
+            def part(sizes, max_bytes, full=full, fetch=fetch, stacked=stacked, n=shape[0]):
+                if not stacked or sizes.nbytes(full) <= max_bytes:
                     return [Piece([(full, None)], lambda: {(full, None): fetch(None)})]
                 return [Piece([(full, i)], functools.partial(lambda i: {(full, i): fetch((slice(i, i + 1),))[0]}, i))
                         for i in range(n)]
