@@ -4,9 +4,11 @@ at a time (the streaming conversion), with every key and shape checked before an
 A :class:`Plan` holds a component's config, the full shape of each of its params, which params are layer stacks
 (our scanned layout) and how to read them as :class:`Piece` s. A piece reads a bounded amount of the source: one
 LLM param, or one layer of a stacked LLM param larger than the group size (the experts: one layer's 64 experts are
-~0.4 GB in bfloat16 in the release), a whole VAE / DiT stack or one layer of it, or a component's small unstacked
-params. :func:`materialize_plan` assembles the whole tree in memory instead (``convert_reference``: small models,
-tests).
+~0.4 GB in bfloat16 in the release), one layer of a VAE / DiT stack (its params smaller than a group together are
+gathered over the layers and come out whole with the last layer), or a component's small unstacked params. For the
+official size at bfloat16 and groups of 256 MiB: ~260 pieces, the largest the 0.5 GB word embeddings, 16 params
+written layer by layer. :func:`materialize_plan` assembles the whole tree in memory instead
+(``convert_reference``: small models, tests).
 """
 from __future__ import annotations
 
@@ -42,14 +44,14 @@ class Plan:
     config: Any
     shapes: dict  # path -> full shape
     stacked: dict  # path -> number of layers, for params of layer stacks (our scanned layout)
-    parts: list  # part(dtypes, max_bytes) -> [Piece] (see _Builder)
+    parts: list  # part(sizes, max_bytes) -> [Piece] (see _Builder)
     source: str = ""
     path: str = ""  # the source folder (holds the tokenizer files of a full model)
     source_dtype: Optional[np.dtype] = None  # the floating dtype of most of the source's elements
 
     def pieces(self, dtypes: dict, max_bytes: float = float("inf")) -> list:
-        """The pieces to read for params written in ``dtypes`` (path -> dtype), layer stacks of more than
-        ``max_bytes`` one layer at a time."""
+        """The pieces to read, in order, for params written in ``dtypes`` (path -> dtype), stacked params larger
+        than ``max_bytes`` one layer at a time."""
         return [piece for part in self.parts for piece in part(_Sizes(self.shapes, dtypes), max_bytes)]
 
     def unit_shape(self, unit: Unit) -> tuple:
