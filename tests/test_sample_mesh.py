@@ -3,6 +3,7 @@
 * TTS (latents, waveform), ASR (text) and edit (text, latents) through :class:`unitok_jax.api.UniAudio` on the meshes
   (data 2 x fsdp 2 x expert 2) and (fsdp 4 x tensor 2) == the same calls on one device, float32, within 1e-5
   relative, for a batch of 3 requests of different lengths (3 rows padded to a batch of 4 on the mesh);
+* the streaming generator on a mesh gives the offline waveforms (3 rows, different budgets);
 * the params carry the shardings the rules give (expert weights split over ``expert``, never replicated there);
 * bfloat16 params (the dtype policy of :func:`unitok_jax.model.param_dtypes`): the first LLM logits stay within
   5e-2 relative of float32 and bfloat16 TTS is finite;
@@ -23,10 +24,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from conftest import REPO, SHARED_DATA, rel_err, save_tiny_checkpoint, tiny_uniaudio
-
-SENTENCES = ["he hoped there would be stew for dinner", "turnips and carrots and bruised potatoes",
-             "fat mutton pieces to be ladled out", "please translate the text to speech"]
+from conftest import REPO, SHARED_DATA, rel_err, tiny_uniaudio
+from test_sample_tasks import SENTENCES, ckpt_dir  # noqa: F401  (the same tiny checkpoint as sample.py's other tests)
 MESHES = {"dp_fsdp_ep": "data=2,fsdp=2,expert=2", "fsdp_tp": "fsdp=4,tensor=2"}
 
 
@@ -45,7 +44,7 @@ def _child(out_dir: str) -> None:
     jax.config.update("jax_default_matmul_precision", "highest")
     from jax.sharding import NamedSharding
 
-    from unitok_jax import llm, model
+    from unitok_jax import generate, llm, model, text
     from unitok_jax.api import UniAudio
     from unitok_jax.convert import with_param_dtype
     from unitok_jax.generate import Sampler
@@ -78,6 +77,17 @@ def _child(out_dir: str) -> None:
                        for k, v in jax.tree_util.tree_leaves_with_path(m.params)
                        if isinstance(v.sharding, NamedSharding)}
         run(m, name)
+        if name == "dp_fsdp_ep":  # the streaming generator on the mesh == the offline waveform on the mesh
+            ids, lengths = generate.pad_sequences([text.tts_prompt(tok, t, "", 2) for t in texts], dtype=np.int32)
+            req = (ids, lengths, np.random.default_rng(0).standard_normal((3, 10, cfg.vae.latent_dim)).astype(
+                np.float32), np.array([2, 2, 2], np.int32), np.array([5, 3, 4], np.int32), jax.random.key(3))
+            kw = dict(sampler=fast, min_steps=100, mesh=m.mesh)
+            off = generate.tts(m.params, cfg, *req, **kw)
+            chunks = list(generate.tts_stream(m.params, cfg, *req, chunk_patches=2, **kw))
+            spp = cfg.patch_size * cfg.vae.hop
+            np.savez(os.path.join(out_dir, "stream.npz"),
+                     **{f"stream{i}": np.concatenate([c.audio[i] for c in chunks]) for i in range(3)},
+                     **{f"offline{i}": off.waves[i, : off.counts[i] * spp] for i in range(3)})
     with open(os.path.join(out_dir, "specs.json"), "w") as f:
         json.dump(specs, f)
 
@@ -128,6 +138,13 @@ def test_sampling_on_a_mesh_equals_one_device(mesh_runs, mesh):
     assert got_txt == ref_txt  # ASR transcripts (language, text) and edit texts
 
 
+def test_streaming_on_a_mesh_equals_offline(mesh_runs):
+    d = dict(np.load(mesh_runs / "stream.npz"))
+    for i in range(3):
+        assert d[f"stream{i}"].shape == d[f"offline{i}"].shape and d[f"offline{i}"].size > 0
+        assert rel_err(d[f"stream{i}"], d[f"offline{i}"]) <= 1e-5
+
+
 def test_mesh_params_carry_the_rules_shardings(mesh_runs):
     with open(mesh_runs / "specs.json") as f:
         specs = json.load(f)
@@ -153,15 +170,8 @@ def test_bfloat16_logits_close_and_outputs_finite(mesh_runs):
 # ------------------------------------------------------------------------------------------------- sample.py
 
 
-@pytest.fixture(scope="module")
-def ckpt_dir(tmp_path_factory):
-    tok, cfg, params = tiny_uniaudio(SENTENCES * 4)
-    path = tmp_path_factory.mktemp("ckpt") / "tiny"
-    save_tiny_checkpoint(path, tok, cfg, params)
-    return path
-
-
 def _requests(tmp_path, n=6):
+    """``n`` TTS requests of different text lengths (prompted)."""
     speech = str(SHARED_DATA / "librispeech-1089-134686-0000.flac")
     req = tmp_path / "req.jsonl"
     req.write_text("".join(json.dumps({"id": f"r{i}", "text": SENTENCES[i % 4][: 10 + 5 * i], "prompt_wav": speech,
@@ -200,28 +210,26 @@ def _assert_same(a: dict, b: dict, tol=1e-4):
         assert np.abs(a[k] - b[k]).max() <= tol, (k, np.abs(a[k] - b[k]).max())  # 16-bit PCM: 1 step = 3e-5
 
 
-def test_sample_py_mesh_and_two_processes_equal_one_device(ckpt_dir, tmp_path):
-    req = _requests(tmp_path)
-    one = tmp_path / "one"
-    r = subprocess.run(_cmd(ckpt_dir, req, one), cwd=REPO, env=_env(1), capture_output=True, text=True, timeout=600)
+@pytest.fixture(scope="module")
+def one_device(ckpt_dir, tmp_path_factory):
+    """sample.py without a mesh, one process: the reference outputs."""
+    tmp = tmp_path_factory.mktemp("one")
+    req = _requests(tmp)
+    r = subprocess.run(_cmd(ckpt_dir, req, tmp / "out"), cwd=REPO, env=_env(1), capture_output=True, text=True,
+                       timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    ref = _outputs(one)
-    assert len(ref) == 6
+    ref = _outputs(tmp / "out")
+    assert len(ref) == 6 and all(w.size for w in ref.values())
+    return req, ref
 
+
+def test_sample_py_on_a_mesh_equals_one_device(ckpt_dir, one_device, tmp_path):
+    req, ref = one_device
     mesh = tmp_path / "mesh"
     r = subprocess.run(_cmd(ckpt_dir, req, mesh, "--mesh", "data=2,fsdp=2,expert=2"), cwd=REPO, env=_env(8),
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     _assert_same(_outputs(mesh), ref)
-
-    two = tmp_path / "two"
-    procs = _two_processes(ckpt_dir, req, two)
-    outs = [p.communicate(timeout=600) for p in procs]
-    for p, (o, e) in zip(procs, outs):
-        assert p.returncode == 0, e[-3000:]
-    assert "process 0/2: 3 done" in outs[0][0] and "process 1/2: 3 done" in outs[1][0]
-    assert not [n for n in os.listdir(two) if n.startswith("results.part")]  # merged into one results.jsonl
-    _assert_same(_outputs(two), ref)
 
     bad = subprocess.run(_cmd(ckpt_dir, req, tmp_path / "bad", "--mesh", "data=3"), cwd=REPO, env=_env(8),
                          capture_output=True, text=True, timeout=300)
@@ -229,34 +237,33 @@ def test_sample_py_mesh_and_two_processes_equal_one_device(ckpt_dir, tmp_path):
     assert not (tmp_path / "bad").exists()  # nothing written for a refused run
 
 
-def test_killed_two_process_job_resumes(ckpt_dir, tmp_path):
-    req = _requests(tmp_path, n=8)
+def test_two_processes_killed_resume_and_equal_one_process(ckpt_dir, one_device, tmp_path):
+    """2 processes (jax.distributed on localhost, 1 device each), SIGKILLed once some requests have finished, then
+    started again: the finished requests are not redone, one results.jsonl comes out, the outputs equal one
+    process's."""
+    req, ref = one_device
     out = tmp_path / "out"
-    procs = _two_processes(ckpt_dir, req, out, "--batch-size", "1")
+    procs = _two_processes(ckpt_dir, req, out)
     deadline = time.time() + 300
-    while time.time() < deadline:  # kill both once some (not all) requests have finished
-        parts = [out / f"results.part-{i}.jsonl" for i in range(2)]
-        if out.exists() and any(p.exists() and p.read_text().strip() for p in parts):
+    parts = [out / f"results.part-{i}.jsonl" for i in range(2)]
+    while time.time() < deadline and all(p.poll() is None for p in procs):
+        if any(p.exists() and p.read_text().strip() for p in parts):
             break
-        if any(p.poll() is not None for p in procs):
-            break
-        time.sleep(0.2)
+        time.sleep(0.1)
     for p in procs:
         p.send_signal(signal.SIGKILL)
         p.communicate()
-    done_before = {json.loads(x)["id"] for p in sorted(out.glob("results.part-*.jsonl"))
-                   for x in p.read_text().splitlines()}
-    assert 0 < len(done_before) < 8, done_before  # killed mid-way
-    procs = _two_processes(ckpt_dir, req, out, "--batch-size", "1")
+    done_before = {json.loads(x)["id"] for p in parts if p.exists() for x in p.read_text().splitlines()}
+    assert 0 < len(done_before) < 6, done_before  # killed mid-way
+    procs = _two_processes(ckpt_dir, req, out)
     outs = [p.communicate(timeout=600) for p in procs]
     for p, (o, e) in zip(procs, outs):
         assert p.returncode == 0, e[-3000:]
+    assert "process 0/2:" in outs[0][0] and "process 1/2:" in outs[1][0]
     redone = sum(int(o.split(" done")[0].rsplit(" ", 1)[-1]) for o, _ in outs)
-    assert redone == 8 - len(done_before)  # finished requests were not redone
-    rows = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
-    assert sorted(r["id"] for r in rows) == [f"r{i}" for i in range(8)]
-    assert all((out / r["wav"]).is_file() for r in rows)
-    assert not [n for n in os.listdir(out) if n.startswith(".") or n.startswith("results.part")]
+    assert redone == 6 - len(done_before)  # finished requests were not redone
+    assert not [n for n in os.listdir(out) if n.startswith(".") or n.startswith("results.part")]  # merged
+    _assert_same(_outputs(out), ref)
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["child"]:

@@ -16,6 +16,8 @@ Conventions:
 * Static shapes come from length buckets (:func:`bucket`): prompt length, prompt patches, output budgets and the
   batch are padded up to a few sizes so a batch job compiles a handful of programs, not one per request.
 * Token ids (``<audioPatch>``, ``<|endoftext|>``, ``<gen_audio>``) are arguments, never hard-coded.
+* The loop state is donated to the ``*_run`` programs (the KV and semantic caches are updated in place, not
+  copied): a state passed to ``tts_run`` / ``asr_run`` / ``edit_run`` must not be used again.
 * On a device mesh (``mesh=``, with logical-axis ``rules``; params placed by
   :func:`unitok_jax.sharding.uniaudio_shardings`, e.g. by ``UniAudio.load(mesh=...)``) the very same programs run
   SPMD: the batch is split over the mesh axes the rules give ``batch`` (``data`` x ``fsdp``; the batch bucket is
@@ -163,8 +165,8 @@ class _Mesh(NamedTuple):
         return contextlib.nullcontext() if self.mesh is None else shd.use_sharding(self.mesh, self.rules)
 
     def put(self, tree, rows: int):
-        """Host inputs onto the mesh: arrays whose leading dim is ``rows`` split over the batch axes, the rest (and
-        PRNG keys) replicated. No mesh: unchanged (jit places them)."""
+        """Host inputs onto the mesh: arrays whose leading dim is ``rows`` split over the batch axes (when they
+        divide it), the rest (and PRNG keys) replicated. No mesh: unchanged (jit places them)."""
         if self.mesh is None:
             return tree
         from jax.sharding import NamedSharding, PartitionSpec as P
@@ -176,7 +178,8 @@ class _Mesh(NamedTuple):
             if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
                 return jax.device_put(x, rep)
             x = np.asarray(x)
-            return jax.device_put(x, batch if x.ndim and x.shape[0] == rows else rep)
+            split = x.ndim and x.shape[0] == rows and rows % self.batch_multiple() == 0
+            return jax.device_put(x, batch if split else rep)
 
         return jax.tree.map(one, tree)
 
@@ -318,7 +321,7 @@ tts_step.__doc__ = """One TTS step for every active row (jitted; the body of :fu
 flow sample (CFG in the same call) -> stop probability -> emit -> semantic module + pooling -> LLM decode step."""
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "steps", "emit_stop_patch"))
+@functools.partial(jax.jit, static_argnames=("cfg", "steps", "emit_stop_patch"), donate_argnames=("state",))
 def tts_run(params, cfg: UniAudioConfig, state, limit, *, steps: int, emit_stop_patch: bool = True):
     """``lax.while_loop`` of :func:`tts_step` until all rows are done or ``state['iter'] == limit`` (traced)."""
     return _while(lambda s: _tts_step(params, cfg, s, steps, emit_stop_patch), state, limit)
@@ -504,7 +507,7 @@ def _asr_step(params, cfg: UniAudioConfig, state, eos_id: int, pad_id: int):
 asr_step = jax.jit(_asr_step, static_argnames=("cfg", "eos_id", "pad_id"))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "eos_id", "pad_id"))
+@functools.partial(jax.jit, static_argnames=("cfg", "eos_id", "pad_id"), donate_argnames=("state",))
 def asr_run(params, cfg: UniAudioConfig, state, limit, *, eos_id: int, pad_id: int = 0):
     return _while(lambda s: _asr_step(params, cfg, s, eos_id, pad_id), state, limit)
 
@@ -628,7 +631,7 @@ _EDIT_STATIC = ("cfg", "steps", "emit_stop_patch", "eos_id", "gen_audio_id", "pa
 edit_step = jax.jit(_edit_step, static_argnames=_EDIT_STATIC)
 
 
-@functools.partial(jax.jit, static_argnames=_EDIT_STATIC)
+@functools.partial(jax.jit, static_argnames=_EDIT_STATIC, donate_argnames=("state",))
 def edit_run(params, cfg: UniAudioConfig, state, limit, *, steps, emit_stop_patch, eos_id, gen_audio_id, pad_id=0):
     return _while(lambda s: _edit_step(params, cfg, s, steps, emit_stop_patch, eos_id, gen_audio_id, pad_id),
                   state, limit)
