@@ -217,6 +217,33 @@ def read_requests(path: str, task: str) -> tuple[list[Request], list[str]]:
     return good, errors
 
 
+def _audio_seconds(path: str) -> float:
+    """Duration from the file header (nothing decoded); 0 if unreadable (the load reports it later)."""
+    import soundfile as sf
+
+    try:
+        return float(sf.info(path).duration)
+    except Exception:  # noqa: BLE001 - any unreadable file sorts first and fails at its load, with its line number
+        return 0.0
+
+
+def by_expected_length(requests: list[Request], task: str, max_patches: int | None = None) -> list[Request]:
+    """Requests ordered by what sets their program shapes and loop length, so a batch holds requests of similar
+    cost (a row waits for the longest of its batch): TTS by prompt audio (none first), then the patch budget
+    (:func:`unitok_jax.text.tts_patch_budget` of the text) and the text length; ASR / edit by the input audio's
+    duration, then the instruction. Stable: equal keys keep the file order."""
+    from unitok_jax.text import tts_patch_budget
+
+    def key(r: Request):
+        f = r.fields
+        if task == "tts":
+            prompt = _audio_seconds(f["prompt_wav"]) if "prompt_wav" in f else -1.0
+            return (prompt, tts_patch_budget(f["text"], maximum=max_patches), len(f["text"]))
+        return (_audio_seconds(f["wav"]), len(f.get("instruction", "")))
+
+    return sorted(requests, key=key)
+
+
 def _write_results(path: str, rows: dict) -> None:
     """Rewrite results.jsonl atomically (rows keyed by id, in id order)."""
     import json
@@ -378,6 +405,7 @@ def run_task(args) -> int:
         _write_results(results_file, results)
         done += 1
 
+    todo = by_expected_length(todo, args.command, args.max_patches)  # batches of similar length, not file order
     bar = tqdm(total=len(todo), desc=args.command, unit="utt", disable=args.quiet)
     for i in range(0, len(todo), args.batch_size):
         batch = todo[i : i + args.batch_size]

@@ -153,9 +153,9 @@ def test_mesh_params_carry_the_rules_shardings(mesh_runs):
     assert len(experts) == 3  # wi_gate, wi_up, wo
     for k, v in experts.items():  # [layers, E, in, out]: E over expert, never replicated there
         assert k.startswith("['model']") and v[1] == "expert", (k, v)
-    tp = specs["fsdp_tp"]
-    assert any("tensor" in json.dumps(v) for k, v in tp.items() if "['model']" in k)
-    assert any("fsdp" in json.dumps(v) for k, v in tp.items() if k.startswith("['audio']"))  # the VAE: FSDP-style
+    # the word embedding [vocab, embed]: vocab over tensor, embed over fsdp (DEFAULT_RULES)
+    assert specs["fsdp_tp"]["['model']['embed']['embedding']"] == ["tensor", "fsdp"]
+    assert specs["dp_fsdp_ep"]["['model']['embed']['embedding']"] == ["tensor", "fsdp"]  # tensor: size 1
 
 
 def test_bfloat16_logits_close_and_outputs_finite(mesh_runs):

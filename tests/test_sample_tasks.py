@@ -89,3 +89,29 @@ def test_python_api_batch_equals_single(ckpt_dir):
     np.testing.assert_allclose(both[1], one[0], atol=1e-5)
     rec = m.reconstruct([speech])
     assert rec[0].shape[0] >= 166960 - 40 and np.all(np.isfinite(rec[0]))
+
+
+def test_requests_are_batched_by_expected_length(tmp_path):
+    """sample.py batches requests of similar cost together (prompt audio, patch budget / input duration), not in
+    file order; equal keys keep the file order."""
+    import sample
+
+    def wav(name, seconds):
+        path = tmp_path / name
+        sf.write(path, np.zeros(int(16000 * seconds), np.float32), 16000)
+        return str(path)
+
+    long_p, short_p = wav("long.wav", 2.0), wav("short.wav", 0.5)
+    words = lambda n: " ".join(["word"] * n)  # noqa: E731  (25 patches per 3 words)
+    tts = [sample.Request(1, "a", {"text": words(30), "prompt_wav": long_p}),
+           sample.Request(2, "b", {"text": words(3)}),
+           sample.Request(3, "c", {"text": words(30), "prompt_wav": short_p}),
+           sample.Request(4, "d", {"text": words(3), "prompt_wav": short_p}),
+           sample.Request(5, "e", {"text": words(60)}),
+           sample.Request(6, "f", {"text": words(3) + "!"})]
+    assert [r.id for r in sample.by_expected_length(tts, "tts")] == ["b", "f", "e", "d", "c", "a"]
+    # a cap on the patches makes the budgets equal: the text length decides
+    assert [r.id for r in sample.by_expected_length(tts, "tts", max_patches=10)] == ["b", "f", "e", "d", "c", "a"]
+    asr = [sample.Request(1, "x", {"wav": long_p}), sample.Request(2, "y", {"wav": str(tmp_path / "missing.wav")}),
+           sample.Request(3, "z", {"wav": short_p})]
+    assert [r.id for r in sample.by_expected_length(asr, "asr")] == ["y", "z", "x"]

@@ -84,13 +84,18 @@ def tiny_config() -> UniAudioConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Sampler:
-    """Flow-head sampler settings (spec §4.5). ``steps`` is static (it shapes the program); the others are data."""
+    """Flow-head sampler settings (spec §4.5). ``steps`` is static (it shapes the program), and so is whether
+    ``cfg`` is 0 (no guidance: the DiT runs on the batch instead of the doubled batch); the values are data."""
 
     steps: int = 10
     cfg: float = 2.0
     sigma: float = 0.25
     temperature: float = 1.5
     sway: float = -1.0
+
+    @property
+    def guided(self) -> bool:
+        return float(self.cfg) != 0.0
 
 
 # ------------------------------------------------------------------------------------------------- buckets / padding
@@ -201,12 +206,15 @@ def _knobs(sampler: Sampler, stop_threshold) -> dict:
 # ------------------------------------------------------------------------------------------------- shared pieces
 
 
-def _sample_and_stop(params, cfg: UniAudioConfig, state, steps: int):
-    """Next patch [B, p, C] from the last LLM hidden and the history, and the stop probability [B]."""
+def _sample_and_stop(params, cfg: UniAudioConfig, state, steps: int, guided: bool = True):
+    """Next patch [B, p, C] from the last LLM hidden and the history, and the stop probability [B]. ``guided``
+    (static): classifier-free guidance with the traced strength ``knobs['cfg']`` (one DiT call on the doubled
+    batch); False: the conditional DiT alone on the batch (what ``Sampler.cfg == 0`` compiles to)."""
     kn = state["knobs"]
     keys = _patch_keys(state["keys"], state["count"])
     x = model.sample_patch(params, cfg, keys, state["hidden"][:, None], state["history"], steps=steps,
-                           cfg=kn["cfg"], sigma=kn["sigma"], temperature=kn["temperature"], sway=kn["sway"])
+                           cfg=kn["cfg"] if guided else 0.0, sigma=kn["sigma"], temperature=kn["temperature"],
+                           sway=kn["sway"])
     prob = heads.stop_probability(model.stop_logits(params, cfg, state["hidden"]))
     return x, prob
 
@@ -291,9 +299,9 @@ def tts_init(params, cfg: UniAudioConfig, ids, lengths, prompt, prompt_patches, 
     }
 
 
-def _tts_step(params, cfg: UniAudioConfig, state, steps: int, emit_stop_patch: bool):
+def _tts_step(params, cfg: UniAudioConfig, state, steps: int, emit_stop_patch: bool, guided: bool = True):
     active = ~state["done"]
-    x, prob = _sample_and_stop(params, cfg, state, steps)
+    x, prob = _sample_and_stop(params, cfg, state, steps, guided)
     stop, emit, out, count = _emit(state, x, active, prob, emit_stop_patch)
     done = state["done"] | stop | (active & (count >= state["budget"]))
     cont = active & ~done
@@ -316,15 +324,18 @@ def _tts_step(params, cfg: UniAudioConfig, state, steps: int, emit_stop_patch: b
     }
 
 
-tts_step = jax.jit(_tts_step, static_argnames=("cfg", "steps", "emit_stop_patch"))
+tts_step = jax.jit(_tts_step, static_argnames=("cfg", "steps", "emit_stop_patch", "guided"))
 tts_step.__doc__ = """One TTS step for every active row (jitted; the body of :func:`tts_run`'s loop): LLM hidden ->
 flow sample (CFG in the same call) -> stop probability -> emit -> semantic module + pooling -> LLM decode step."""
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "steps", "emit_stop_patch"), donate_argnames=("state",))
-def tts_run(params, cfg: UniAudioConfig, state, limit, *, steps: int, emit_stop_patch: bool = True):
-    """``lax.while_loop`` of :func:`tts_step` until all rows are done or ``state['iter'] == limit`` (traced)."""
-    return _while(lambda s: _tts_step(params, cfg, s, steps, emit_stop_patch), state, limit)
+@functools.partial(jax.jit, static_argnames=("cfg", "steps", "emit_stop_patch", "guided"),
+                   donate_argnames=("state",))
+def tts_run(params, cfg: UniAudioConfig, state, limit, *, steps: int, emit_stop_patch: bool = True,
+            guided: bool = True):
+    """``lax.while_loop`` of :func:`tts_step` until all rows are done or ``state['iter'] == limit`` (traced).
+    ``guided=False``: no classifier-free guidance (one DiT call per flow step on the batch, not the doubled one)."""
+    return _while(lambda s: _tts_step(params, cfg, s, steps, emit_stop_patch, guided), state, limit)
 
 
 class TTSResult(NamedTuple):
@@ -335,7 +346,8 @@ class TTSResult(NamedTuple):
 
 
 def _tts_prepare(ids, lengths, prompt, prompt_patches, budgets, key, request_ids, sampler, min_steps,
-                 stop_threshold, max_patches, buckets, cfg, batch_buckets=BATCH_BUCKETS, where: _Mesh = _Mesh(None, ())):
+                 stop_threshold, max_patches, buckets, cfg, batch_buckets=BATCH_BUCKETS,
+                 where: _Mesh = _Mesh(None, ())):
     ids = np.asarray(ids, np.int32)
     b = ids.shape[0]
     p = cfg.patch_size
@@ -387,12 +399,12 @@ def tts(params, cfg: UniAudioConfig, ids, lengths, prompt, prompt_patches, budge
                               stop_threshold, max_patches, buckets, cfg, batch_buckets, where)
     with where.context():
         state = tts_init(params, cfg, *args, max_patches=n)
+        static = dict(steps=sampler.steps, emit_stop_patch=emit_stop_patch, guided=sampler.guided)
         if mode == "compiled":
-            state = tts_run(params, cfg, state, jnp.int32(n + 1), steps=sampler.steps,
-                            emit_stop_patch=emit_stop_patch)
+            state = tts_run(params, cfg, state, jnp.int32(n + 1), **static)
         else:
             while not bool(jnp.all(state["done"])):
-                state = tts_step(params, cfg, state, steps=sampler.steps, emit_stop_patch=emit_stop_patch)
+                state = tts_step(params, cfg, state, **static)
         waves = np.asarray(decode_latents(params, cfg, state["out"], state["count"]))[:b] if decode else None
     return TTSResult(np.asarray(state["out"])[:b], np.asarray(state["count"])[:b], waves,
                      np.asarray(state["stopped"])[:b])
@@ -430,7 +442,7 @@ def tts_stream(params, cfg: UniAudioConfig, ids, lengths, prompt, prompt_patches
         limit += k
         with where.context():
             state = tts_run(params, cfg, state, jnp.int32(limit), steps=sampler.steps,
-                            emit_stop_patch=emit_stop_patch)
+                            emit_stop_patch=emit_stop_patch, guided=sampler.guided)
         count = np.asarray(state["count"])[:b]
         done = np.asarray(state["done"])[:b]
         new = count - sent
@@ -585,7 +597,8 @@ def edit_init(params, cfg: UniAudioConfig, ids, lengths, audio, audio_patches, t
     }
 
 
-def _edit_step(params, cfg: UniAudioConfig, state, steps, emit_stop_patch, eos_id, gen_audio_id, pad_id):
+def _edit_step(params, cfg: UniAudioConfig, state, steps, emit_stop_patch, eos_id, gen_audio_id, pad_id,
+               guided=True):
     active = ~state["done"]
     is_text = active & ~state["audio"]
     is_audio = active & state["audio"]
@@ -602,7 +615,7 @@ def _edit_step(params, cfg: UniAudioConfig, state, steps, emit_stop_patch, eos_i
     # audio phase (the flow head only runs when some row is in it)
     x, prob = jax.lax.cond(
         jnp.any(is_audio),
-        lambda: _sample_and_stop(params, cfg, state, steps),
+        lambda: _sample_and_stop(params, cfg, state, steps, guided),
         lambda: (jnp.zeros_like(state["history"]), jnp.zeros((b,), jnp.float32)),
     )
     stop, emit, out, count = _emit(state, x, is_audio, prob, emit_stop_patch)
@@ -627,14 +640,16 @@ def _edit_step(params, cfg: UniAudioConfig, state, steps, emit_stop_patch, eos_i
     }
 
 
-_EDIT_STATIC = ("cfg", "steps", "emit_stop_patch", "eos_id", "gen_audio_id", "pad_id")
+_EDIT_STATIC = ("cfg", "steps", "emit_stop_patch", "eos_id", "gen_audio_id", "pad_id", "guided")
 edit_step = jax.jit(_edit_step, static_argnames=_EDIT_STATIC)
 
 
 @functools.partial(jax.jit, static_argnames=_EDIT_STATIC, donate_argnames=("state",))
-def edit_run(params, cfg: UniAudioConfig, state, limit, *, steps, emit_stop_patch, eos_id, gen_audio_id, pad_id=0):
-    return _while(lambda s: _edit_step(params, cfg, s, steps, emit_stop_patch, eos_id, gen_audio_id, pad_id),
-                  state, limit)
+def edit_run(params, cfg: UniAudioConfig, state, limit, *, steps, emit_stop_patch, eos_id, gen_audio_id, pad_id=0,
+             guided=True):
+    return _while(
+        lambda s: _edit_step(params, cfg, s, steps, emit_stop_patch, eos_id, gen_audio_id, pad_id, guided),
+        state, limit)
 
 
 class EditResult(NamedTuple):
@@ -682,7 +697,7 @@ def edit(params, cfg: UniAudioConfig, ids, lengths, audio, audio_patches, key, *
                       pad_axis(audio_patches, bb, 0), pad_axis(tb, bb, 0), pad_axis(ab, bb, 0), key,
                       pad_axis(request_ids, bb, 0), pad_axis(min_steps, bb, 0), _knobs(sampler, stop_threshold)), bb)
     static = dict(steps=sampler.steps, emit_stop_patch=emit_stop_patch, eos_id=int(eos_id),
-                  gen_audio_id=int(gen_audio_id), pad_id=int(pad_id))
+                  gen_audio_id=int(gen_audio_id), pad_id=int(pad_id), guided=sampler.guided)
     with where.context():
         state = edit_init(params, cfg, *args, max_text=m, max_patches=nb, audio_patch_id=int(audio_patch_id))
         if mode == "compiled":
