@@ -116,7 +116,7 @@ def spell_numbers(text: str) -> str:
             if re.fullmatch(r"1[1-9]\d\d|20\d\d", num):
                 return num2words(int(num), to="year")
             return num2words(float(num) if "." in num else int(num))
-        except (ValueError, OverflowError, NotImplementedError):
+        except (ValueError, OverflowError, NotImplementedError):  # num2words cannot say it: keep the digits
             return m.group(0)
 
     text = re.sub(r"(\d):(\d\d)", lambda m: f"{m.group(1)} {m.group(2)}", text)  # clock times
