@@ -35,8 +35,8 @@ import numpy as np
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from unitok_jax.configs.llm import TINY_LLM_CONFIG  # noqa: E402
 from unitok_jax.llm import (  # noqa: E402
-    TINY_LLM_CONFIG,
     BailingMoeLM,
     LLMConfig,
     decode_step,

@@ -141,10 +141,10 @@ def _imports():
     import numpy as np  # noqa: F401
     from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: F401
 
-    from configs import lm as lm_configs  # noqa: F401
     from unitok_jax import generate as G  # noqa: F401
     from unitok_jax import model  # noqa: F401
     from unitok_jax import sharding as shd  # noqa: F401
+    from unitok_jax.configs import lm as lm_configs  # noqa: F401
     from unitok_jax.training import lm_train, sharded  # noqa: F401
     from unitok_jax.training.lm_step import init_lm_state  # noqa: F401
 

@@ -50,9 +50,9 @@ import numpy as np
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from configs import llm as llm_configs  # noqa: E402
-from configs import vae as vae_configs  # noqa: E402
 from unitok_jax import generate, model, moe, text, vae  # noqa: E402
+from unitok_jax.configs import llm as llm_configs  # noqa: E402
+from unitok_jax.configs import vae as vae_configs  # noqa: E402
 from unitok_jax.audio import load_audio  # noqa: E402
 from unitok_jax.training import lm_data, lm_step, monitor  # noqa: E402
 from unitok_jax.training.discriminators import DiscConfig  # noqa: E402

@@ -10,8 +10,8 @@ import pytest
 
 from conftest import FIXTURES, load_fixture, rel_err
 from unitok_jax.convert.llm import convert_llm
+from unitok_jax.configs.llm import TINY_LLM_CONFIG
 from unitok_jax.llm import (
-    TINY_LLM_CONFIG,
     BailingMoeLM,
     LLMConfig,
     decode_step,

@@ -13,9 +13,10 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from conftest import FIXTURES, load_fixture
+from unitok_jax.configs.llm import TINY_LLM_CONFIG
 from unitok_jax.convert.common import ConversionError
 from unitok_jax.convert.llm import convert_llm, export_llm, load_llm
-from unitok_jax.llm import TINY_LLM_CONFIG, LLMConfig, apply_norm_head, random_params
+from unitok_jax.llm import LLMConfig, apply_norm_head, random_params
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,5 @@
-"""train.py stage vae under a device mesh, in one subprocess on 8 simulated CPU devices (XLA's device count is fixed
-when jax starts; train.py defines absl flags, so it is imported there and not in the pytest process):
+"""The VAE stage (:mod:`unitok_jax.training.vae_train`, behind train.py) under a device mesh, in one subprocess on 8
+simulated CPU devices (XLA's device count is fixed when jax starts):
 
 * the official-size VAE train step (``configs/vae.py:official``) lowers under the 8xH100 preset (abstract state and
   batch, nothing allocated or compiled): the preset's expert axis folded into data, big generator / discriminator
@@ -28,8 +28,8 @@ def _official() -> dict:
     import jax
     import jax.numpy as jnp
 
-    import train
-    from configs import vae as vae_configs
+    from unitok_jax.configs import vae as vae_configs
+    from unitok_jax.training import vae_train as train
     from unitok_jax import sharding as shd
     from unitok_jax.training import sharded
     from unitok_jax.training.monitor import matmul_flops
@@ -75,8 +75,8 @@ def _heldout(tmp: str) -> dict:
     import numpy as np
     import soundfile as sf
 
-    import train
-    from configs import vae as vae_configs
+    from unitok_jax.configs import vae as vae_configs
+    from unitok_jax.training import vae_train as train
 
     wave, sr = sf.read(SHARED_DATA / "librispeech-1089-134686-0000.flac", dtype="float32")
     recs = []

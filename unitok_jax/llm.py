@@ -67,25 +67,6 @@ OFFICIAL_LLM_CONFIG: dict = {
     "multi_gate": False,
 }
 
-# A CPU-sized variant with the same structure (used by tests and the benchmark).
-TINY_LLM_CONFIG: dict = {
-    **OFFICIAL_LLM_CONFIG,
-    "vocab_size": 512,
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "head_dim": 16,
-    "rope_scaling": None,
-    "pad_token_id": 0,
-    "num_experts": 8,
-    "num_shared_experts": 1,
-    "num_experts_per_tok": 2,
-    "moe_intermediate_size": 32,
-    "max_position_embeddings": 1024,
-}
-
 # llm_config keys that do not change inference math (or are checked elsewhere).
 _IGNORED_KEYS = {
     "embedding_dropout", "attention_dropout", "output_dropout", "initializer_range", "use_cache",

@@ -1,4 +1,5 @@
-"""Numerical-fault policy of the training loops: a step whose loss or gradients are not finite changes nothing
+"""What stops a training run: :class:`SetupError` (a configuration or input problem found before training starts)
+and the numerical-fault policy of the training loops: a step whose loss or gradients are not finite changes nothing
 (the train steps already keep params and optimizer state and flag it); this module logs each such step with its
 number and aborts the run after ``limit`` consecutive ones.
 
@@ -9,6 +10,10 @@ from __future__ import annotations
 
 import sys
 from typing import Any, Callable
+
+
+class SetupError(ValueError):
+    """A configuration or input problem found before training starts (the CLI prints it without a traceback)."""
 
 
 class NonFiniteError(RuntimeError):

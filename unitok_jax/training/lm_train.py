@@ -1,4 +1,5 @@
-"""The LM stage driver behind ``train.py --config configs/lm.py:...`` (spec §5.7, §5.8, §7.2).
+"""The LM stage driver behind ``train.py --config configs/lm.py:...`` (:mod:`unitok_jax.cli.train`; spec §5.7,
+§5.8, §7.2).
 
 One loop, any mesh, any number of processes:
 
@@ -29,11 +30,7 @@ import numpy as np
 from unitok_jax import text as text_lib
 from unitok_jax.model import UniAudioConfig
 from unitok_jax.training import lm_data
-from unitok_jax.training.guard import NonFiniteError
-
-
-class SetupError(ValueError):
-    """A configuration or input problem found before training starts (printed without a traceback)."""
+from unitok_jax.training.guard import NonFiniteError, SetupError  # noqa: F401  (raised by run)
 
 
 # ------------------------------------------------------------------------------------------------ config / setup
@@ -203,26 +200,15 @@ def agreed_sizes(examples: list, seq_len: int = 0, max_patches: int = 0) -> tupl
 
 
 def run(config, workdir: str, stop_after: Optional[int] = None) -> int:
-    from absl import logging
-
-    logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
-    try:
-        return _run(config, workdir, stop_after)
-    except SetupError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except NonFiniteError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
-
-
-def _run(config, workdir: str, stop_after: Optional[int]) -> int:
+    """Train (or resume) the LM stage in ``workdir``; returns 0. Raises :class:`SetupError` for a configuration or
+    input problem found before training starts, :class:`NonFiniteError` after ``train.max_bad_steps`` consecutive
+    non-finite steps (:func:`unitok_jax.cli.train.main` prints either without a traceback)."""
     from tqdm import tqdm
 
-    from configs import lm as lm_configs
     from unitok_jax import model as model_lib
     from unitok_jax import sharding as shd
     from unitok_jax import vae as vae_lib
+    from unitok_jax.configs import lm as lm_configs
     from unitok_jax.convert import Checkpoint, load, save
     from unitok_jax.data.lm_pipeline import lm_batches
     from unitok_jax.data.manifest import read_manifest

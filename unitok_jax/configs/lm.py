@@ -1,0 +1,106 @@
+"""LM-stage (LLM + flow head + stop head, frozen VAE) training configurations.
+
+  python train.py --config configs/lm.py:tiny --workdir runs/lm \\
+      --config.data.manifest=corpus/train.jsonl --config.init.vae=runs/vae/export
+
+Variants: ``tiny`` (CPU) and ``official`` (Ming-UniAudio-16B-A3B as the spec estimates it: Ling-lite LLM, the
+estimated MingTok-Audio, a 0.1B DiT). ``--config.mesh_preset`` picks a pod layout (:data:`MESH_PRESETS`), else
+``--config.mesh.*`` sizes apply (one may be -1: the rest of the devices).
+"""
+from __future__ import annotations
+
+import copy
+
+import ml_collections
+
+from unitok_jax import sharding as shd
+from unitok_jax.configs import vae as vae_configs
+from unitok_jax.configs.llm import OFFICIAL_LLM_CONFIG, TINY_LM_LLM_CONFIG
+
+# Mesh presets live in unitok_jax.sharding (sample.py and the API use them too); re-exported here for configs.
+MESH_PRESETS, PRESET_DEVICES = shd.MESH_PRESETS, shd.PRESET_DEVICES
+
+
+def _audio_config(variant: str) -> dict:
+    v = vae_configs.get_config(variant).vae.to_dict()
+    return {"patch_size": 5, **copy.deepcopy(v)}
+
+
+def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
+    if variant not in ("tiny", "official"):
+        raise ValueError(f"unknown LM config variant {variant!r}; choose 'tiny' or 'official'")
+    tiny = variant == "tiny"
+    c = ml_collections.ConfigDict()
+    c.stage = "lm"
+    c.seed = 0
+
+    c.model = ml_collections.ConfigDict()
+    # A Ming-UniAudio config.json (llm_config / audio_tokenizer_config / ditar_config). The VAE part is replaced
+    # by the VAE checkpoint's own config when init.vae / init.checkpoint is given.
+    c.model.bailingmm = {
+        "llm_config": dict(TINY_LM_LLM_CONFIG if tiny else OFFICIAL_LLM_CONFIG),
+        "audio_tokenizer_config": _audio_config(variant),
+        "ditar_config": ({"hidden_size": 64, "depth": 2, "num_heads": 4, "mlp_ratio": 2.0} if tiny
+                         else {"hidden_size": 1024, "depth": 8, "num_heads": 16, "mlp_ratio": 4.0}),
+    }
+    c.model.dtype = "float32" if tiny else "bfloat16"  # compute dtype of the LLM and the flow head
+    c.model.moe_impl = "auto"  # "auto" | "ragged" | "tiled" | "dense"
+
+    c.init = ml_collections.ConfigDict()
+    c.init.checkpoint = ml_collections.config_dict.placeholder(str)  # full model (convert output / LM export)
+    c.init.vae = ml_collections.config_dict.placeholder(str)  # VAE checkpoint (train.py vae export / MingTok-Audio)
+
+    c.tokenizer = ml_collections.ConfigDict()
+    c.tokenizer.path = ml_collections.config_dict.placeholder(str)  # folder with tokenizer.json
+    c.tokenizer.vocab_size = 512  # when no path: a BPE trained on the manifest's texts (saved in the workdir)
+
+    c.data = ml_collections.ConfigDict()
+    c.data.manifest = ml_collections.config_dict.placeholder(str)  # JSONL {id, audio, text, speaker}
+    c.data.source = "audio"  # "audio": encode with the frozen VAE on the fly; "latents": a latent cache
+    c.data.batch_size = 4 if tiny else 256  # global batch (rows)
+    c.data.tts_fraction = 0.75  # TTS : ASR = 3 : 1 (reference gen:und ratio)
+    # Edit pairs (python -m unitok_jax.data.build_edit_corpus): a whole step of them with probability edit_fraction
+    c.data.edit_manifest = ml_collections.config_dict.placeholder(str)
+    c.data.edit_fraction = 0.25
+    c.data.buckets_seconds = (2.0, 4.0, 8.0) if tiny else (2.0, 4.0, 8.0, 16.0, 32.0)
+    c.data.max_seconds = 8.0 if tiny else 32.0
+    # Fixed batch shapes (one compilation; rows that do not fit are skipped and counted). 0: length buckets.
+    c.data.seq_len = 0
+    c.data.max_patches = 0
+
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 300 if tiny else 100_000
+    c.train.lr = 1e-3 if tiny else 1e-5
+    c.train.warmup_steps = 20 if tiny else 500
+    c.train.weight_decay = 0.02
+    c.train.clip_norm = 1.0
+    c.train.text_weight = 1.0
+    c.train.flow_weight = 1.0
+    c.train.stop_weight = 0.01
+    c.train.aux_weight = 0.0  # MoE load balancing
+    c.train.z_weight = 0.0  # router z loss
+    c.train.train_semantic = False  # unfreeze the semantic module (decoder fc2 + semantic transformer)
+    c.train.accum_steps = 1  # gradient accumulation micro-batches per step
+    # "lm": the LLM stage. "s2": the tokenizer's unified stage (spec 7.1): only the semantic path (decoder fc2 +
+    # semantic module + fc3) trains, on ASR sequences through the frozen LLM (init.checkpoint) and the full decoder
+    # path: align_weight * text CE + mel_weight * log-mel L1 (needs data.source=audio; no TTS, flow or stop loss).
+    c.train.objective = "lm"
+    c.train.align_weight = 2.0
+    c.train.mel_weight = 1.0
+    c.train.max_bad_steps = 10  # abort after this many consecutive non-finite steps (0: never)
+
+    c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1, "expert": 1})
+    c.mesh_preset = ""  # a key of MESH_PRESETS, overriding c.mesh
+    c.distributed = "auto"  # jax.distributed.initialize: "auto" | "on" | "off"
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every_steps = 50 if tiny else 1000
+    c.checkpoint.keep = 3
+    c.log_every = 10 if tiny else 50
+    c.tensorboard = True
+    return c
+
+
+def mesh_sizes(config: ml_collections.ConfigDict) -> dict:
+    """The mesh axis sizes the config asks for (the preset, if any, wins)."""
+    return shd.mesh_sizes(config.mesh_preset, dict(config.mesh))

@@ -1,0 +1,457 @@
+"""The VAE (tokenizer) stage driver behind ``train.py --config configs/vae.py:...`` (:mod:`unitok_jax.cli.train`;
+stages S0 and S1).
+
+``train.objective`` s0: mel + adversarial + feature matching + KL, alternating generator / discriminator updates
+(:mod:`unitok_jax.training.vae_step`); s1: semantic distillation of the decoder's semantic path to teacher features
+read from disk (:mod:`unitok_jax.training.distill_step`). A workdir that already holds a checkpoint resumes it
+exactly (params, optimizer states, step, RNG and the data position); SIGTERM saves a checkpoint and exits cleanly;
+at the end the inference params are exported to ``DIR/export`` (a checkpoint ``sample.py`` loads).
+
+One device mesh (``mesh_preset`` or ``mesh.*``, the tensor and expert axes folded into data: :func:`vae_mesh_sizes`;
+several processes when the environment describes them, ``distributed``): the train state is created in its
+shardings, the step is one jit with in/out shardings and donated state, every process loads its rows of each
+global batch.
+
+Monitoring: a progress bar (step, generator loss, step time, seconds of audio per second, MFU where the device's
+peak is known); every ``log_every`` steps the step's metrics go to ``DIR/metrics.jsonl`` (one
+``{"step": ..., metric: value}`` line) and TensorBoard (``DIR/tb``); every ``sample_every`` steps a fixed batch of
+held-out clips (``data.heldout_manifest``, else fixed crops of training records) is reconstructed: mel L1, SI-SDR and
+log-mel distance (``heldout/*``), plus reference / reconstruction audio and mel-spectrogram comparison images for
+the first ``sample_audio`` clips in TensorBoard.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+
+from unitok_jax.training.guard import NonFiniteError, SetupError  # noqa: F401  (raised by run)
+
+OBJECTIVES = ("s0", "s1")
+
+
+def vae_mesh_sizes(config) -> dict:
+    """Mesh axis sizes of a VAE-stage config: ``mesh_preset`` (a key of ``unitok_jax.sharding.MESH_PRESETS``) or
+    ``mesh.*``.
+
+    The VAE has neither experts nor tensor-parallel layers, so the ``tensor`` and ``expert`` axes of the layout are
+    folded into ``data`` (the devices stay busy on more batch rows instead of repeating the same work); params are
+    FSDP-sharded over ``fsdp`` and the batch is split over ``data`` x ``fsdp``. E.g. the 8xH100 preset (fsdp 4,
+    expert 2) becomes data 2 x fsdp 4."""
+    from unitok_jax.configs import lm as lm_configs
+
+    sizes = {a: int(v) for a, v in lm_configs.mesh_sizes(config).items()}
+    fold = [sizes.get("tensor", 1), sizes.get("expert", 1)]
+    if -1 in fold:  # "the rest of the devices" -> data takes the rest (data and fsdp are then explicit)
+        sizes["data"] = -1
+    elif sizes.get("data", 1) != -1:
+        sizes["data"] = sizes.get("data", 1) * fold[0] * fold[1]
+    sizes["tensor"] = sizes["expert"] = 1
+    return sizes
+
+
+def vae_objects(config, vcfg=None):
+    """(VAEConfig, step config, DiscConfig or None, OptConfig) of a VAE-stage config: ``VAETrainConfig`` and the
+    discriminators for objective s0, ``DistillConfig`` and no discriminator for s1. ``vcfg`` (e.g. the VAE config
+    of ``init.vae``) replaces ``config.vae``."""
+    from unitok_jax import vae
+    from unitok_jax.training.discriminators import DiscConfig
+    from unitok_jax.training.distill_step import DistillConfig
+    from unitok_jax.training.vae_step import OptConfig, VAETrainConfig
+
+    objective = config.train.get("objective", "s0")
+    if objective not in OBJECTIVES:
+        raise SetupError(f"train.objective={objective!r} is not one of {OBJECTIVES}")
+    vcfg = vcfg or vae.VAEConfig.from_reference(config.vae.to_dict())
+    if objective == "s1":
+        return vcfg, DistillConfig(vae=vcfg), None, OptConfig(lr=config.train.lr)
+    tcfg = VAETrainConfig(vae=vcfg, gan_loss=config.train.gan_loss, noise_tau=config.train.noise_tau,
+                          adv_start_step=config.train.adv_start_step)
+    dcfg = DiscConfig.tiny() if config.train.tiny_discriminators else DiscConfig()
+    return vcfg, tcfg, dcfg, OptConfig(lr=config.train.lr)
+
+
+def vae_init_fn(config, objects=None):
+    """``init(key, params=None) -> train state`` (``jax.eval_shape`` it for the abstract state, jit it with
+    out_shardings to create it sharded). ``params``: VAE params to start from (``init.vae``), else random."""
+    import jax
+
+    from unitok_jax import vae
+    from unitok_jax.training.distill_step import DistillConfig, init_distill_state
+    from unitok_jax.training.vae_step import init_vae_train_state
+
+    vcfg, tcfg, dcfg, ocfg = objects or vae_objects(config)
+
+    def init(key, params=None):
+        k_init, k_state = jax.random.split(key)
+        params = vae.init_params(vcfg, k_init) if params is None else params
+        if isinstance(tcfg, DistillConfig):
+            return init_distill_state(tcfg, params, ocfg, k_state)
+        return init_vae_train_state(tcfg, params, dcfg, ocfg, k_state)
+
+    return init
+
+
+def vae_state_shardings(state_abs: dict, tcfg, ocfg, mesh) -> dict:
+    """Shardings of a VAE train state: generator and discriminator params FSDP-sharded over ``fsdp`` where a leaf is
+    big enough (:func:`unitok_jax.training.sharded.fsdp_spec`; replicated otherwise, so with fsdp = 1 the state is
+    plain data parallel), Adam moments like their params, counters / step / RNG replicated."""
+    import jax
+    import optax
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from unitok_jax.training import sharded
+    from unitok_jax.training.vae_step import disc_optimizer, gen_optimizer
+
+    rep = NamedSharding(mesh, P())
+
+    def params(tree):
+        return jax.tree.map(lambda x: NamedSharding(mesh, sharded.fsdp_spec(x.shape, mesh, stacked=True)), tree)
+
+    def opt_state(opt, state, param_sh):
+        out = optax.tree_map_params(opt, lambda x, s: x if isinstance(x, optax.MaskedNode) else s, state, param_sh,
+                                    transform_non_params=lambda _: rep,
+                                    is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+        return jax.tree.map(lambda x: rep if x is None else x, out,
+                            is_leaf=lambda x: x is None or isinstance(x, NamedSharding))
+
+    gen = params(state_abs["gen_params"])
+    out = {"step": rep, "gen_params": gen,
+           "gen_opt_state": opt_state(gen_optimizer(tcfg, ocfg), state_abs["gen_opt_state"], gen),
+           "rng": rep, "num_skipped": rep}
+    if "disc_params" in state_abs:  # objective s0
+        disc = params(state_abs["disc_params"])
+        out.update(disc_params=disc,
+                   disc_opt_state=opt_state(disc_optimizer(ocfg), state_abs["disc_opt_state"], disc))
+    return out
+
+
+def vae_step_fn(tcfg, dcfg, ocfg, state_sh, mesh):
+    """The VAE train step ``(state, {"wave", "lengths"[, "teacher", "teacher_frames"]}) -> (state, metrics)`` as
+    one jit with in/out shardings (state in ``state_sh``, batch split over data x fsdp, metrics replicated) and
+    donated state, traced under the mesh and the logical rules (the backbones' activations are batch-sharded by the
+    same rules). S0's GAN step or S1's distillation step, after the type of ``tcfg``."""
+    import functools
+
+    from unitok_jax import sharding as shd
+    from unitok_jax.training import sharded
+    from unitok_jax.training.distill_step import DistillConfig, distill_train_step
+    from unitok_jax.training.vae_step import vae_train_step
+
+    if isinstance(tcfg, DistillConfig):
+        step = functools.partial(distill_train_step, cfg=tcfg, opt_cfg=ocfg)
+    else:
+        step = functools.partial(vae_train_step, cfg=tcfg, disc_cfg=dcfg, opt_cfg=ocfg)
+    return sharded.jit_step(step, state_sh, mesh, shd.DEFAULT_RULES)
+
+
+def heldout_batch(config, train_records, sample_rate: int = 16000, hop: int = 320, teacher_dim: int = 0):
+    """The fixed batch the VAE stage reconstructs every ``sample_every`` steps: ``data.heldout_size`` records spread
+    evenly over ``data.heldout_manifest`` (else over the training manifest: then the clips are *not* held out),
+    each centre-cropped to ``data.heldout_seconds`` (rounded to whole frames). Unreadable records are skipped.
+    Returns ({"wave" [N, L] f32, "lengths" [N] i32, "ids"}, a line describing the source), or (None, reason).
+
+    ``teacher_dim`` > 0 (objective s1): the crops start on a frame boundary and the batch also holds the matching
+    teacher rows (``"teacher" [N, L / hop, dim]``, ``"teacher_frames" [N]``); records without readable teacher
+    features (field ``data.teacher_key``) are skipped."""
+    import numpy as np
+
+    from unitok_jax.audio import AudioError, load_audio
+    from unitok_jax.data.manifest import read_manifest
+    from unitok_jax.data.pipeline import TeacherError, load_teacher, teacher_rows
+
+    if config.data.heldout_manifest:
+        records = read_manifest(config.data.heldout_manifest, require_text=False).records
+        source = f"held-out manifest {config.data.heldout_manifest}"
+    else:
+        records = list(train_records)
+        source = "training manifest (no data.heldout_manifest: fixed crops of training records, not held out)"
+    n = int(config.data.heldout_size)
+    length = max(hop, int(round(config.data.heldout_seconds * sample_rate / hop)) * hop)
+    if n < 1 or not records:
+        return None, f"no held-out clips ({source}: {len(records)} records, heldout_size={n})"
+    order = list(dict.fromkeys(int(i * len(records) / n) for i in range(n)))  # spread evenly, then the rest
+    order += [i for i in range(len(records)) if i not in set(order)]
+    waves, lengths, ids, teachers = [], [], [], []
+    frames = length // hop
+    for i in order:
+        if len(waves) == n:
+            break
+        try:
+            w = load_audio(records[i]["audio"], sample_rate)
+            if teacher_dim:
+                feats = load_teacher(records[i].get(config.data.teacher_key) or "", teacher_dim)
+        except (AudioError, TeacherError):
+            continue
+        if w.size == 0:
+            continue
+        start = max((len(w) - length) // 2, 0)
+        if teacher_dim:
+            start = start // hop * hop
+            rows = teacher_rows(feats, start // hop, frames)
+            if rows is None:
+                continue
+            teachers.append(rows)
+        piece = w[start : start + length]
+        waves.append(np.pad(piece, (0, length - len(piece))).astype(np.float32))
+        lengths.append(len(piece))
+        ids.append(str(records[i].get("id", i)))
+    if not waves:
+        return None, f"no readable held-out clips in the {source}"
+    batch = {"wave": np.stack(waves), "lengths": np.asarray(lengths, np.int32), "ids": ids}
+    if teacher_dim:
+        batch["teacher"] = np.stack([t for t, _ in teachers])
+        batch["teacher_frames"] = np.asarray([k for _, k in teachers], np.int32)
+    return batch, f"{len(waves)} clips of {length / sample_rate:.2f} s from the {source}"
+
+
+def heldout_metrics(ref, rec, lengths, sample_rate: int = 16000) -> dict:
+    """Mean SI-SDR (dB) and log-mel L1 distance (:mod:`unitok_jax.eval.metrics`) over the clips (host numpy)."""
+    import numpy as np
+
+    from unitok_jax.eval import metrics as em
+
+    sdr, lmd = [], []
+    for r, x, n in zip(ref, rec, lengths):
+        r, x = np.asarray(r[:n], np.float64), np.asarray(x[:n], np.float64)
+        sdr.append(em.si_sdr(r, x))
+        lmd.append(em.log_mel_distance(r, x, sample_rate))
+    return {"heldout/si_sdr": float(np.mean(sdr)), "heldout/log_mel_dist": float(np.mean(lmd))}
+
+
+def run(config, workdir: str, stop_after=None) -> int:
+    """Train (or resume) the VAE stage in ``workdir``; returns 0. Raises :class:`SetupError` for a configuration
+    or input problem found before training starts, :class:`NonFiniteError` after ``train.max_bad_steps``
+    consecutive non-finite steps (:func:`unitok_jax.cli.train.main` prints either without a traceback)."""
+    import jax
+    import numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    from tqdm import tqdm
+
+    from unitok_jax import sharding as shd
+    from unitok_jax import vae
+    from unitok_jax.convert import Checkpoint, ConversionError, load, save
+    from unitok_jax.data.manifest import read_manifest
+    from unitok_jax.data.pipeline import vae_batches
+    from unitok_jax.training import sharded
+    from unitok_jax.training import vae_losses as L
+    from unitok_jax.training.checkpoint import Preemption, TrainCheckpointer
+    from unitok_jax.training.distill_step import DistillConfig, distill_loss
+    from unitok_jax.training.guard import BadSteps
+    from unitok_jax.training.monitor import (MetricWriter, Throughput, matmul_flops, mel_comparison, mfu,
+                                             peak_flops_per_device)
+
+    sharded.maybe_initialize_distributed(config.distributed)
+    pid, nproc = jax.process_index(), jax.process_count()
+    say = print if pid == 0 else (lambda *a, **k: None)
+
+    # ---- data + model config
+    if not config.data.manifest:
+        raise SetupError("set --config.data.manifest=PATH (a JSONL of {id, audio, speaker})")
+    if not os.path.isfile(config.data.manifest):
+        raise SetupError(f"manifest {config.data.manifest} does not exist")
+    manifest = read_manifest(config.data.manifest, require_text=False)
+    for e in manifest.errors:
+        say(f"skipped {e}", file=sys.stderr)
+    if not manifest.records:
+        raise SetupError(f"{config.data.manifest} has no usable records")
+    init_params, init_vcfg = None, None
+    if config.get("init") and config.init.get("vae"):
+        try:
+            init_vcfg, init_params = load(config.init.vae).vae()
+        except (ConversionError, KeyError, ValueError) as e:
+            raise SetupError(f"init.vae={config.init.vae}: {e}") from None
+        say(f"starting from the VAE in {config.init.vae} (its config replaces `vae`)")
+    objects = vae_objects(config, init_vcfg)
+    vcfg, tcfg, dcfg, ocfg = objects
+    distill = isinstance(tcfg, DistillConfig)  # objective s1
+    teacher_dim = vcfg.unified_dim if distill else 0
+    if distill:  # the teacher features must exist and have the semantic module's width (checked on one record)
+        from unitok_jax.data.pipeline import TeacherError, load_teacher
+
+        key_name = config.data.teacher_key
+        missing = [r.get("id", "?") for r in manifest.records if not isinstance(r.get(key_name), str)]
+        if len(missing) == len(manifest.records):
+            raise SetupError(f"objective s1 needs teacher features: no record of {config.data.manifest} has a "
+                                f"{key_name!r} field (a .npy path; see data.teacher_key)")
+        if missing:
+            say(f"{len(missing)} records have no {key_name!r} field and are skipped (first: {missing[0]})",
+                file=sys.stderr)
+        first = next(r for r in manifest.records if isinstance(r.get(key_name), str))
+        try:
+            load_teacher(first[key_name], teacher_dim)
+        except TeacherError as e:
+            raise SetupError(f"{e} (record {first.get('id', '?')}; the semantic module emits {teacher_dim} "
+                                f"channels)") from None
+    if distill and init_params is None:
+        say("warning: objective s1 without init.vae distils into a randomly initialised (untrained) encoder",
+            file=sys.stderr)
+
+    # ---- mesh + sharded state (born sharded, or restored into its shardings)
+    mesh = shd.make_mesh({"mesh": vae_mesh_sizes(config)})
+    gb = config.data.batch_size
+    if gb % sharded.batch_shards(mesh) or gb % nproc:
+        raise SetupError(f"global batch {gb} is not divisible by the mesh's data x fsdp = "
+                            f"{sharded.batch_shards(mesh)} and the {nproc} processes")
+    init = vae_init_fn(config, objects)
+    key = jax.random.key(config.seed)
+    state_abs = jax.eval_shape(init, key)
+    state_sh = vae_state_shardings(state_abs, tcfg, ocfg, mesh)
+    ckpt = TrainCheckpointer(workdir, every_steps=config.checkpoint.every_steps, keep=config.checkpoint.keep)
+    state = None
+    if ckpt.latest_step() is None:
+        fixed = None if init_params is None else jax.device_put(init_params, state_sh["gen_params"])
+        state = jax.jit(init, out_shardings=state_sh)(key, fixed)
+        del fixed
+    data = vae_batches(manifest.records, batch_size=gb // nproc, crop_seconds=config.data.crop_seconds,
+                       seed=config.seed, teacher_key=config.data.teacher_key if distill else None,
+                       teacher_dim=teacher_dim, hop=vcfg.hop)  # this process's rows of every global batch
+    batch_keys = ("wave", "lengths") + (("teacher", "teacher_frames") if distill else ())
+    it = iter(data)
+    bad_records = 0  # records skipped so far (kept in the checkpoint, so a resumed run goes on counting)
+
+    def data_state() -> dict:
+        return {"speech": it.get_state(), "bad_records": bad_records}
+
+    restored = ckpt.restore(sharded.abstract_state(state_abs, state_sh))
+    if restored is not None:
+        step0, state, saved = restored
+        it.set_state(saved.get("speech", saved))
+        bad_records = int(saved.get("bad_records", 0))
+        say(f"resumed {workdir} at step {step0}")
+    step_fn = vae_step_fn(tcfg, dcfg, ocfg, state_sh, mesh)
+    say(f"mesh {dict(mesh.shape)} over {jax.device_count()} devices ({nproc} processes); global batch {gb}")
+
+    # ---- held-out reconstruction (every sample_every steps): replicated batch, params as they are sharded
+    rep = NamedSharding(mesh, P())
+    held, held_dev, reconstruct = None, None, None
+    if config.sample_every:
+        held, why = heldout_batch(config, manifest.records, vcfg.sample_rate, vcfg.hop, teacher_dim)
+        say(f"held-out samples: {why}")
+    if held is not None:
+        def replicated(x):  # every process holds the whole held-out batch
+            return jax.device_put(x, rep) if nproc == 1 else jax.make_array_from_process_local_data(rep, x)
+
+        held_dev = tuple(replicated(held[k]) for k in batch_keys)
+
+        def _reconstruct(gen_params, wave, lengths):
+            enc = vae.encode(gen_params, vcfg, wave, lengths, sample=False)
+            rec = L.mask_waveform(vae.decode(gen_params, vcfg, enc.latent, enc.frame_num)[:, : wave.shape[1]],
+                                  lengths)
+            return rec, L.multi_resolution_mel_loss(L.mask_waveform(wave, lengths), rec, lengths, tcfg.mel)
+
+        def _distill(gen_params, wave, lengths, teacher, teacher_frames):  # objective s1: the posterior mean
+            _, m = distill_loss(gen_params, dataclasses.replace(tcfg, sample_posterior=False), wave, lengths,
+                                teacher, teacher_frames, None)
+            return m["distill_mse"], m["distill_cos"]
+
+        if distill:
+            reconstruct = jax.jit(_distill, in_shardings=(state_sh["gen_params"],) + (rep,) * 4,
+                                  out_shardings=(rep, rep))
+        else:
+            reconstruct = jax.jit(_reconstruct, in_shardings=(state_sh["gen_params"], rep, rep),
+                                  out_shardings=(rep, rep))
+
+    writer = MetricWriter(workdir, tensorboard=config.tensorboard)
+    logged_refs: set = set()
+
+    def sample(step: int, state) -> dict:
+        if distill:
+            mse, cos = reconstruct(state["gen_params"], *held_dev)
+            return {"heldout/distill_mse": float(mse), "heldout/distill_cos": float(cos)}
+        rec, mel = reconstruct(state["gen_params"], *held_dev)
+        out = {"heldout/mel_l1": float(mel)}
+        if pid != 0:
+            return out
+        rec = np.asarray(rec)
+        out.update(heldout_metrics(held["wave"], rec, held["lengths"], vcfg.sample_rate))
+        for i in range(min(int(config.sample_audio), len(rec))):
+            n = int(held["lengths"][i])
+            if i not in logged_refs:
+                writer.audio(step, f"heldout/{i}/reference", held["wave"][i, :n], vcfg.sample_rate)
+                logged_refs.add(i)
+            writer.audio(step, f"heldout/{i}/reconstruction", rec[i, :n], vcfg.sample_rate)
+            writer.image(step, f"heldout/{i}/mel", mel_comparison(held["wave"][i, :n], rec[i, :n],
+                                                                  vcfg.sample_rate))
+        return out
+
+    # ---- throughput / MFU: the clock skips the held-out evaluations
+    paused = [0.0]
+    thr = Throughput(skip=1, clock=lambda: time.perf_counter() - paused[0])  # first interval compiles
+    # float32 matmuls run as TF32 on NVIDIA tensor cores and as bf16 passes on TPU (default precision)
+    dev = jax.devices()[0]
+    peak = peak_flops_per_device(dev, "bfloat16" if dev.platform == "tpu" else "tfloat32")
+    flops = None
+    preempt = Preemption()
+    start = step = int(state["step"])
+    total = config.train.steps
+    bar = tqdm(total=total, initial=start, desc="train vae", unit="step", disable=pid != 0)
+    interval_audio, interval_steps = 0.0, 0
+    guard = BadSteps(config.train.max_bad_steps, report=lambda msg: pid == 0 and print(msg, file=sys.stderr))
+    try:
+        while step < total:
+            local = next(it)
+            bad_records += int((~local["ok"]).sum())
+            batch = sharded.global_batch({k: local[k] for k in batch_keys}, mesh)
+            if flops is None and peak is not None:  # global matmul FLOPs of one step (traced once)
+                with shd.use_sharding(mesh, shd.DEFAULT_RULES):
+                    flops = float(matmul_flops(step_fn.raw, state, batch))
+            state, metrics = step_fn(state, batch)
+            step += 1
+            guard.add(step, metrics["skipped"])
+            interval_audio += float(local["lengths"].sum()) * nproc / vcfg.sample_rate
+            interval_steps += 1
+            held_m = {}
+            if reconstruct is not None and (step % config.sample_every == 0 or step == total):
+                jax.block_until_ready(state)
+                t0 = time.perf_counter()
+                held_m = sample(step, state)
+                paused[0] += time.perf_counter() - t0
+            if step % config.log_every == 0 or step == total:
+                m = {k: float(v) for k, v in jax.device_get(metrics).items()}  # waits for the step
+                guard.check()
+                t = thr.update(units=interval_audio, steps=interval_steps)
+                interval_audio, interval_steps = 0.0, 0
+                m.update(step=step, bad_records=bad_records)
+                if t is not None:
+                    m.update(step_s=t["step_s"], audio_s_per_s=t["units_per_s"])
+                    u = mfu(flops, t["step_s"], jax.device_count(), peak)
+                    if u is not None:
+                        m["mfu"] = u
+                m.update(held_m)
+                writer.scalars(step, m)
+                extra = {"mel": f"{m['mel']:.3f}"} if "mel" in m else {"cos": f"{m['distill_cos']:.3f}"}
+                bar.set_postfix(loss=f"{m.get('loss_g', m.get('loss')):.3f}", **extra,
+                                step_s=f"{m['step_s']:.3f}" if "step_s" in m else "n/a",
+                                audio_s=f"{m['audio_s_per_s']:.1f}" if "audio_s_per_s" in m else "n/a",
+                                mfu=f"{m['mfu']:.1%}" if "mfu" in m else "n/a")
+            elif held_m:
+                writer.scalars(step, held_m)
+            if held_m:
+                writer.flush()
+            bar.update(1)
+            if ckpt.after_step(step, state, data_state(), preempt=preempt, stop_after=stop_after, start=start,
+                               total=total, say=say):
+                return 0
+        ckpt.save(step, state, data_state(), force=True)
+        ckpt.wait()
+    finally:
+        bar.close()
+        preempt.restore()
+        ckpt.close()
+        writer.close()
+
+    # ---- export for sample.py (process 0 writes)
+    if nproc > 1:
+        from jax.experimental import multihost_utils
+
+        host = multihost_utils.process_allgather(state["gen_params"], tiled=True)
+    else:
+        host = jax.device_get(state["gen_params"])
+    export = os.path.join(workdir, "export")
+    if pid == 0:
+        save(Checkpoint({"vae": vcfg}, {"vae": host}), export, overwrite=True)
+        print(f"done: {step} steps; checkpoints in {ckpt.directory}; inference params in {export} "
+              f"(python sample.py reconstruct --checkpoint {export} ...)")
+    return 0
