@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import os
 import struct
-import uuid
 import warnings
 
 import numpy as np
 import soundfile as sf
+
+from unitok_jax.io import atomic_file
 
 SAMPLE_RATE = 16000
 RESAMPLE_TYPE = "soxr_hq"
@@ -89,7 +90,7 @@ def load_audio(path, sr: int = SAMPLE_RATE, *, mono: bool = True, channel: int |
 
 
 def save_audio(path, wav, sr: int = SAMPLE_RATE, *, subtype: str = "PCM_16") -> None:
-    """Write a mono waveform atomically (temporary file in the same folder, then ``os.replace``).
+    """Write a mono waveform atomically (:func:`unitok_jax.io.atomic_file`, flushed to disk before the rename).
 
     Args:
       path: target file; its parent folder is created. The container follows the extension (``.wav``, or e.g.
@@ -127,19 +128,8 @@ def save_audio(path, wav, sr: int = SAMPLE_RATE, *, subtype: str = "PCM_16") -> 
     if not sf.check_format(fmt, subtype):
         raise ValueError(f"{name}: soundfile cannot write subtype {subtype} in format {fmt}")
 
-    parent = os.path.dirname(os.path.abspath(name))
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(name)}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            sf.write(f, x, int(sr), format=fmt, subtype=subtype)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, name)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_file(name, "wb", fsync=True) as f:
+        sf.write(f, x, int(sr), format=fmt, subtype=subtype)
 
 
 def duration_seconds(wav, sr: int = SAMPLE_RATE) -> float:

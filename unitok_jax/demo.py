@@ -3,19 +3,21 @@
     python -m unitok_jax.demo --out demo [--quick] [--set vae.KEY=VALUE ...] [--set lm.KEY=VALUE ...]
 
 Phases (each a subprocess running the project's own command line; a phase whose output exists is skipped, so a
-killed run resumes where it stopped, and ``train.py`` itself resumes from its last checkpoint):
+killed run resumes where it stopped, and training itself resumes from its last checkpoint). The configs are the
+package's own (:mod:`unitok_jax.configs`), so the demo needs no checkout:
 
 1. ``corpus``       python -m unitok_jax.data.build_corpus (eSpeak NG; train.jsonl + heldout.jsonl, 2 held-out voices;
                     the handwritten sentences plus thousands composed from templates, training split only)
    ``edit_corpus``  python -m unitok_jax.data.build_edit_corpus (edit pairs over the same split of sentences)
-2. ``vae``          python train.py --config configs/vae.py:tiny ... (stage S0; exports the AudioVAE)
+2. ``vae``          python -m unitok_jax.cli.train --config configs/vae.py:tiny ... (train.py's command; stage S0;
+                    exports the AudioVAE)
    ``teacher``      python -m unitok_jax.data.teacher (Whisper tiny.en encoder features of training utterances, 50 Hz,
                     PCA-projected to the semantic module's width; the S1 teacher)
-3. ``s1``           python train.py --config configs/vae.py:tiny --config.train.objective=s1 ... (stage S1: the
+3. ``s1``           python -m unitok_jax.cli.train --config configs/vae.py:tiny --config.train.objective=s1 ... (S1: the
                     semantic path distils the teacher; exports the AudioVAE the LM starts from)
    ``latents``      python -m unitok_jax.data.latent_cache (the frozen VAE's posterior of every training utterance,
                     and of the source and target of every training edit pair; S1 leaves the encoder as it is)
-4. ``lm``           python train.py --config configs/lm.py:tiny ... --config.data.source=latents
+4. ``lm``           python -m unitok_jax.cli.train --config configs/lm.py:tiny ... --config.data.source=latents
                     --config.data.edit_manifest=... (LLM + flow head on TTS, ASR and edit sequences)
 5. ``reconstruct``  python sample.py reconstruct: every held-out utterance through the VAE
    ``asr``          python sample.py asr: every held-out utterance
@@ -46,6 +48,9 @@ import subprocess
 import sys
 import time
 from typing import Optional
+
+from unitok_jax import configs
+from unitok_jax.io import write_json, write_jsonl, write_text
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -245,23 +250,6 @@ def _md_cell(text: str, limit: int = 120) -> str:
 def read_jsonl(path: str) -> list[dict]:
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
-
-
-def write_jsonl(path: str, rows: list[dict]) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-
-
-def write_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 def machine() -> dict:
@@ -543,12 +531,12 @@ class Demo:
         export = os.path.join(workdir, "export", "unitok_config.json")
         if os.path.isfile(export):
             return []
-        cmd = [self.py, os.path.join(ROOT, "train.py"), "--config", os.path.join(ROOT, config), "--workdir", workdir,
-               *extra, *config_flags(overrides), "--verbosity=-1"]
+        cmd = [self.py, "-m", "unitok_jax.cli.train", "--config", configs.path(config) + ":tiny", "--workdir",
+               workdir, *extra, *config_flags(overrides), "--verbosity=-1"]
         return [Job(phase, phase, [Cmd(cmd, expect=export)])]
 
     def vae(self) -> list:
-        return self._train("vae", "configs/vae.py:tiny", self.recipe["vae"],
+        return self._train("vae", "vae", self.recipe["vae"],
                            [f"--config.data.manifest={os.path.join(self.p['corpus'], 'train.jsonl')}"])
 
     def teacher(self) -> list:
@@ -565,7 +553,7 @@ class Demo:
         return [Job("teacher", "teacher", [Cmd(cmd, expect=out)])]
 
     def s1(self) -> list:
-        return self._train("s1", "configs/vae.py:tiny", self.recipe["s1"],
+        return self._train("s1", "vae", self.recipe["s1"],
                            [f"--config.data.manifest={os.path.join(self.p['teacher'], 'manifest.jsonl')}",
                             f"--config.init.vae={os.path.join(self.p['vae'], 'export')}"])
 
@@ -591,7 +579,7 @@ class Demo:
         else:
             data = [f"--config.data.manifest={os.path.join(self.p['corpus'], 'train.jsonl')}",
                     f"--config.data.edit_manifest={os.path.join(self.p['edit_corpus'], 'train.jsonl')}"]
-        return self._train("lm", "configs/lm.py:tiny", self.recipe["lm"],
+        return self._train("lm", "lm", self.recipe["lm"],
                            data + [f"--config.init.vae={os.path.join(self.p['s1'], 'export')}"])
 
     # ---- requests
@@ -767,14 +755,9 @@ class Demo:
                               labels=("VAE reconstruction", "original"),
                               title=f"VAE reconstruction of held-out {rec_pick['id']} (STOI "
                                     f"{rec_pick.get('stoi') or float('nan'):.3f})")
-        for png in ("mel_tts.png", "mel_reconstruction.png"):
-            os.chmod(os.path.join(self.out, png), 0o644)  # written through mkstemp (0600)
         examples = self._copy_examples(ev, pick)
         text = self._report_text(ev, pick, rec_pick, examples)
-        tmp = os.path.join(self.out, ".report.md.tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, os.path.join(self.out, "report.md"))
+        write_text(os.path.join(self.out, "report.md"), text)
         return []
 
     def _copy_examples(self, ev: dict, pick: dict) -> list[dict]:

@@ -23,6 +23,8 @@ from typing import Iterable, Optional, Sequence, Union
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tokenizers import AddedToken
 
+from unitok_jax.io import write_text
+
 __all__ = [
     "SPECIAL_TOKENS", "RELEASE_IDS", "DEFAULT_ASR_INSTRUCTION", "TTS_INSTRUCTION", "ASR_CONTEXT_PREFIX",
     "ASR_LANGUAGES", "TextError", "TextTokenizer", "train_tokenizer", "release_id_mismatches",
@@ -155,9 +157,7 @@ class TextTokenizer:
         d = pathlib.Path(path_dir)
         d.mkdir(parents=True, exist_ok=True)
         out = d / "tokenizer.json"
-        tmp = d / ".tokenizer.json.tmp"
-        self.tokenizer.save(str(tmp))
-        os.replace(tmp, out)
+        write_text(out, self.tokenizer.to_str(pretty=True))  # what Tokenizer.save writes, renamed into place
         return out
 
     # ----------------------------------------------------------------------------------------- use

@@ -13,13 +13,13 @@ import functools
 import json
 import os
 import shutil
-import tempfile
 from typing import Any, Callable, Optional
 
 import numpy as np
 
 from unitok_jax.convert.common import ConversionError, read_json
 from unitok_jax.convert.plan import FULL_PREFIXES, Plan, materialize_plan, plan_reference  # noqa: F401
+from unitok_jax.io import atomic_dir
 from unitok_jax.vae import VAEConfig
 
 FORMAT = "unitok_jax"
@@ -127,11 +127,7 @@ def _write(dst: str, overwrite: bool, configs: dict, source: str, tokenizer_from
     never leaves a half-written checkpoint at ``dst``."""
     from unitok_jax.convert.store import GroupWriter
 
-    dst = _check_dst(dst, overwrite)
-    parent = os.path.dirname(dst)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.tmp-", dir=parent)
-    try:
+    with atomic_dir(_check_dst(dst, overwrite)) as tmp:
         writer = GroupWriter(os.path.join(tmp, PARAMS_DIR), max_group_bytes)
         fill(writer)
         writer.close()
@@ -146,16 +142,6 @@ def _write(dst: str, overwrite: bool, configs: dict, source: str, tokenizer_from
         for name in TOKENIZER_FILES:  # the text tokenizer travels with a full model
             if tokenizer_from and os.path.isfile(os.path.join(tokenizer_from, name)):
                 shutil.copy2(os.path.join(tokenizer_from, name), os.path.join(tmp, name))
-        if os.path.exists(dst):
-            old = dst + ".old"
-            os.replace(dst, old)
-            os.replace(tmp, dst)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, dst)
-    finally:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def save(ckpt: Checkpoint, dst: str, *, overwrite: bool = False, max_group_bytes: Optional[int] = None) -> None:

@@ -1,4 +1,7 @@
-"""Reading reference (PyTorch) checkpoints with safetensors' numpy API, and strict key bookkeeping.
+"""Reading reference (PyTorch) safetensors checkpoints, and strict key bookkeeping.
+
+The safetensors header is parsed here by hand rather than through the ``safetensors`` package: numpy has no bf16
+(the release's dtype) and per-device slices need a memory map (:class:`_SafetensorsFile`).
 
 Only the ``unitok_jax.convert`` package knows the reference parameter names.
 """

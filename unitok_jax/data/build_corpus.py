@@ -20,19 +20,17 @@ in a temporary sibling folder and renamed into place at the end: an interrupted 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import json
 import os
-import shutil
 import sys
-import tempfile
 from importlib import resources
 from typing import Optional, Sequence
 
 import numpy as np
 
 from unitok_jax.data import espeak
+from unitok_jax.io import atomic_dir
 
 SAMPLE_RATE = 16000
 FORMAT_VERSION = 1
@@ -142,7 +140,7 @@ def build_corpus(out: str, *, sentences: Optional[int] = None, seed: int = 0, pe
     for s in SPEAKERS:  # fail before any work on an unknown voice
         espeak.check_voice(s["voice"])
 
-    with atomic_output(out) as tmp:
+    with atomic_dir(out) as tmp:
         records: dict[str, list] = {"train": [], "heldout": []}
         for u in tqdm(utts, desc="synthesising", unit="utt", disable=not progress, file=sys.stderr):
             spk = by_id[u["speaker"]]
@@ -175,29 +173,6 @@ def check_output(out: str, overwrite: bool) -> str:
             raise CorpusError(f"{out} is not empty and holds no corpus.json; refusing to replace a folder this "
                               f"tool did not write")
     return out
-
-
-@contextlib.contextmanager
-def atomic_output(out: str):
-    """Yield a fresh temporary sibling folder of ``out`` to write into; when the block ends normally it replaces
-    ``out`` (renamed into place), on an exception it is deleted and ``out`` is left untouched."""
-    out = os.path.abspath(out)
-    parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.partial-", dir=parent)
-    try:
-        yield tmp
-        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
-        if os.path.isdir(out):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=parent)
-            os.replace(out, os.path.join(old, "x"))
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    finally:
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _summary(records: dict, utts: list, all_sentences: list, *, seed: int, per_sentence: int,

@@ -70,8 +70,9 @@ from typing import Optional, Sequence
 import numpy as np
 
 from unitok_jax.data import espeak
-from unitok_jax.data.build_corpus import (HELDOUT_FRACTION, SAMPLE_RATE, SPEAKERS, CorpusError, atomic_output,
-                                          check_output, load_sentences, plan)
+from unitok_jax.data.build_corpus import (HELDOUT_FRACTION, SAMPLE_RATE, SPEAKERS, CorpusError, check_output,
+                                          load_sentences, plan)
+from unitok_jax.io import atomic_dir
 from unitok_jax.text import SPECIAL_TOKENS
 
 FORMAT_VERSION = 1
@@ -434,7 +435,7 @@ def build_edit_corpus(out: str, *, pairs: int = DEFAULT_PAIRS, seed: int = 0, co
                        corpus_sentences=corpus_sentences)
     for s in SPEAKERS:  # fail before any work on an unknown voice
         espeak.check_voice(s["voice"])
-    with atomic_output(out) as tmp:
+    with atomic_dir(out) as tmp:
         records: dict[str, list] = {"train": [], "heldout": []}
         for spec in tqdm(specs, desc="synthesising pairs", unit="pair", disable=not progress, file=sys.stderr):
             src, tgt = render_pair(spec)

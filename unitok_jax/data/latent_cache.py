@@ -35,6 +35,7 @@ def build_cache(vae_checkpoint: str, manifest: str, out: str, *, batch_size: int
     from unitok_jax.audio import AudioError, load_audio
     from unitok_jax.convert import load
     from unitok_jax.data.manifest import read_manifest, write_manifest
+    from unitok_jax.io import atomic_file
 
     if dtype not in ("float32", "float16"):
         raise ValueError(f"dtype={dtype!r}: choose float32 or float16")
@@ -93,9 +94,8 @@ def build_cache(vae_checkpoint: str, manifest: str, out: str, *, batch_size: int
             mean, std, nf = map(np.asarray, (enc.mean, enc.std, enc.frame_num))
             for j, (c, k, path) in enumerate(items[b : b + batch_size]):
                 post = np.stack([mean[j, : nf[j]], std[j, : nf[j]]], axis=1).astype(dtype)
-                tmp = path + ".tmp.npy"
-                np.save(tmp, post)
-                os.replace(tmp, path)
+                with atomic_file(path, "wb") as f:
+                    np.save(f, post)
                 pre = "target_" if k == "target_latents" else ""
                 chunk[c][pre + "frames"] = int(nf[j])
                 chunk[c][pre + "duration"] = int(lengths[j]) / vcfg.sample_rate

@@ -13,6 +13,8 @@ import math
 import os
 from typing import Optional
 
+from unitok_jax.io import write_jsonl
+
 FIELDS = {"id": (str, int), "audio": str, "text": str, "speaker": (str, int)}
 # latents: a latent-cache file (LM stage); target_audio: an edit pair's target (build_edit_corpus), target_latents
 # its latent-cache file; teacher: the
@@ -122,13 +124,5 @@ def audio_duration(path: str) -> Optional[float]:
 
 
 def write_manifest(path: str, records: list[dict]) -> None:
-    """Write records as JSONL atomically (temporary file, then rename)."""
-    import tempfile
-
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".manifest.", dir=folder)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    """Write records as JSONL atomically (:func:`unitok_jax.io.write_jsonl`)."""
+    write_jsonl(path, records)

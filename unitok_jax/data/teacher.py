@@ -58,9 +58,9 @@ def build_teacher(manifest: str, out: str, *, dim: int = 0, limit: Optional[int]
     from tqdm import tqdm
 
     from unitok_jax.audio import AudioError, load_audio
-    from unitok_jax.data.build_corpus import atomic_output
     from unitok_jax.data.manifest import read_manifest, write_manifest
     from unitok_jax.eval.whisper import encoder_features, load_model
+    from unitok_jax.io import atomic_dir
 
     if not 0 <= dim <= WIDTH:
         raise ValueError(f"--dim must be in [1, {WIDTH}] (0: keep {WIDTH}), got {dim}")
@@ -86,7 +86,7 @@ def build_teacher(manifest: str, out: str, *, dim: int = 0, limit: Optional[int]
         raise ValueError(f"{manifest}: no readable audio")
     proj = fit_projection(feats, dim) if dim and dim < WIDTH else None
     out = os.path.abspath(out)
-    with atomic_output(out) as tmp:
+    with atomic_dir(out) as tmp:
         os.makedirs(os.path.join(tmp, "feats"))
         rows = []
         for n, (r, f) in enumerate(zip(kept, feats)):

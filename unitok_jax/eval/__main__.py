@@ -62,13 +62,12 @@ file cannot be read, nothing to score, or a missing dependency (``pip install 'u
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
-import tempfile
 
 from unitok_jax.eval import metrics as M
+from unitok_jax.io import write_json as atomic_json
 
 SR = M.SAMPLE_RATE
 
@@ -155,19 +154,8 @@ def _clean(v):
 
 
 def write_json(path: str, report: dict) -> None:
-    """Write ``report`` as JSON atomically (temporary file in the same folder, then rename); NaN -> null."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".eval.", suffix=".json", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(_clean(report), f, indent=1, ensure_ascii=False, allow_nan=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write ``report`` as JSON atomically (:mod:`unitok_jax.io`); NaN -> null."""
+    atomic_json(path, _clean(report), ensure_ascii=False, allow_nan=False)
 
 
 def _fmt(v, spec: str) -> str:

@@ -65,13 +65,13 @@ from __future__ import annotations
 
 import importlib
 import math
-import os
 import re
-import tempfile
 import unicodedata
 from typing import Iterable, Mapping, Optional, Sequence
 
 import numpy as np
+
+from unitok_jax.io import atomic_file
 
 SAMPLE_RATE = 16000
 # log-mel distance and the mel plot
@@ -366,17 +366,8 @@ def plot_mel_comparison(generated, reference, path: str, sr: int = SAMPLE_RATE, 
     fig.colorbar(im, ax=list(axes), label="dB")
     if title:
         fig.suptitle(title)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".plot.", suffix=".png", dir=folder)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_file(path, "wb") as f:
+        fig.savefig(f, format="png")
     return path
 
 

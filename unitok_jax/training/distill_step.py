@@ -28,7 +28,8 @@ import jax.numpy as jnp
 import optax
 
 from unitok_jax import vae
-from unitok_jax.training.vae_step import OptConfig, _all_finite, gen_optimizer, trainable_labels
+from unitok_jax.training.trees import all_finite
+from unitok_jax.training.vae_step import OptConfig, gen_optimizer, trainable_labels
 
 S1_TRAINABLE = ("decoder/fc2", "decoder/semantic")
 
@@ -98,7 +99,7 @@ def distill_train_step(state: dict, batch: dict, cfg: DistillConfig, opt_cfg: Op
     grads = jax.tree_util.tree_map(lambda g, lab: g if lab == "train" else jnp.zeros_like(g), grads, labels)
     updates, opt_state = gen_optimizer(cfg, opt_cfg).update(grads, state["gen_opt_state"], state["gen_params"])
     params = optax.apply_updates(state["gen_params"], updates)
-    ok = _all_finite(loss, grads)
+    ok = all_finite(loss, grads)
     keep = lambda new, old: jax.tree_util.tree_map(lambda a, c: jnp.where(ok, a, c), new, old)
     new_state = {"step": state["step"] + 1, "gen_params": keep(params, state["gen_params"]),
                  "gen_opt_state": keep(opt_state, state["gen_opt_state"]), "rng": rng,

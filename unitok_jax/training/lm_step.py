@@ -32,6 +32,7 @@ import optax
 
 from unitok_jax import flow, heads, model, vae
 from unitok_jax.model import UniAudioConfig
+from unitok_jax.training.trees import all_finite, label_tree
 
 IGNORE = -100
 TRAINABLE = ("model", "flowloss", "linear_proj_audio", "stop_head")
@@ -152,21 +153,14 @@ def trainable_labels(params, train_semantic: bool = False, unified_stage: bool =
     ``"semantic"`` for ``audio.decoder.{fc2, semantic}`` when ``train_semantic``, ``"frozen"`` for the rest of the
     VAE (and the semantic module otherwise). ``unified_stage`` (stage S2): the LLM, flow head, pooling and stop head
     are frozen too, and ``audio.decoder.{fc2, semantic, fc3}`` are ``"semantic"``."""
-    labels = {}
-    for name, sub in params.items():
-        if name in TRAINABLE:
-            labels[name] = jax.tree.map(lambda _: "frozen" if unified_stage else "train", sub)
-        elif name == "audio":
-            aud = jax.tree.map(lambda _: "frozen", sub)
-            if train_semantic or unified_stage:
-                dec = dict(aud["decoder"])
-                for k in SEMANTIC_S2 if unified_stage else SEMANTIC:
-                    dec[k] = jax.tree.map(lambda _: "semantic", sub["decoder"][k])
-                aud = {**aud, "decoder": dec}
-            labels[name] = aud
-        else:
-            raise ValueError(f"unknown params component {name!r}; expected {model.COMPONENTS}")
-    return labels
+    unknown = [name for name in params if name not in TRAINABLE and name != "audio"]
+    if unknown:
+        raise ValueError(f"unknown params component {unknown[0]!r}; expected {model.COMPONENTS}")
+    rules = dict.fromkeys(TRAINABLE, "frozen" if unified_stage else "train")
+    if train_semantic or unified_stage:
+        rules.update(dict.fromkeys((f"audio/decoder/{k}" for k in (SEMANTIC_S2 if unified_stage else SEMANTIC)),
+                                   "semantic"))
+    return label_tree(params, rules, "frozen")
 
 
 def adamw(learning_rate=1e-5, *, b1: float = 0.9, b2: float = 0.95, eps: float = 1e-5, weight_decay: float = 0.02,
@@ -196,11 +190,6 @@ def init_lm_state(params, optimizer: optax.GradientTransformation, rng: jax.Arra
     masked by :func:`masked_optimizer`)."""
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optimizer.init(params), "rng": rng,
             "skipped": jnp.zeros((), jnp.int32)}
-
-
-def _tree_finite(tree) -> jax.Array:
-    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
-    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
 
 _SUMMED = ("text_tokens", "flow_patches", "tokens")  # metrics that are counts: summed over micro-batches
@@ -260,7 +249,7 @@ def make_lm_train_step(cfg: UniAudioConfig, optimizer: optax.GradientTransformat
         (loss, metrics), grads = grads_and_metrics(params, batch, key)
         labels = trainable_labels(params, train_semantic, unified_stage)
         trainable_grads = jax.tree.map(lambda g, lab: g if lab != "frozen" else jnp.zeros_like(g), grads, labels)
-        finite = jnp.isfinite(loss) & _tree_finite(trainable_grads)
+        finite = all_finite(loss, trainable_grads)
         updates, new_opt = optimizer.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
 

@@ -27,6 +27,7 @@ from unitok_jax.training.discriminators import (
     apply_discriminators,
     init_disc_params,
 )
+from unitok_jax.training.trees import all_finite, label_tree
 
 # S0 trains the encoder and the low-level decoder path; the semantic path (fc2, semantic stack, fc3) stays frozen.
 S0_TRAINABLE = ("encoder", "decoder/fc1", "decoder/backbone", "decoder/head")
@@ -81,16 +82,9 @@ def _adamw(lr, opt: OptConfig, clip):
     return optax.chain(*chain)
 
 
-def _path_str(path) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
-
-
 def trainable_labels(params, prefixes: tuple[str, ...]):
     """Pytree of 'train' / 'freeze' labels: a leaf trains when its '/'-joined path starts with a prefix."""
-    def label(path, _):
-        s = _path_str(path)
-        return "train" if any(s == p or s.startswith(p + "/") for p in prefixes) else "freeze"
-    return jax.tree_util.tree_map_with_path(label, params)
+    return label_tree(params, dict.fromkeys(prefixes, "train"), "freeze")
 
 
 def gen_optimizer(cfg: VAETrainConfig, opt: OptConfig) -> optax.GradientTransformation:
@@ -129,11 +123,6 @@ def _init_state(cfg, vae_params, disc_cfg, opt_cfg, key):
         "rng": k_rng,
         "num_skipped": jnp.zeros((), jnp.int32),
     }
-
-
-def _all_finite(*trees) -> jax.Array:
-    leaves = [x for t in trees for x in jax.tree_util.tree_leaves(t)]
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
 def generator_forward(gen_params, cfg: VAETrainConfig, wave, lengths, key):
@@ -199,7 +188,7 @@ def vae_train_step(state: dict, batch: dict, cfg: VAETrainConfig, disc_cfg: Disc
     g_updates, g_opt_state = g_opt.update(g_grads, state["gen_opt_state"], state["gen_params"])
     gen_params = optax.apply_updates(state["gen_params"], g_updates)
 
-    ok = _all_finite(loss_d, loss_g, d_grads, g_grads)
+    ok = all_finite(loss_d, loss_g, d_grads, g_grads)
     keep = lambda new, old: jax.tree_util.tree_map(lambda a, c: jnp.where(ok, a, c), new, old)
     new_state = {
         "step": state["step"] + 1,
