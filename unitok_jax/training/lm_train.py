@@ -432,12 +432,7 @@ def run(config, workdir: str, stop_after: Optional[int] = None) -> int:
         writer.close()
 
     # ---- export for sample.py (process 0 writes)
-    if nproc > 1:
-        from jax.experimental import multihost_utils
-
-        host = multihost_utils.process_allgather(state["params"], tiled=True)
-    else:
-        host = jax.device_get(state["params"])
+    host = sharded.to_host(state["params"])
     export = os.path.join(workdir, "export")
     tok_dir = os.path.join(workdir, "tokenizer")
     if pid == 0:

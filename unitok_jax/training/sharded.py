@@ -148,6 +148,16 @@ def jit_step(step_fn: Callable, state_sh: dict, mesh: Mesh, rules: Sequence, *, 
     return _Step()
 
 
+def to_host(tree: Any) -> Any:
+    """A (sharded) tree as host numpy arrays on every process: gathered across processes when there are several
+    (every process must call it), else fetched from its devices. For the export at the end of a run."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        return multihost_utils.process_allgather(tree, tiled=True)
+    return jax.device_get(tree)
+
+
 def abstract_batch(batch_shapes: dict, mesh: Mesh) -> dict:
     """ShapeDtypeStructs (with the batch sharding) for ``{name: (shape, dtype)}``: lowering without data."""
     sh = batch_sharding(mesh)

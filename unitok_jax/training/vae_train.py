@@ -443,12 +443,7 @@ def run(config, workdir: str, stop_after=None) -> int:
         writer.close()
 
     # ---- export for sample.py (process 0 writes)
-    if nproc > 1:
-        from jax.experimental import multihost_utils
-
-        host = multihost_utils.process_allgather(state["gen_params"], tiled=True)
-    else:
-        host = jax.device_get(state["gen_params"])
+    host = sharded.to_host(state["gen_params"])
     export = os.path.join(workdir, "export")
     if pid == 0:
         save(Checkpoint({"vae": vcfg}, {"vae": host}), export, overwrite=True)
