@@ -202,9 +202,12 @@ def grouped_ffn_loop(xs, group_sizes, w_gate, w_up, w_down, tile: Optional[int] 
 
 def sorted_moe_ffn(x, idx, weights, w_gate, w_up, w_down, impl: str = "auto", tile: Optional[int] = None):
     """Dropless MoE over tokens x [N, D] with choices idx [N, k] and weights [N, k]: sum_j w_j E_{idx_j}(x),
-    returned in float32 [N, D]."""
+    returned in float32 [N, D]. A choice outside ``[0, E)`` (an expert held by another device:
+    :func:`expert_parallel_ffn`) contributes nothing and costs no expert compute."""
     n, k = idx.shape
     e = w_gate.shape[0]
+    mine = (idx >= 0) & (idx < e)
+    idx = jnp.where(mine, idx, e)  # sentinel: sorted last, in no group (and a zero one_hot on the dense path)
     impl = resolve_impl(impl, n * k, e)
     if impl == "dense":
         return dense_moe_ffn(x, idx, weights, w_gate, w_up, w_down)
@@ -216,8 +219,9 @@ def sorted_moe_ffn(x, idx, weights, w_gate, w_up, w_down, impl: str = "auto", ti
         ys = grouped_ffn_loop(xs, group_sizes, w_gate, w_up, w_down, tile)
     else:
         ys = grouped_ffn_tiled(xs, group_sizes, w_gate, w_up, w_down, tile)
-    y_slots = jnp.zeros_like(ys).at[order].set(ys).reshape(n, k, -1)
-    return jnp.einsum("nkd,nk->nd", y_slots.astype(jnp.float32), weights.astype(jnp.float32))
+    y_slots = jnp.zeros_like(ys).at[order].set(ys).reshape(n, k, -1).astype(jnp.float32)
+    y_slots = jnp.where(mine[..., None], y_slots, 0.0)
+    return jnp.einsum("nkd,nk->nd", y_slots, weights.astype(jnp.float32))
 
 
 def dense_moe_ffn(x, idx, weights, w_gate, w_up, w_down):
@@ -299,31 +303,14 @@ def expert_parallel_ffn(x, idx, weights, w_gate, w_up, w_down, impl: str = "auto
         shard = 0
         for a in ex:
             shard = shard * jax.lax.axis_size(a) + jax.lax.axis_index(a)
-        local = idx - shard * e_loc
-        mine = (local >= 0) & (local < e_loc)
+        local = idx - shard * e_loc  # choices of other devices' experts fall outside [0, e_loc): no compute
         if ex + mlp:
-            # Mark the (replicated) tokens as device-varying before the data-dependent gather below: its
+            # Mark the (replicated) tokens as device-varying before the data-dependent gather in sorted_moe_ffn: its
             # transpose then scatters locally and the cast's transpose sums over the devices. Gathering the
             # replicated value with device-varying indices gives wrong input gradients (jax 0.10).
             x = jax.lax.pcast(x, ex + mlp, to="varying")
             weights = jax.lax.pcast(weights, ex + mlp, to="varying")
-        local = jnp.where(mine, local, e_loc)  # sentinel: sorted last, in no group
-        n, k = idx.shape
-        rimpl = resolve_impl(impl, n * k, e_loc)
-        if rimpl == "dense":  # one_hot of the sentinel is all zeros: other devices' experts get weight 0
-            y = dense_moe_ffn(x, local, weights, wg, wu, wd)
-        else:
-            order, token, group_sizes = sort_slots(local, e_loc)
-            xs = x[token]
-            if rimpl == "ragged":
-                ys = grouped_ffn_ragged(xs, group_sizes, wg, wu, wd)
-            elif rimpl == "loop":
-                ys = grouped_ffn_loop(xs, group_sizes, wg, wu, wd, tile)
-            else:
-                ys = grouped_ffn_tiled(xs, group_sizes, wg, wu, wd, tile)
-            y_slots = jnp.zeros_like(ys).at[order].set(ys).reshape(n, k, -1).astype(jnp.float32)
-            y_slots = jnp.where(mine[..., None], y_slots, 0.0)
-            y = jnp.einsum("nkd,nk->nd", y_slots, weights.astype(jnp.float32))
+        y = sorted_moe_ffn(x, local, weights, wg, wu, wd, impl, tile)
         return jax.lax.psum(y, ex + mlp) if ex + mlp else y
 
     return jax.shard_map(
