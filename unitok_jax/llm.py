@@ -33,11 +33,9 @@ import numpy as np
 
 from unitok_jax.moe import MoE
 from unitok_jax.nn import cache as kvcache
-from unitok_jax.nn.attention import Attention
-from unitok_jax.nn.mlp import MLP
 from unitok_jax.nn.norms import RMSNorm
 from unitok_jax.nn.rotary import mrope_angles, rope_angles
-from unitok_jax.nn.transformer import Stack, TransformerConfig
+from unitok_jax.nn.transformer import Block, Stack, TransformerConfig
 
 # The Ming-UniAudio LLM (spec §3.1; Ling-lite layout). Every value is overridden by the checkpoint's llm_config.
 OFFICIAL_LLM_CONFIG: dict = {
@@ -218,43 +216,23 @@ def get_rope_index(attention_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
 # ----------------------------------------------------------------------------------------------------- blocks
 
 
-class LLMBlock(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)); x + mlp(norm(x)), the MLP being the MoE (``use_moe``) or, for the
-    first ``first_k_dense_replace`` layers, a SwiGLU MLP of width ``mlp_dim``. Scanned by :class:`Stack`.
+class LLMBlock(Block):
+    """Pre-norm residual block (:class:`unitok_jax.nn.transformer.Block`): x + attn(norm(x)); x + mlp(norm(x)), the
+    MLP being the MoE (``use_moe``) or, for the first ``first_k_dense_replace`` layers, the block's SwiGLU MLP of
+    width ``mlp_dim``. Scanned by :class:`Stack`.
 
     ``extra`` = {"audio_mask", "image_mask", "valid"} (any may be None). MoE layers emit per layer: ``counts``
     [E], ``aux_loss``, ``z_loss``, and with ``emit_hidden`` also ``hidden`` [B, T, D], ``router_logits``,
     ``topk_idx``, ``topk_weight``; dense layers emit ``hidden`` [B, T, D] (or None)."""
 
     cfg: LLMConfig
-    emit_hidden: bool = False
     use_moe: bool = True
 
-    @nn.compact
-    def __call__(self, x, masks, angles, cache_kv, slots, windowed, extra=None):
+    def feed_forward(self, h, extra, deterministic: bool):
+        if not self.use_moe:
+            return super().feed_forward(h, extra, deterministic)
         cfg = self.cfg
         extra = extra or {}
-        dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-        h = RMSNorm(cfg.norm_eps, param_dtype=pdtype, name="attn_norm")(x)
-        h, new_kv = Attention(
-            num_heads=cfg.num_heads,
-            num_kv_heads=cfg.num_kv_heads,
-            head_dim=cfg.head_dim,
-            q_bias=cfg.q_bias,
-            k_bias=cfg.k_bias,
-            v_bias=cfg.v_bias,
-            o_bias=cfg.o_bias,
-            rope=cfg.rope,
-            dtype=dtype,
-            param_dtype=pdtype,
-            name="attn",
-        )(h, mask=masks[0], angles=angles, cache_kv=cache_kv, slots=slots)
-        x = x + h
-        h = RMSNorm(cfg.norm_eps, param_dtype=pdtype, name="mlp_norm")(x)
-        if not self.use_moe:
-            x = x + MLP(cfg.mlp_dim, "swiglu", False, dtype=dtype, param_dtype=pdtype, name="mlp")(h)
-            x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-            return x, (new_kv, x if self.emit_hidden else None)
         y, info = MoE(
             num_experts=cfg.num_experts,
             top_k=cfg.num_experts_per_tok,
@@ -265,16 +243,19 @@ class LLMBlock(nn.Module):
             impl=cfg.moe_impl,
             tile=cfg.moe_tile,
             expert_parallel=cfg.expert_parallel,
-            dtype=dtype,
-            param_dtype=pdtype,
+            dtype=jnp.dtype(cfg.dtype),
+            param_dtype=jnp.dtype(cfg.param_dtype),
             name="moe",
         )(h, audio_mask=extra.get("audio_mask"), image_mask=extra.get("image_mask"), valid=extra.get("valid"))
-        x = x + y
-        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        return y, info
+
+    def layer_output(self, x, info):
+        if info is None:  # a dense layer
+            return super().layer_output(x, info)
         out = {k: info[k] for k in ("counts", "aux_loss", "z_loss")}
         if self.emit_hidden:
             out.update(hidden=x, **{k: info[k] for k in ("router_logits", "topk_idx", "topk_weight")})
-        return x, (new_kv, out)
+        return out
 
 
 class DenseLLMBlock(LLMBlock):

@@ -75,14 +75,16 @@ class TransformerConfig:
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)); x + mlp(norm(x)). Scanned over layers by :class:`Stack`."""
+    """Pre-norm residual block: x + attn(norm(x)); x + mlp(norm(x)). Scanned over layers by :class:`Stack`.
+
+    A model whose blocks differ only in the feed-forward part (the MoE LLM) subclasses this and overrides
+    :meth:`feed_forward` and :meth:`layer_output`."""
 
     cfg: TransformerConfig
     emit_hidden: bool = False
 
     @nn.compact
     def __call__(self, x, masks, angles, cache_kv, slots, windowed, extra=None):
-        del extra  # model-specific per-call inputs (see Stack); the plain block has none
         cfg = self.cfg
         dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         mask = masks[0] if windowed is None else jnp.where(windowed, masks[1], masks[0])
@@ -108,10 +110,27 @@ class Block(nn.Module):
             h = nn.Dropout(rate)(h, deterministic=False)
         x = x + h
         h = make_norm(cfg.norm, cfg.norm_eps, "mlp_norm", pdtype)(x)
-        mlp = MLP(cfg.mlp_dim, cfg.mlp_kind, cfg.mlp_bias, dtype=dtype, param_dtype=pdtype, dropout=rate, name="mlp")
-        x = x + mlp(h, deterministic=deterministic)
+        y, aux = self.feed_forward(h, extra, deterministic)
+        x = x + y
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-        return x, (new_kv, x if self.emit_hidden else None)
+        return x, (new_kv, self.layer_output(x, aux))
+
+    def feed_forward(self, h, extra, deterministic: bool):
+        """The feed-forward part on the normed residual ``h`` [B, T, D] -> (output [B, T, D], aux for
+        :meth:`layer_output`). ``extra``: the per-call inputs handed to every block (see :class:`Stack`); the plain
+        block uses none."""
+        del extra
+        cfg = self.cfg
+        dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        rate = getattr(cfg, "dropout", 0.0)
+        mlp = MLP(cfg.mlp_dim, cfg.mlp_kind, cfg.mlp_bias, dtype=dtype, param_dtype=pdtype, dropout=rate, name="mlp")
+        return mlp(h, deterministic=deterministic), None
+
+    def layer_output(self, x, aux):
+        """What the block emits for its layer (stacked over layers by :class:`Stack`): the residual stream ``x``
+        after the block when ``emit_hidden``, else None."""
+        del aux
+        return x if self.emit_hidden else None
 
 
 class Stack(nn.Module):
