@@ -99,27 +99,27 @@ def test_tts_batch_equals_each_request_alone(tiny, tts_req):
 def test_tts_early_stop_freezes_the_row_while_others_continue(tiny, tts_req):
     cfg, params = tiny
     stop_params = _with_stop_bias(params, ALWAYS)
-    args, n, _ = G._tts_prepare(tts_req["ids"], tts_req["lengths"], tts_req["prompt"], tts_req["prompt_patches"],
-                                tts_req["budgets"], jax.random.key(7), None, SAMPLER, np.array([1, 100, 100]), 0.5,
-                                None, G.DEFAULT_BUCKETS, cfg)
-    state = G.tts_init(stop_params, cfg, *args, max_patches=n)
+    job = G._tts_job(cfg, tts_req["ids"], tts_req["lengths"], tts_req["prompt"], tts_req["prompt_patches"],
+                     tts_req["budgets"], jax.random.key(7), None, SAMPLER, np.array([1, 100, 100]), 0.5, None,
+                     G.DEFAULT_BUCKETS)
+    state = G.tts_init(stop_params, cfg, **job.batch(np.arange(3), 4, G._Mesh.of(None, None)), **job.statics)
     snap = None
-    while not bool(jnp.all(state["done"])):
+    while not bool(jnp.all(state.done)):
         state = G.tts_step(stop_params, cfg, state, steps=SAMPLER.steps, emit_stop_patch=True)
-        if snap is None and bool(state["done"][0]):
-            assert not bool(state["done"][1])
-            snap = jax.tree_util.tree_map(np.asarray, {k: v for k, v in state.items() if k != "keys"})
-    np.testing.assert_array_equal(np.asarray(state["count"])[:3], [3, 9, 4])  # k = 2 > min_steps 1: 3 patches
-    np.testing.assert_array_equal(np.asarray(state["stopped"])[:3], [True, False, False])
+        if snap is None and bool(state.done[0]):
+            assert not bool(state.done[1])
+            snap = jax.tree_util.tree_map(np.asarray, state.replace(keys=None))
+    np.testing.assert_array_equal(np.asarray(state.count)[:3], [3, 9, 4])  # k = 2 > min_steps 1: 3 patches
+    np.testing.assert_array_equal(np.asarray(state.stopped)[:3], [True, False, False])
     for name in ("out", "hidden", "history", "count"):
-        np.testing.assert_array_equal(np.asarray(state[name])[0], snap[name][0])
+        np.testing.assert_array_equal(np.asarray(getattr(state, name))[0], getattr(snap, name)[0])
     for c in ("cache", "sem"):
-        assert int(state[c]["length"][0]) == int(snap[c]["length"][0])
-        assert int(state[c]["length"][1]) > int(snap[c]["length"][1])
+        assert int(getattr(state, c)["length"][0]) == int(getattr(snap, c)["length"][0])
+        assert int(getattr(state, c)["length"][1]) > int(getattr(snap, c)["length"][1])
     # the stop changes nothing before it: row 0 equals the first 3 patches of the run without a stop
     free = _tts(params, cfg, tts_req)
-    np.testing.assert_allclose(np.asarray(state["out"])[0, :3], free.latents[0, :3], atol=ATOL, rtol=0)
-    assert np.all(np.asarray(state["out"])[0, 3:] == 0)
+    np.testing.assert_allclose(np.asarray(state.out)[0, :3], free.latents[0, :3], atol=ATOL, rtol=0)
+    assert np.all(np.asarray(state.out)[0, 3:] == 0)
     # emit_stop_patch=False drops the patch of the stopping step
     res = _tts(stop_params, cfg, tts_req, min_steps=np.array([1, 100, 100]), emit_stop_patch=False)
     np.testing.assert_array_equal(res.counts, [2, 9, 4])
