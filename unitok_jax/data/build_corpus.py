@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 import sys
 from importlib import resources
@@ -30,7 +29,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from unitok_jax.data import espeak
-from unitok_jax.io import atomic_dir
+from unitok_jax.io import atomic_dir, write_json
 
 SAMPLE_RATE = 16000
 FORMAT_VERSION = 1
@@ -154,9 +153,7 @@ def build_corpus(out: str, *, sentences: Optional[int] = None, seed: int = 0, pe
             write_manifest(os.path.join(tmp, f"{split}.jsonl"), recs)
         summary = _summary(records, utts, all_sentences, seed=seed, per_sentence=per_sentence, limit=sentences,
                            composed=composed, composed_readers=composed_readers)
-        with open(os.path.join(tmp, "corpus.json"), "w", encoding="utf-8") as f:
-            json.dump(summary, f, indent=2)
-            f.write("\n")
+        write_json(os.path.join(tmp, "corpus.json"), summary, indent=2)
     return summary
 
 

@@ -61,7 +61,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 import re
 import sys
@@ -72,7 +71,7 @@ import numpy as np
 from unitok_jax.data import espeak
 from unitok_jax.data.build_corpus import (HELDOUT_FRACTION, SAMPLE_RATE, SPEAKERS, CorpusError, check_output,
                                           load_sentences, plan)
-from unitok_jax.io import atomic_dir
+from unitok_jax.io import atomic_dir, write_json
 from unitok_jax.text import SPECIAL_TOKENS
 
 FORMAT_VERSION = 1
@@ -448,9 +447,7 @@ def build_edit_corpus(out: str, *, pairs: int = DEFAULT_PAIRS, seed: int = 0, co
             write_manifest(os.path.join(tmp, f"{split}.jsonl"), recs)
         summary = _summary(records, all_sentences, pairs=pairs, seed=seed, corpus_seed=corpus_seed,
                            corpus_sentences=corpus_sentences)
-        with open(os.path.join(tmp, "corpus.json"), "w", encoding="utf-8") as f:
-            json.dump(summary, f, indent=2)
-            f.write("\n")
+        write_json(os.path.join(tmp, "corpus.json"), summary, indent=2)
     return summary
 
 

@@ -18,7 +18,6 @@ The run is not resumable: it is a few minutes at most, and writes under a tempor
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from typing import Optional, Sequence
@@ -60,7 +59,7 @@ def build_teacher(manifest: str, out: str, *, dim: int = 0, limit: Optional[int]
     from unitok_jax.audio import AudioError, load_audio
     from unitok_jax.data.manifest import read_manifest, write_manifest
     from unitok_jax.eval.whisper import encoder_features, load_model
-    from unitok_jax.io import atomic_dir
+    from unitok_jax.io import atomic_dir, write_json
 
     if not 0 <= dim <= WIDTH:
         raise ValueError(f"--dim must be in [1, {WIDTH}] (0: keep {WIDTH}), got {dim}")
@@ -100,9 +99,7 @@ def build_teacher(manifest: str, out: str, *, dim: int = 0, limit: Optional[int]
                    "explained": float(proj["explained"]) if proj else 1.0}
         if proj:
             np.savez(os.path.join(tmp, "projection.npz"), **proj)
-        with open(os.path.join(tmp, "teacher.json"), "w", encoding="utf-8") as fh:
-            json.dump(summary, fh, indent=1)
-            fh.write("\n")
+        write_json(os.path.join(tmp, "teacher.json"), summary)
     return summary
 
 
