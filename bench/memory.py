@@ -135,7 +135,7 @@ def _setup_devices(n: int) -> None:
 
 
 def _imports():
-    global jax, jnp, np, NamedSharding, P, shd, G, model, lm_configs, lm_train, sharded, init_lm_state
+    global jax, jnp, np, NamedSharding, P, shd, G, model, lm_configs, lm_train, sharded, init_lm_state, path_str
     import jax  # noqa: F401
     import jax.numpy as jnp  # noqa: F401
     import numpy as np  # noqa: F401
@@ -147,6 +147,7 @@ def _imports():
     from unitok_jax.configs import lm as lm_configs  # noqa: F401
     from unitok_jax.training import lm_train, sharded  # noqa: F401
     from unitok_jax.training.lm_step import init_lm_state  # noqa: F401
+    from unitok_jax.training.trees import path_str  # noqa: F401
 
 
 def lm_config(variant: str, layers=None, moe_impl: str = "loop"):
@@ -237,7 +238,7 @@ def state_shardings(state, mesh, rules, batch: int):
     kv = kv if isinstance(kv, str) and int(mesh.shape.get(kv, 1)) > 1 else None
 
     def spec(path, x):
-        names = [str(getattr(k, "key", k)) for k in path]
+        names = path_str(path).split("/")  # dict keys and loop-state fields alike
         if names[-1] in ("k", "v") and len(x.shape) == 5:
             kvs = kv if kv and x.shape[3] % int(mesh.shape[kv]) == 0 else None
             return NamedSharding(mesh, P(None, bspec, None, kvs, None))
@@ -249,8 +250,8 @@ def state_shardings(state, mesh, rules, batch: int):
 
 
 def cache_bytes(state, shardings) -> dict:
-    """Per-device bytes of the LLM KV cache and the semantic-module cache of a TTS state."""
-    return {"llm": tree_bytes(state["cache"], shardings["cache"]), "sem": tree_bytes(state["sem"], shardings["sem"])}
+    """Per-device bytes of the LLM KV cache and the semantic-module cache of a TTS state (``generate.TTSState``)."""
+    return {"llm": tree_bytes(state.cache, shardings.cache), "sem": tree_bytes(state.sem, shardings.sem)}
 
 
 def memory(compiled) -> dict:
