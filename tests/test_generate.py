@@ -141,16 +141,23 @@ def test_tts_budget_caps_length(tiny, tts_req):
 
 
 def test_tts_streaming_equals_offline(tiny, tts_req):
+    """A batch of 3 rows of different lengths (one ended by the stop head inside a chunk, two by their budgets):
+    per row, the streamed audio is the offline waveform, and one compiled program serves the whole stream."""
     cfg, params = tiny
     params = _with_stop_bias(params, ALWAYS)
     kw = dict(sampler=SAMPLER, min_steps=np.array([100, 3, 100]))
     offline = _tts(params, cfg, tts_req, **kw)
     np.testing.assert_array_equal(offline.counts, [6, 5, 4])
-    chunks = list(G.tts_stream(params, cfg, tts_req["ids"], tts_req["lengths"], tts_req["prompt"],
-                               tts_req["prompt_patches"], tts_req["budgets"], jax.random.key(7), chunk_patches=2,
-                               **kw))
+    gen = G.tts_stream(params, cfg, tts_req["ids"], tts_req["lengths"], tts_req["prompt"], tts_req["prompt_patches"],
+                       tts_req["budgets"], jax.random.key(7), chunk_patches=2, **kw)
+    chunks = [next(gen)]
+    programs = G.tts_stream_run._cache_size()
+    chunks += list(gen)
+    assert G.tts_stream_run._cache_size() == programs  # no recompilation mid-stream
     assert len(chunks) == 3 and chunks[-1].done.all()
     assert [int(c.new_patches[0]) for c in chunks] == [2, 2, 2]
+    assert [int(c.new_patches[1]) for c in chunks] == [2, 2, 1]
+    assert [bool(c.done[2]) for c in chunks] == [False, True, True]
     hop = _hop(cfg)
     for i, n in enumerate(offline.counts):
         wave = np.concatenate([c.audio[i] for c in chunks])

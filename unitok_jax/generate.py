@@ -611,52 +611,61 @@ class StreamChunk(NamedTuple):
     done: np.ndarray  # [B] rows finished (their audio is complete)
 
 
+@functools.partial(jax.jit, static_argnames=("cfg", "chunk", "steps", "emit_stop_patch", "guided"),
+                   donate_argnames=("state", "stream"))
+def tts_stream_run(params, cfg: UniAudioConfig, state: TTSState, stream: vae.StreamState, sent, limit, *,
+                   chunk: int, steps: int, emit_stop_patch: bool = True, guided: bool = True):
+    """One streaming chunk, compiled once for a whole stream: the TTS loop up to ``limit`` steps (``chunk`` more),
+    then the VAE streaming decode of every row's new patches (``sent`` [B] patches already decoded) in one batched
+    call with per-row valid lengths, first and last flags as data (:func:`unitok_jax.vae.decode_stream_rows`).
+    Returns (state, stream, sent, samples [B, chunk * p * hop + overlap], start [B], stop [B])."""
+    was_done = state.done
+    state = _while(lambda s: _tts_step(params, cfg, s, steps, emit_stop_patch, guided), state, limit)
+    b, n, p, c = state.out.shape
+    padded = jnp.pad(state.out, ((0, 0), (0, chunk), (0, 0), (0, 0)))
+    new = jax.vmap(lambda o, s: jax.lax.dynamic_slice_in_dim(o, s, chunk, 0))(padded, sent)  # [B, chunk, p, C]
+    y, start, stop, stream = vae.decode_stream_rows(
+        params["audio"], cfg.vae, new.reshape(b, chunk * p, c), (state.count - sent) * p, sent > 0,
+        state.done & ~was_done, stream)
+    return state, stream, state.count, y, start, stop
+
+
 def tts_stream(params, cfg: UniAudioConfig, ids, lengths, prompt, prompt_patches, budgets, key, *,
                chunk_patches: int = 4, request_ids=None, sampler: Sampler = Sampler(), min_steps=16,
                stop_threshold: float = 0.5, emit_stop_patch: bool = True, max_patches: Optional[int] = None,
                buckets=DEFAULT_BUCKETS, batch_buckets=BATCH_BUCKETS, mesh=None,
                rules=None) -> Iterator[StreamChunk]:
-    """Streaming TTS: the compiled loop of :func:`tts` (same init, same :func:`tts_run` program) runs
-    ``chunk_patches`` steps at a time on device, then the host decodes each row's new patches with
-    :func:`unitok_jax.vae.decode_stream` and yields them. Per row, the concatenated audio equals :func:`tts`'s
-    waveform (same key) up to float rounding; the last chunk of a row is always flushed (``last=True``), also when the
-    budget ended it (the reference loses the tail then, spec §9 #7). Rows are decoded one by one (each has its own
-    decoder cache and overlap-add tails; a row's end can fall inside a chunk)."""
+    """Streaming TTS: the loop of :func:`tts` (same init, same step) runs ``chunk_patches`` steps at a time and the
+    new patches of all rows are decoded in the same compiled program (:func:`tts_stream_run`: one program for the
+    whole stream, whatever the rows' lengths; only the new audio comes back to the host). Per row, the
+    concatenated audio equals :func:`tts`'s waveform (same key) up to float rounding; the last chunk of a row is
+    always flushed, also when the budget ended it (the reference loses the tail then, spec §9 #7)."""
     where = _Mesh.of(mesh, rules)
     job = _tts_job(cfg, ids, lengths, prompt, prompt_patches, budgets, key, request_ids, sampler, min_steps,
                    stop_threshold, max_patches, buckets)
     b, n = job.size, job.statics["max_patches"]
     k = int(chunk_patches)
+    if k < 1:
+        raise ValueError(f"chunk_patches must be >= 1, got {chunk_patches}")
     p = cfg.patch_size
+    rows = where.rows(b, batch_buckets)
     with where.context():
-        state = tts_init(params, cfg, **job.batch(np.arange(b), where.rows(b, batch_buckets), where), **job.statics)
-    streams = [vae.init_stream_state(cfg.vae, 1, n * p, k * p) for _ in range(b)]
-    sent = np.zeros((b,), np.int64)
+        state = tts_init(params, cfg, **job.batch(np.arange(b), rows, where), **job.statics)
+        stream = where.put(vae.init_stream_state(cfg.vae, rows, (n + k) * p, k * p, rows=True), rows)
+        sent = where.put(jnp.zeros((rows,), jnp.int32), rows)
     finished = np.asarray(state.done)[:b].copy()
-    limit = 0
+    limit, prev = 0, np.zeros((b,), np.int32)
+    static = dict(chunk=k, steps=sampler.steps, emit_stop_patch=emit_stop_patch, guided=sampler.guided)
     while not finished.all():
         limit += k
         with where.context():
-            state = tts_run(params, cfg, state, jnp.int32(limit), steps=sampler.steps,
-                            emit_stop_patch=emit_stop_patch, guided=sampler.guided)
-        count = np.asarray(state.count)[:b]
-        done = np.asarray(state.done)[:b]
-        new = count - sent
-        audio = []
-        for r in range(b):
-            if finished[r] or (new[r] == 0 and not done[r]):
-                audio.append(np.zeros((0,), np.float32))
-                continue
-            chunk = state.out[r:r + 1, sent[r]:count[r]].reshape(1, -1, cfg.vae.latent_dim)
-            if chunk.shape[1] == 0:  # done without a new patch (emit_stop_patch=False): flush needs a frame
-                audio.append(np.zeros((0,), np.float32))
-                continue
-            with where.context():
-                y, streams[r] = vae.decode_stream(params["audio"], cfg.vae, chunk, streams[r], last=bool(done[r]))
-            audio.append(np.asarray(y[0]))
-        sent = count.astype(np.int64)
-        finished = finished | done
-        yield StreamChunk(audio, new.astype(np.int32), finished.copy())
+            state, stream, sent, y, start, stop = tts_stream_run(params, cfg, state, stream, sent, jnp.int32(limit),
+                                                                 **static)
+        y, start, stop, count = (np.asarray(x)[:b] for x in (y, start, stop, sent))
+        finished = finished | np.asarray(state.done)[:b]
+        yield StreamChunk([y[r, start[r]:stop[r]] for r in range(b)], (count - prev).astype(np.int32),
+                          finished.copy())
+        prev = count
 
 
 # ------------------------------------------------------------------------------------------------- text prefill

@@ -308,9 +308,10 @@ class Decoder(nn.Module):
             self.sow("intermediates", "semantic_layers", layers)
         return y, cache
 
-    def spectrum(self, z, cache=None):
-        """Low-level path: latents -> fc1 -> stack -> head output [B, T, n_fft + 2] (and the new decoder cache)."""
-        h, cache, _ = self.backbone(self.fc1(z), cache=cache)
+    def spectrum(self, z, cache=None, valid=None):
+        """Low-level path: latents -> fc1 -> stack -> head output [B, T, n_fft + 2] (and the new decoder cache).
+        ``valid`` [B, T]: real frames of a right-padded chunk (the cache advances by them only)."""
+        h, cache, _ = self.backbone(self.fc1(z), cache=cache, valid=valid)
         self.sow("intermediates", "hidden", h)
         return self.head(h), cache
 
@@ -343,8 +344,8 @@ class AudioVAE(nn.Module):
     def unified(self, z, cache=None, valid=None):
         return self.decoder.unified(z, cache, valid)
 
-    def spectrum(self, z, cache=None):
-        return self.decoder.spectrum(z, cache)
+    def spectrum(self, z, cache=None, valid=None):
+        return self.decoder.spectrum(z, cache, valid)
 
     def full_spectrum(self, z):
         return self.decoder.full_spectrum(z)
@@ -471,10 +472,12 @@ def decode_full(params, cfg: VAEConfig, latent: jax.Array) -> tuple[jax.Array, j
 
 @flax.struct.dataclass
 class StreamState:
-    """Explicit state of :func:`decode_stream`: the decoder KV cache and the overlap-add tails.
+    """Explicit state of :func:`decode_stream` / :func:`decode_stream_rows`: the decoder KV cache and the
+    overlap-add tails.
 
-    ``audio_buf`` [B, n_fft - hop]: un-normalised signal tail; ``env_buf`` [1, n_fft - hop]: envelope tail;
-    ``first`` (static) is True until the first chunk has been decoded.
+    ``audio_buf`` [B, n_fft - hop]: un-normalised signal tail; ``env_buf`` [1, n_fft - hop] (every row has the same
+    frames, as the reference keeps it) or [B, n_fft - hop] (per row, :func:`decode_stream_rows`): envelope tail;
+    ``first`` (static, :func:`decode_stream` only) is True until the first chunk has been decoded.
     """
 
     cache: dict
@@ -483,18 +486,43 @@ class StreamState:
     first: bool = flax.struct.field(pytree_node=False, default=True)
 
 
-def init_stream_state(cfg: VAEConfig, batch: int, max_frames: int, max_chunk: int = 5) -> StreamState:
+def init_stream_state(cfg: VAEConfig, batch: int, max_frames: int, max_chunk: int = 5, *,
+                      rows: bool = False) -> StreamState:
     """Fresh streaming state for up to ``max_frames`` frames in chunks of at most ``max_chunk`` frames. With a
-    sliding-window decoder the KV cache is a ring of ``window + max_chunk - 1`` slots (bounded memory)."""
+    sliding-window decoder the KV cache is a ring of ``window + max_chunk - 1`` slots (bounded memory). ``rows``:
+    for :func:`decode_stream_rows` (a per-row envelope tail)."""
     size = cache_size_for(max_frames, cfg.decoder.sliding_window, max_chunk)
     if cfg.decoder.window_from_layer > 0:  # some layers attend fully: keep the whole history
         size = max_frames
     return StreamState(
         cache=init_cache(cfg.decoder, batch, size),
         audio_buf=jnp.zeros((batch, cfg.overlap), jnp.float32),
-        env_buf=jnp.zeros((1, cfg.overlap), jnp.float32),
-        first=True,
+        env_buf=jnp.zeros((batch if rows else 1, cfg.overlap), jnp.float32),
+        first=not rows,
     )
+
+
+def _stream_chunk(params, cfg: VAEConfig, chunk, state: StreamState, valid=None):
+    """The decoder on a chunk [B, T, C] continuing the cache (``valid`` [B] frames per row, default all T: the cache
+    of row b advances by valid[b]), then the ISTFT frames overlap-added onto the tails. Frames past a row's valid
+    count contribute nothing (masked), so a row's new tails sit at valid * hop. Returns (signal, envelope) [B,
+    T * hop + overlap] (un-normalised, tails added), the new tails and the new cache."""
+    b, t = chunk.shape[:2]
+    ov = cfg.overlap
+    mask = jnp.ones((1, t), jnp.float32) if valid is None else (jnp.arange(t)[None] < valid[:, None])
+    frame_valid = None if valid is None else jnp.broadcast_to(mask, (b, t))
+    x_pred, cache = _apply(params, cfg, AudioVAE.spectrum, chunk, state.cache, frame_valid)
+    frames = istft_frames(x_pred, cfg.n_fft)
+    if valid is not None:
+        frames = frames * mask[..., None]
+    y = overlap_add(frames, cfg.hop).at[:, :ov].add(state.audio_buf)  # [B, t*hop + overlap]
+    env = _envelope(mask, cfg.n_fft, cfg.hop).at[:, :ov].add(state.env_buf)  # [1 or B, t*hop + overlap]
+    if valid is None:
+        tails = y[:, -ov:], env[:, -ov:]
+    else:
+        at = lambda a: jax.vmap(lambda r, v: jax.lax.dynamic_slice_in_dim(r, v * cfg.hop, ov))(a, valid)  # noqa: E731
+        tails = at(y), at(env)
+    return y, env, tails, cache
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "last"))
@@ -502,18 +530,11 @@ def _stream_step(params, cfg: VAEConfig, chunk, state: StreamState, last: bool):
     t = chunk.shape[1]
     if state.first and t * cfg.hop < cfg.pad:
         raise ValueError(f"the first streaming chunk needs at least {cfg.pad / cfg.hop:.2f} frames, got {t}")
-    x_pred, cache = _apply(params, cfg, AudioVAE.spectrum, chunk, state.cache)
-    y = overlap_add(istft_frames(x_pred, cfg.n_fft), cfg.hop)  # [B, t*hop + overlap]
-    env = _envelope(jnp.ones((1, t)), cfg.n_fft, cfg.hop)
-    ov = cfg.overlap
-    if not state.first:
-        y = y.at[:, :ov].add(state.audio_buf)
-        env = env.at[:, :ov].add(state.env_buf)
-    new_audio_buf, new_env_buf = y[:, -ov:], env[:, -ov:]
-    end = y.shape[1] - (cfg.pad if last else ov)
+    y, env, (audio_buf, env_buf), cache = _stream_chunk(params, cfg, chunk, state)
+    end = y.shape[1] - (cfg.pad if last else cfg.overlap)
     start = cfg.pad if state.first else 0
     out = _normalise(y[:, start:end], env[:, start:end])
-    return out, StreamState(cache, new_audio_buf, new_env_buf, first=False)
+    return out, StreamState(cache, audio_buf, env_buf, first=False)
 
 
 def decode_stream(params, cfg: VAEConfig, chunk: jax.Array, state: StreamState, *, last: bool = False):
@@ -524,6 +545,27 @@ def decode_stream(params, cfg: VAEConfig, chunk: jax.Array, state: StreamState, 
     empty: earlier (prompt) latents are not pre-filled.
     """
     return _stream_step(params, cfg, chunk, state, last)
+
+
+def decode_stream_rows(params, cfg: VAEConfig, chunk, valid, started, last, state: StreamState):
+    """Streaming decode of a batch whose rows advance by different amounts, with every per-row choice as data (one
+    program for a whole stream; traceable inside a larger jitted program).
+
+    ``chunk`` [B, T, C] with ``valid`` [B] new frames per row (0: the row has nothing new), ``started`` [B]: the row
+    has emitted audio before (else this is its first chunk: the "same"-padding head of ``pad`` samples is
+    dropped), ``last`` [B]: flush the row's tail. Returns (samples [B, T * hop + overlap], start [B], stop [B], new
+    state): the row's new audio is ``samples[b, start[b]:stop[b]]`` (hop*valid - pad on its first chunk, hop*valid
+    in the middle, + pad on its last). Per row, the pieces concatenate to :func:`decode` of its frames; a row's
+    first chunk needs valid * hop >= pad (one patch is plenty). The cache needs room for T frames past the longest
+    row (:func:`init_stream_state` with ``max_frames + T`` and ``rows=True``)."""
+    y, env, (audio_buf, env_buf), cache = _stream_chunk(params, cfg, chunk, state, valid)
+    end = valid * cfg.hop
+    start = jnp.where(started, 0, cfg.pad)
+    stop = jnp.where(last, end + cfg.overlap - cfg.pad, end)
+    has = started | (valid > 0)
+    start = jnp.where(has, start, 0)
+    stop = jnp.where(has, jnp.maximum(stop, start), 0)
+    return _normalise(y, env), start, stop, state.replace(cache=cache, audio_buf=audio_buf, env_buf=env_buf)
 
 
 # ---------------------------------------------------------------------------------------------------------------
