@@ -237,6 +237,18 @@ def test_sample_py_on_a_mesh_equals_one_device(ckpt_dir, one_device, tmp_path):
     assert not (tmp_path / "bad").exists()  # nothing written for a refused run
 
 
+def test_sample_py_continuous_batching_equals_static(ckpt_dir, one_device, tmp_path):
+    """``--slots 2 --rounds 1`` over a group of all 6 requests (rows refilled as they finish) == static batches."""
+    req, ref = one_device
+    r = subprocess.run(_cmd(ckpt_dir, req, tmp_path / "cont", "--slots", "2", "--rounds", "1", "--batch-size", "6"),
+                       cwd=REPO, env=_env(1), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    _assert_same(_outputs(tmp_path / "cont"), ref)
+    bad = subprocess.run(_cmd(ckpt_dir, req, tmp_path / "bad", "--slots", "0"), cwd=REPO, env=_env(1),
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "--slots" in bad.stderr and not (tmp_path / "bad").exists()
+
+
 def test_two_processes_killed_resume_and_equal_one_process(ckpt_dir, one_device, tmp_path):
     """2 processes (jax.distributed on localhost, 1 device each), SIGKILLed once some requests have finished, then
     started again: the finished requests are not redone, one results.jsonl comes out, the outputs equal one

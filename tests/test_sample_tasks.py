@@ -94,7 +94,7 @@ def test_python_api_batch_equals_single(ckpt_dir):
 def test_requests_are_batched_by_expected_length(tmp_path):
     """sample.py batches requests of similar cost together (prompt audio, patch budget / input duration), not in
     file order; equal keys keep the file order."""
-    import sample
+    from unitok_jax.cli import sample
 
     def wav(name, seconds):
         path = tmp_path / name

@@ -249,9 +249,13 @@ class UniAudio:
     def tts(self, texts: Sequence[str], prompt_wavs: Optional[Sequence[Audio]] = None,
             prompt_texts: Optional[Sequence[str]] = None, *, seed: int = 0, max_patches: Optional[int] = None,
             sampler: generate.Sampler = generate.Sampler(), min_steps: int = 16, stop_threshold: float = 0.5,
-            request_ids: Optional[Sequence[int]] = None) -> list[np.ndarray]:
+            request_ids: Optional[Sequence[int]] = None, slots: Optional[int] = None,
+            rounds: int = 16) -> list[np.ndarray]:
         """Speech for each text, in the voice of its prompt (spec §1.3). The patch budget per text follows the
-        reference formula with a floor (:func:`unitok_jax.text.tts_patch_budget`), capped by ``max_patches``."""
+        reference formula with a floor (:func:`unitok_jax.text.tts_patch_budget`), capped by ``max_patches``.
+        ``slots``: run a list longer than this with continuous batching on ``slots`` rows (finished rows are
+        refilled every ``rounds`` loop steps at most; the outputs are the same as one static batch: see
+        :func:`unitok_jax.generate.tts`)."""
         n = len(texts)
         texts = [self._text(t, "TTS text", i) for i, t in enumerate(texts)]
         prompt_texts = list(prompt_texts) if prompt_texts is not None else [""] * n
@@ -279,16 +283,17 @@ class UniAudio:
         ids_p, lengths = generate.pad_sequences(ids, dtype=np.int32)
         res = generate.tts(self.params, self.cfg, ids_p, lengths, lat, counts, budgets, k_gen,
                            request_ids=request_ids, sampler=sampler, min_steps=min_steps,
-                           stop_threshold=stop_threshold, **self._where())
+                           stop_threshold=stop_threshold, slots=slots, rounds=rounds, **self._where())
         spp = self.cfg.patch_size * self.cfg.vae.hop
         return [finite_audio(res.waves[i, : res.counts[i] * spp], i) for i in range(n)]
 
     def asr(self, wavs: Sequence[Audio], context: Optional[Sequence[Optional[Sequence[str]]]] = None, *,
             seed: int = 0, max_new_tokens: int = 128, with_language: bool = False,
-            request_ids: Optional[Sequence[int]] = None):
+            request_ids: Optional[Sequence[int]] = None, slots: Optional[int] = None, rounds: int = 16):
         """Transcripts (spec §1.2). ``context``: optional hot words per input. ``with_language``: return
         (language, transcript) pairs. ``request_ids``: the posterior noise of input i comes from its id (default:
-        its position), so an input transcribes the same whatever else is in the call."""
+        its position), so an input transcribes the same whatever else is in the call. ``slots`` / ``rounds``: as
+        :meth:`tts`."""
         wavs = self._waves(wavs, "audio")
         context = list(context) if context is not None else [None] * len(wavs)
         for i, cw in enumerate(context):
@@ -302,7 +307,7 @@ class UniAudio:
         ids_p, lengths = generate.pad_sequences(ids, dtype=np.int32)
         res = generate.asr(self.params, self.cfg, ids_p, lengths, lat, counts, eos_id=self.tok.id("eos"),
                            audio_patch_id=self.tok.id("audio_patch"), max_new_tokens=max_new_tokens,
-                           pad_id=self.tok.id("eos"), **self._where())
+                           pad_id=self.tok.id("eos"), slots=slots, rounds=rounds, **self._where())
         out = []
         for i in range(len(lat)):
             lang, transcript = text.parse_asr_output(self.tok.decode(res.tokens[i, : res.n[i]].tolist()))
@@ -312,10 +317,12 @@ class UniAudio:
     def edit(self, wavs: Sequence[Audio], instructions: Sequence[str], *, semantic: Union[bool, Sequence[bool]] = False,
              seed: int = 0, max_text_tokens: int = 128, max_patches: int = 256,
              sampler: generate.Sampler = generate.Sampler(), min_steps: int = 16,
-             stop_threshold: float = 0.5, request_ids: Optional[Sequence[int]] = None) -> list[EditOutput]:
+             stop_threshold: float = 0.5, request_ids: Optional[Sequence[int]] = None, slots: Optional[int] = None,
+             rounds: int = 16) -> list[EditOutput]:
         """Free-form edits (spec §1.4): ``semantic`` (per input or for all) appends ``<answer>`` so the model
         writes the edited transcript first, as the reference does for insert / delete / substitute edits.
-        ``request_ids``: as :meth:`tts` (input i's randomness from its id, default its position)."""
+        ``request_ids``: as :meth:`tts` (input i's randomness from its id, default its position); ``slots`` /
+        ``rounds``: as :meth:`tts`."""
         n = len(wavs)
         sem = [semantic] * n if isinstance(semantic, bool) else list(semantic)
         instructions = [self._text(s, "instruction", i) for i, s in enumerate(instructions)]
@@ -332,7 +339,7 @@ class UniAudio:
                             gen_audio_id=self.tok.id("gen_audio"), audio_patch_id=self.tok.id("audio_patch"),
                             max_text_tokens=max_text_tokens, max_patches=max_patches, sampler=sampler,
                             min_steps=min_steps, stop_threshold=stop_threshold, pad_id=self.tok.id("eos"),
-                            request_ids=request_ids, **self._where())
+                            request_ids=request_ids, slots=slots, rounds=rounds, **self._where())
         spp = self.cfg.patch_size * self.cfg.vae.hop
         out = []
         for i in range(n):

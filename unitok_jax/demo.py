@@ -385,7 +385,6 @@ class Demo:
 
     def _env(self) -> dict:
         env = dict(os.environ)
-        env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         if self.compile_cache:
             env.setdefault("JAX_COMPILATION_CACHE_DIR", self.compile_cache)
@@ -403,13 +402,13 @@ class Demo:
         Sets ``job.error`` instead of raising (jobs run in threads)."""
         for cmd in job.cmds:
             if terminal:
-                proc = subprocess.run(cmd.argv, cwd=ROOT, env=self._env())
+                proc = subprocess.run(cmd.argv, env=self._env())
             else:
                 os.makedirs(os.path.dirname(job.log), exist_ok=True)
                 with open(job.log, "a", encoding="utf-8") as f:
                     f.write(f"$ {self._show(cmd.argv)}\n")
                     f.flush()
-                    proc = subprocess.run(cmd.argv, cwd=ROOT, env=self._env(), stdout=f, stderr=subprocess.STDOUT)
+                    proc = subprocess.run(cmd.argv, env=self._env(), stdout=f, stderr=subprocess.STDOUT)
             if proc.returncode not in cmd.ok:
                 job.error = f"exit status {proc.returncode}: {self._show(cmd.argv)}"
                 return
@@ -649,7 +648,7 @@ class Demo:
         if ids and all(os.path.isfile(os.path.join(out, f"{i}.wav")) for i in ids):
             return []
         return [Job("reconstruct", "reconstruct", [Cmd(
-            [self.py, os.path.join(ROOT, "sample.py"), "reconstruct", "--checkpoint",
+            [self.py, "-m", "unitok_jax.cli.sample", "reconstruct", "--checkpoint",
              os.path.join(self.p["vae"], "export"), "--input", paths["reconstruct"], "--out", out, "--quiet",
              *self._sample_args()])])]
 
@@ -666,7 +665,7 @@ class Demo:
         if self._task_done(task):
             return []
         return [Job(task, task, [Cmd(
-            [self.py, os.path.join(ROOT, "sample.py"), task, "--checkpoint", os.path.join(self.p["lm"], "export"),
+            [self.py, "-m", "unitok_jax.cli.sample", task, "--checkpoint", os.path.join(self.p["lm"], "export"),
              "--input", os.path.join(self.p["requests"], f"{task}.jsonl"), "--out",
              os.path.join(self.p["samples"], task), *extra, *self._sample_args()])], terminal=terminal)]
 
