@@ -28,6 +28,18 @@ grouped matmul that TPU/GPU run, the ``configs/vae.py:official`` VAE estimate, a
 defaults) is only traced with abstract inputs (``jax.eval_shape``, nothing allocated) to count its FLOPs per step
 (and per token), and the time one step would take at 100 % of an H100's bf16 peak.
 
+Issue 18 measurements (always run; ``--no-issue18`` skips them):
+
+* **compiled peak memory per device of an LM step** (XLA's memory analysis of the jitted, donated step lowered from
+  abstract arrays, nothing allocated; peak = argument + output - alias + temp, as ``bench/memory.py``): the LM stage
+  of ``configs/lm.py:tiny`` with the release vocabulary (126,464), batch 8 x 512 positions, with text logits at
+  every position (``train.text_positions=0``: before) and at the labelled positions (128 a row: after); the full
+  run adds ``model.remat``;
+* **host collectives per step** of a multi-process run: the training loop's per-step host logic (checkpoint
+  policy / stop decision and the batch-shape decision) run for 100 steps with ``jax.process_count()`` stubbed to 2
+  and ``multihost_utils.process_allgather`` counting its calls; "before" runs the same harness on the code of
+  ``--baseline-rev`` (read with ``git show``; skipped outside a git checkout).
+
   python bench/train.py [--quick] [--sizes tiny,small|none] [--official] [--peak-tflops X] [--json PATH]
 """
 from __future__ import annotations
@@ -243,6 +255,145 @@ def official_lm(batch: int, frames: int) -> dict:
             "h100_bf16_step_ms_at_peak": 1e3 * flops / H100_BF16}
 
 
+# ------------------------------------------------------------------------------------------------ issue 18
+
+RELEASE_VOCAB = 126_464
+
+
+def lm_step_memory(text_positions: int, remat: bool = False, batch: int = 8, seq: int = 512,
+                   patches: int = 64) -> dict:
+    """Compiled memory of one LM-stage train step (configs/lm.py:tiny with the release vocabulary), from abstract
+    state and batch on one device."""
+    from unitok_jax.configs import lm as lm_configs
+    from unitok_jax.training import lm_train
+
+    config = lm_configs.get_config("tiny")
+    config.model.bailingmm["llm_config"]["vocab_size"] = RELEASE_VOCAB
+    config.train.text_positions = text_positions
+    config.model.remat = remat
+    cfg = lm_train.with_training_options(config, lm_train.model_config(config))
+    params_abs = jax.eval_shape(lambda: model.init_params(cfg, jax.random.key(0)))
+    opt = lm_train.optimizer(config, params_abs)
+    state_abs = jax.eval_shape(lambda p: lm_step.init_lm_state(p, opt, jax.random.key(1)), params_abs)
+    step = lm_train.step_function(config, cfg, opt)
+    b, s, n, p, c = batch, seq, patches, cfg.patch_size, cfg.vae.latent_dim
+    shapes = {"input_ids": ((b, s), jnp.int32), "valid": ((b, s), bool), "text_labels": ((b, s), jnp.int32),
+              "audio_patch_mask": ((b, s), bool), "audio_gate": ((b, s), bool),
+              "latents": ((b, n * p, c), jnp.float32), "latent_valid": ((b, n * p), bool),
+              "patch_start": ((b,), jnp.int32), "num_patches": ((b,), jnp.int32),
+              "gen_patches": ((b,), jnp.int32), "patch_cond_index": ((b, n), jnp.int32),
+              "flow_mask": ((b, n), bool)}
+    batch_abs = {k: jax.ShapeDtypeStruct(shape, dt) for k, (shape, dt) in shapes.items()}
+    t0 = time.perf_counter()
+    compiled = jax.jit(step, donate_argnums=0).lower(state_abs, batch_abs).compile()
+    m = compiled.memory_analysis()
+    out = {"text_positions": text_positions, "remat": remat, "batch": b, "seq": s, "vocab": RELEASE_VOCAB,
+           "argument": int(m.argument_size_in_bytes), "output": int(m.output_size_in_bytes),
+           "alias": int(m.alias_size_in_bytes), "temp": int(m.temp_size_in_bytes),
+           "compile_s": time.perf_counter() - t0}
+    out["peak"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
+    return out
+
+
+def _module_from_rev(rev: str, path: str, name: str):
+    """The module at ``path`` as of git revision ``rev`` (None outside a checkout or for an unknown rev)."""
+    import importlib.util
+    import subprocess
+    import tempfile
+
+    try:
+        src = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=REPO, capture_output=True, text=True,
+                             check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    folder = tempfile.mkdtemp(prefix="bench_rev_")
+    file = os.path.join(folder, os.path.basename(path))
+    with open(file, "w") as f:
+        f.write(src)
+    spec = importlib.util.spec_from_file_location(name, file)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def host_collectives(checkpoint_mod, lm_train_mod, steps: int = 100) -> dict:
+    """Host collectives (``process_allgather`` calls) of the LM loop's per-step host logic over ``steps`` steps,
+    as if in 2 processes: the checkpoint policy / stop decision (``TrainCheckpointer.after_step``, a stub orbax
+    manager that never saves) and the batch shapes (``agreed_sizes`` of the old loop, ``planned_sizes`` now), with
+    length buckets (no fixed ``data.seq_len``)."""
+    from jax.experimental import multihost_utils
+
+    calls = {"n": 0}
+
+    def gather(x, tiled=False):
+        calls["n"] += 1
+        x = np.asarray(x)
+        return np.concatenate([x, x]) if tiled else np.stack([x, x])
+
+    class Manager:
+        def all_steps(self):
+            return []
+
+        def save(self, *a, **k):
+            return False
+
+        def reached_preemption(self, step):
+            return False
+
+        def wait_until_finished(self):
+            pass
+
+    ck = object.__new__(checkpoint_mod.TrainCheckpointer)
+    ck.manager, ck.directory = Manager(), "/nonexistent"
+    ck.preemption_check_every = 10  # the config default (the old class has no such attribute)
+
+    class Flag:
+        requested = False
+
+    examples = [{"input_ids": np.zeros(100 + 7 * i, np.int32), "num_patches": 20 + i} for i in range(4)]
+    saved = jax.process_count, multihost_utils.process_allgather
+    jax.process_count, multihost_utils.process_allgather = (lambda: 2), gather
+    try:
+        for step in range(1, steps + 1):
+            if hasattr(lm_train_mod, "agreed_sizes"):
+                lm_train_mod.agreed_sizes(examples, 0, 0)
+            else:
+                lm_train_mod.planned_sizes(40, 25, 0, 0)
+            ck.after_step(step, {}, {}, preempt=Flag(), stop_after=None, start=0, total=steps + 1,
+                          say=lambda *a, **k: None)
+    finally:
+        jax.process_count, multihost_utils.process_allgather = saved
+    return {"steps": steps, "collectives": calls["n"], "per_step": calls["n"] / steps}
+
+
+def issue18(quick: bool, baseline_rev: str) -> dict:
+    print("\nLM step, compiled peak memory per device (XLA memory analysis, abstract arrays, 1 device): "
+          f"configs/lm.py:tiny LLM with the release vocabulary ({RELEASE_VOCAB:,}), batch 8 x 512, float32")
+    variants = [(0, False), (128, False)] + ([] if quick else [(128, True)])
+    mem = []
+    print(f"{'text logits':<26} {'remat':<5} {'peak MiB':>9} {'temp MiB':>9} {'args MiB':>9} {'compile s':>9}")
+    for positions, remat in variants:
+        r = lm_step_memory(positions, remat)
+        mem.append(r)
+        what = "every position" if positions == 0 else f"labelled ({positions} a row)"
+        print(f"{what:<26} {str(remat):<5} {r['peak'] / 2**20:>9.1f} {r['temp'] / 2**20:>9.1f} "
+              f"{r['argument'] / 2**20:>9.1f} {r['compile_s']:>9.1f}", flush=True)
+    from unitok_jax.training import checkpoint as checkpoint_now
+    from unitok_jax.training import lm_train as lm_train_now
+
+    coll = {"after": host_collectives(checkpoint_now, lm_train_now)}
+    old_ck = _module_from_rev(baseline_rev, "unitok_jax/training/checkpoint.py", "_old_checkpoint")
+    old_lm = _module_from_rev(baseline_rev, "unitok_jax/training/lm_train.py", "_old_lm_train")
+    if old_ck is not None and old_lm is not None:
+        coll["before"] = {**host_collectives(old_ck, old_lm), "rev": baseline_rev}
+    print("\nhost collectives per step, 2 processes, length buckets, 100 steps (process_allgather calls):")
+    for k in ("before", "after"):
+        if k in coll:
+            print(f"  {k:<6} {coll[k]['per_step']:.2f} per step ({coll[k]['collectives']} in {coll[k]['steps']})"
+                  + (f", code of {coll[k]['rev']}" if "rev" in coll[k] else ""))
+    return {"lm_step_memory": mem, "host_collectives": coll}
+
+
 # ------------------------------------------------------------------------------------------------ main
 
 
@@ -260,6 +411,9 @@ def main(argv=None) -> int:
     ap.add_argument("--official-frames", type=int, default=1000, help="latent frames per row (50 per second)")
     ap.add_argument("--peak-tflops", type=float, help="peak TFLOP/s per device for MFU (default: from the table)")
     ap.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    ap.add_argument("--no-issue18", action="store_true", help="skip the LM step memory / host collectives section")
+    ap.add_argument("--baseline-rev", default="a002946",
+                    help="git revision whose loop code is the 'before' of the host collectives count")
     args = ap.parse_args(argv)
     jax.config.update("jax_default_matmul_precision", "highest")  # float32 throughout, like the other benchmarks
     warnings.filterwarnings("ignore", message=".*donated buffers.*")
@@ -340,8 +494,10 @@ def main(argv=None) -> int:
               f"experts on CPU: not the GPU count);\n  one step at 100 % of an H100's dense bf16 peak: "
               f"{o['h100_bf16_step_ms_at_peak']:.1f} ms")
 
+    i18 = None if args.no_issue18 else issue18(args.quick, args.baseline_rev)
+
     if args.json:
-        out = {"benchmark": "train", "quick": args.quick, "sizes": sizes,
+        out = {"benchmark": "train", "issue18": i18, "quick": args.quick, "sizes": sizes,
                "environment": {"jax": jax.__version__, "platform": dev.platform, "device_kind": dev.device_kind,
                                "device_count": n_dev, "cpu_count": os.cpu_count(),
                                "python": platform.python_version(), "machine": platform.machine(),

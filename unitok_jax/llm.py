@@ -368,6 +368,8 @@ class BailingMoeLM(nn.Module):
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds.astype(jnp.dtype(cfg.dtype))
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
         b, t = x.shape[:2]
+        # default positions without a cache: the stacks pass the causal mask to attention as a flag
+        stack_positions = positions if positions is not None or cache is not None else None
         if positions is None:
             positions = kvcache.default_positions(b, t, cache)
         angles = self.rotary(positions if rope_positions is None else rope_positions)
@@ -378,7 +380,7 @@ class BailingMoeLM(nn.Module):
             sub = None
             if cache is not None:
                 sub = {**cache, "k": cache["k"][start : start + n], "v": cache["v"][start : start + n]}
-            x, sub_new, lo = stack(x, positions=positions, valid=valid, cache=sub, angles=angles, extra=extra)
+            x, sub_new, lo = stack(x, positions=stack_positions, valid=valid, cache=sub, angles=angles, extra=extra)
             if cache is not None:
                 kvs.append(sub_new)
                 new_cache = sub_new

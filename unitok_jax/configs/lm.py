@@ -45,6 +45,10 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     }
     c.model.dtype = "float32" if tiny else "bfloat16"  # compute dtype of the LLM and the flow head
     c.model.moe_impl = "auto"  # "auto" | "ragged" | "tiled" | "dense"
+    c.model.remat = False  # rematerialise each LLM block in the backward pass (activation memory for compute)
+    # jax.nn.dot_product_attention's implementation: "auto" (jax picks: XLA today), "xla", or "cudnn" (fused flash
+    # attention on NVIDIA GPUs, bf16 / fp16 compute)
+    c.model.attention = "auto"
 
     c.init = ml_collections.ConfigDict()
     c.init.checkpoint = ml_collections.config_dict.placeholder(str)  # full model (convert output / LM export)
@@ -81,6 +85,9 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     c.train.z_weight = 0.0  # router z loss
     c.train.train_semantic = False  # unfreeze the semantic module (decoder fc2 + semantic transformer)
     c.train.accum_steps = 1  # gradient accumulation micro-batches per step
+    # Text logits only at the first this many labelled positions of each row ([B, n, V] float32 instead of
+    # [B, S, V]); a row with more labels is skipped and counted. 0: logits at every position.
+    c.train.text_positions = 128 if tiny else 256
     # "lm": the LLM stage. "s2": the tokenizer's unified stage (spec 7.1): only the semantic path (decoder fc2 +
     # semantic module + fc3) trains, on ASR sequences through the frozen LLM (init.checkpoint) and the full decoder
     # path: align_weight * text CE + mel_weight * log-mel L1 (needs data.source=audio; no TTS, flow or stop loss).
@@ -91,14 +98,45 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
 
     c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1, "expert": 1})
     c.mesh_preset = ""  # a key of MESH_PRESETS, overriding c.mesh
+    # Logical axis -> mesh axes ("data,fsdp"; "" = replicated): how params and activations are sharded
+    # (unitok_jax.sharding.DEFAULT_RULES), e.g. --config.rules.vocab= to replicate the vocabulary.
+    c.rules = ml_collections.ConfigDict({name: _axes_str(target) for name, target in shd.DEFAULT_RULES})
     c.distributed = "auto"  # jax.distributed.initialize: "auto" | "on" | "off"
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 50 if tiny else 1000
     c.checkpoint.keep = 3
+    # Several processes: exchange the SIGTERM flags every this many steps (besides orbax's reached_preemption);
+    # no host collective on the other steps. One process checks its own flag every step.
+    c.checkpoint.preemption_check_every = 10
     c.log_every = 10 if tiny else 50
     c.tensorboard = True
     return c
+
+
+def _axes_str(target) -> str:
+    if target is None:
+        return ""
+    return target if isinstance(target, str) else ",".join(target)
+
+
+def sharding_rules(config: ml_collections.ConfigDict) -> tuple:
+    """The logical-axis rules of ``config.rules`` as :mod:`unitok_jax.sharding` takes them (``((logical, mesh
+    axis | (axes, ...) | None), ...)``); :data:`unitok_jax.sharding.DEFAULT_RULES` when the config has none."""
+    if "rules" not in config:
+        return shd.DEFAULT_RULES
+    out = []
+    # in the order of DEFAULT_RULES (the first rule that claims a mesh axis for an array wins), new names after
+    order = [n for n, _ in shd.DEFAULT_RULES if n in config.rules]
+    order += sorted(n for n in config.rules if n not in order)
+    for name in order:
+        target = config.rules[name]
+        axes = tuple(a.strip() for a in str(target or "").split(",") if a.strip())
+        bad = [a for a in axes if a not in shd.MESH_AXES]
+        if bad:
+            raise ValueError(f"config.rules.{name}={target!r}: {bad[0]!r} is not a mesh axis {shd.MESH_AXES}")
+        out.append((name, None if not axes else axes[0] if len(axes) == 1 else axes))
+    return tuple(out)
 
 
 def mesh_sizes(config: ml_collections.ConfigDict) -> dict:

@@ -59,6 +59,9 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 50 if tiny else 2000
     c.checkpoint.keep = 3
+    # Several processes: exchange the SIGTERM flags every this many steps (besides orbax's reached_preemption);
+    # no host collective on the other steps. One process checks its own flag every step.
+    c.checkpoint.preemption_check_every = 10
     c.log_every = 10 if tiny else 100
     c.sample_every = 50 if tiny else 2000  # held-out reconstruction metrics, audio and mel images; 0 = off
     c.sample_audio = 2  # held-out clips logged as audio + mel comparison images

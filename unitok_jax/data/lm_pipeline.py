@@ -23,6 +23,10 @@ the target speech -- audio source: ``"target_wave"``, ``"target_lengths"``; late
 Both add ``"ok" [b]`` (false for an unreadable record: zeros, length 0, counted and skipped by the trainer),
 ``"text"``, ``"speaker"``, ``"id"`` (object arrays) and ``"row"`` [b] (the global row index). The iterator is a grain
 ``DatasetIterator``: ``get_state`` / ``set_state`` give an exact, checkpointable position.
+
+With ``row_sizes`` (one int per record, e.g. the tokens of its sequence besides the audio patches) every batch also
+carries ``"plan_size"``: the maximum of ``row_sizes`` over *all* rows of the global batch, known to every process
+from the plan alone, so that batch shapes need no agreement between processes at run time.
 """
 from __future__ import annotations
 
@@ -50,7 +54,8 @@ def load_latents(path: str) -> Optional[np.ndarray]:
 def lm_batches(records: Sequence[dict], *, batch_size: int, seed: int, source: str = "audio",
                hop: int = 320, buckets_seconds: Sequence[float] = (2.0, 4.0, 8.0, 16.0, 32.0),
                max_seconds: float = 32.0, sample_rate: int = SAMPLE_RATE, process_index: Optional[int] = None,
-               process_count: Optional[int] = None, num_epochs: int = 1000, window: int = 64):
+               process_count: Optional[int] = None, num_epochs: int = 1000, window: int = 64,
+               row_sizes: Optional[Sequence[int]] = None):
     """This process's ``batch_size / process_count`` rows of each global batch of ``batch_size`` (see the module
     docstring). ``hop``: waveform samples per latent frame (latent source: the bucket length in frames). Records need
     ``duration`` (``read_manifest(add_durations=True)``; the latent cache writes it)."""
@@ -86,11 +91,16 @@ def lm_batches(records: Sequence[dict], *, batch_size: int, seed: int, source: s
                      for r in recs]
         plans = grain.MapDataset.source(_EpochPlans(durations, batch_size, seed, window, num_epochs))
 
-    def meta(rows: list[int], idx: list[int]) -> dict:
+    if row_sizes is not None and len(row_sizes) != len(recs):
+        raise ValueError(f"row_sizes has {len(row_sizes)} entries for {len(recs)} records")
+
+    def meta(rows: list[int], idx: list[int], plan: list[int]) -> dict:
         extra = {}
+        if row_sizes is not None:
+            extra["plan_size"] = np.int64(max(int(row_sizes[i]) for i in plan))
         if edit:
-            extra = {k: np.array([recs[i].get(k) for i in idx], dtype=object)
-                     for k in ("instruction", "target_markup", "edit_type")}
+            extra.update({k: np.array([recs[i].get(k) for i in idx], dtype=object)
+                          for k in ("instruction", "target_markup", "edit_type")})
         return {**extra, "text": np.array([recs[i].get("text", "") for i in idx], dtype=object),
                 "speaker": np.array([recs[i]["speaker"] for i in idx], dtype=object),
                 "id": np.array([recs[i]["id"] for i in idx], dtype=object),
@@ -109,7 +119,7 @@ def lm_batches(records: Sequence[dict], *, batch_size: int, seed: int, source: s
                 w = w[:length]
                 wave[k, : len(w)] = w
                 lengths[k], ok[k] = len(w), True
-        out = {"wave": wave, "lengths": lengths, "ok": ok, **meta(rows, idx)}
+        out = {"wave": wave, "lengths": lengths, "ok": ok, **meta(rows, idx, plan)}
         if edit:  # the target speech of each pair, same bucket length
             tw = np.zeros_like(wave)
             tl = np.zeros_like(lengths)
@@ -149,7 +159,7 @@ def lm_batches(records: Sequence[dict], *, batch_size: int, seed: int, source: s
         idx = [plan[r] for r in rows]
         frames = int(math.ceil(bucket_length(max(durations[i] for i in plan), buckets_seconds) * sample_rate / hop))
         mean, std, lengths, ok = latents_into([recs[i]["latents"] for i in idx], frames)
-        out = {"mean": mean, "std": std, "lengths": lengths, "ok": ok, **meta(rows, idx)}
+        out = {"mean": mean, "std": std, "lengths": lengths, "ok": ok, **meta(rows, idx, plan)}
         if edit:
             tm, ts, tl, t_ok = latents_into([recs[i]["target_latents"] for i in idx], frames)
             out.update(target_mean=tm, target_std=ts, target_lengths=tl, ok=ok & t_ok)

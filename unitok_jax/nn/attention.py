@@ -71,6 +71,13 @@ class Attention(nn.Module):
     Call with a boolean ``mask`` [B, 1, T, S] (or None for "attend to everything"), rotary ``angles`` [B, T, d/2]
     (or None for no rotary), and optionally one layer's cache plus the ``slots`` [B, T] to write this chunk to; with
     a cache the queries attend to the whole cache after the write.
+
+    Without a cache, and with queries and keys at positions ``0..T-1``, the mask can instead be given as what
+    :func:`jax.nn.dot_product_attention` takes natively: ``is_causal``, a sliding ``window`` (keys a query sees,
+    its own included) and ``key_valid`` [B, S] (keys that exist): no [B, 1, T, S] mask is built, and a fused
+    implementation (``implementation="cudnn"``) can skip the masked blocks. cuDNN takes key validity as lengths,
+    so with it ``key_valid`` must be right padding (true on a prefix of each row), as in the training batches.
+    Attention over a cache (slots, ring buffers) keeps the explicit mask.
     """
 
     num_heads: int
@@ -86,9 +93,11 @@ class Attention(nn.Module):
     qk_norm_eps: float = 1e-6
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    implementation: Optional[str] = None  # jax.nn.dot_product_attention's: None (jax picks), "xla", "cudnn"
 
     @nn.compact
-    def __call__(self, x, mask=None, angles=None, cache_kv=None, slots=None):
+    def __call__(self, x, mask=None, angles=None, cache_kv=None, slots=None, *, is_causal: bool = False,
+                 window: Optional[int] = None, key_valid=None):
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
         n, kh, d = self.num_heads, self.num_kv_heads, self.head_dim
@@ -109,6 +118,20 @@ class Attention(nn.Module):
                 raise ValueError("a KV cache needs the slots to write the new keys to")
             new_cache = write_kv(cache_kv, k, v, slots)
             k, v = new_cache["k"].astype(q.dtype), new_cache["v"].astype(q.dtype)
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=d**-0.5)
+        kw = {}
+        if is_causal or window is not None or key_valid is not None:
+            if mask is not None or cache_kv is not None:
+                raise ValueError("pass either a mask (or a cache) or is_causal / window / key_valid, not both")
+            if window is not None:
+                if not is_causal:
+                    raise ValueError("a sliding window without is_causal needs an explicit mask")
+                kw["local_window_size"] = (window - 1, 0)
+            if key_valid is not None:
+                if self.implementation == "cudnn":  # lengths: right padding (see the class docstring)
+                    kw["key_value_seq_lengths"] = jnp.sum(key_valid, axis=1).astype(jnp.int32)
+                else:
+                    mask = key_valid[:, None, None, :]  # [B, 1, 1, S], broadcast over heads and queries
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=d**-0.5, is_causal=is_causal,
+                                           implementation=self.implementation, **kw)
         out = Projection((x.shape[-1],), 2, self.o_bias, ("heads", "kv", "embed"), ("embed",), name="o", **p)(out)
         return out, new_cache

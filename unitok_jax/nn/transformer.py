@@ -54,6 +54,8 @@ class TransformerConfig:
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
     remat: bool = False
+    # jax.nn.dot_product_attention's implementation: None (jax picks; XLA today), "xla", "cudnn" (GPU, bf16/fp16)
+    attention_impl: Optional[str] = None
     # Dropout on the attention output (after ``o``) and on the MLP hidden activation (the DiT's placement). It is
     # only applied when ``deterministic`` is False (training); the defaults keep every stack dropout-free.
     dropout: float = 0.0
@@ -82,12 +84,20 @@ class Block(nn.Module):
 
     cfg: TransformerConfig
     emit_hidden: bool = False
+    # "mask": ``masks`` are (full, windowed) [B, 1, T, S] masks; "fused": ``masks`` is (key_valid [B, S] or None,)
+    # and the causal flag / window come from the config (see :class:`Stack`)
+    attn_mode: str = "mask"
 
     @nn.compact
     def __call__(self, x, masks, angles, cache_kv, slots, windowed, extra=None):
         cfg = self.cfg
         dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-        mask = masks[0] if windowed is None else jnp.where(windowed, masks[1], masks[0])
+        if self.attn_mode == "fused":
+            flags = cfg.windowed_layers
+            mask_kw = dict(is_causal=cfg.causal, key_valid=masks[0],
+                           window=cfg.sliding_window if flags.size and flags.all() else None)
+        else:
+            mask_kw = dict(mask=masks[0] if windowed is None else jnp.where(windowed, masks[1], masks[0]))
         h = make_norm(cfg.norm, cfg.norm_eps, "attn_norm", pdtype)(x)
         h, new_kv = Attention(
             num_heads=cfg.num_heads,
@@ -102,8 +112,9 @@ class Block(nn.Module):
             qk_norm=cfg.qk_norm,
             dtype=dtype,
             param_dtype=pdtype,
+            implementation=getattr(cfg, "attention_impl", None),
             name="attn",
-        )(h, mask=mask, angles=angles, cache_kv=cache_kv, slots=slots)
+        )(h, angles=angles, cache_kv=cache_kv, slots=slots, **mask_kw)
         rate = getattr(cfg, "dropout", 0.0)
         deterministic = getattr(cfg, "deterministic", True) or rate == 0.0
         if not deterministic:
@@ -143,7 +154,8 @@ class Stack(nn.Module):
     is whatever the blocks emit as their second output, stacked over layers: for :class:`Block`, [L, B, T, D] (the
     residual stream after each block) when ``emit_hidden`` else None.
 
-    Custom blocks (``block_cls``) are constructed as ``block_cls(cfg, emit_hidden=..., name=...)`` and called as
+    Custom blocks (``block_cls``, subclasses of :class:`Block`) are constructed as
+    ``block_cls(cfg, emit_hidden=..., attn_mode=..., name=...)`` and called as
     ``block(x, masks, angles, cache_kv, slots, windowed, extra) -> (x, (new_cache_kv, layer_output))``; ``cfg``
     may be any frozen dataclass with the :class:`TransformerConfig` fields (e.g. a subclass adding MoE fields).
     """
@@ -156,6 +168,7 @@ class Stack(nn.Module):
     def __call__(self, x, positions=None, valid=None, cache=None, angles=None, extra=None):
         cfg = self.cfg
         b, t = x.shape[:2]
+        explicit_positions = positions is not None
         if positions is None:
             positions = kvcache.default_positions(b, t, cache)
         if cache is not None:
@@ -167,17 +180,27 @@ class Stack(nn.Module):
             k_pos = positions if valid is None else jnp.where(valid, positions, -1)
         flags = cfg.windowed_layers
         need_mask = cfg.causal or cache is not None or valid is not None or flags.any()
-        if need_mask:
-            full = kvcache.position_mask(positions, k_pos, cfg.causal, None)
-            win = kvcache.position_mask(positions, k_pos, cfg.causal, cfg.sliding_window) if flags.any() else None
+        # Without a cache and at the default positions the masks are a causal flag, a window and the valid keys,
+        # which jax.nn.dot_product_attention takes as such ("fused"). Explicit masks stay for caches (slots, ring
+        # buffers), given positions, a window on only some layers (chosen per layer inside the scan) and a window
+        # without causality: the call cannot express those.
+        fused = (cache is None and not explicit_positions
+                 and (not flags.any() or (flags.all() and cfg.causal)))
+        attn_mode = "fused" if fused else "mask"
+        if fused:
+            masks, windowed = (valid,), None
         else:
-            full = win = None
-        if flags.all() and flags.size:
-            masks, windowed = (win, None), None
-        elif flags.any():
-            masks, windowed = (full, win), jnp.asarray(flags)
-        else:
-            masks, windowed = (full, None), None
+            if need_mask:
+                full = kvcache.position_mask(positions, k_pos, cfg.causal, None)
+                win = kvcache.position_mask(positions, k_pos, cfg.causal, cfg.sliding_window) if flags.any() else None
+            else:
+                full = win = None
+            if flags.all() and flags.size:
+                masks, windowed = (win, None), None
+            elif flags.any():
+                masks, windowed = (full, win), jnp.asarray(flags)
+            else:
+                masks, windowed = (full, None), None
         if angles is None and cfg.rope is not None:
             angles = rope_angles(positions, cfg.head_dim, cfg.rope_theta)
 
@@ -194,7 +217,7 @@ class Stack(nn.Module):
             length=cfg.num_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )
-        x, (kv, layer_outputs) = scanned(cfg, emit_hidden=self.emit_hidden, name="layers")(
+        x, (kv, layer_outputs) = scanned(cfg, emit_hidden=self.emit_hidden, attn_mode=attn_mode, name="layers")(
             x, masks, angles, cache_kv, slots, windowed, extra
         )
         if cache is not None:

@@ -38,9 +38,12 @@ class Preemption:
 class TrainCheckpointer:
     """``save(step, state, data_state)`` every ``every_steps`` (or forced); ``restore(abstract_state)``."""
 
-    def __init__(self, workdir: str, *, every_steps: int = 1000, keep: int = 3, async_save: bool = True):
-        if every_steps < 1 or keep < 1:
-            raise ValueError("every_steps and keep must be >= 1")
+    def __init__(self, workdir: str, *, every_steps: int = 1000, keep: int = 3, async_save: bool = True,
+                 preemption_check_every: int = 10):
+        if every_steps < 1 or keep < 1 or preemption_check_every < 1:
+            raise ValueError("every_steps, keep and preemption_check_every must be >= 1")
+        self.preemption_check_every = int(preemption_check_every)
+        self.host_collectives = 0  # SIGTERM flag exchanges between processes so far (multi-process runs only)
         self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, save_interval_steps=every_steps, enable_async_checkpointing=async_save, create=True
@@ -76,20 +79,37 @@ class TrainCheckpointer:
     def after_step(self, step: int, state: Any, data_state: dict, *, preempt: "Preemption", stop_after: Optional[int],
                    start: int, total: int, say=print) -> bool:
         """What both training loops do after each step: the periodic save, then -- on SIGTERM or once
-        ``stop_after`` steps ran in this invocation, agreed across processes (one asking stops all) -- a forced
-        save, waited for, and a message. Returns True when the loop must stop (before ``total``)."""
-        self.save(step, state, data_state)
-        stop = preempt.requested or (stop_after is not None and step - start >= stop_after)
-        if jax.process_count() > 1:
-            import numpy as np
-            from jax.experimental import multihost_utils
+        ``stop_after`` steps ran in this invocation -- a forced save, waited for, and a message. Returns True when
+        the loop must stop (before ``total``).
 
-            stop = bool(np.any(multihost_utils.process_allgather(np.array([stop]))))
+        No host collective runs on an ordinary step. ``stop_after`` is the same number on every process, so every
+        process stops at the same step without asking the others. With several processes a SIGTERM (which may reach
+        only some of them) stops all of them at the same step through either
+
+        * orbax's ``reached_preemption`` (jax's preemption sync manager: a local poll; it agrees on a step through
+          the coordination service only when a preemption notice arrived), or
+        * one exchange of the local SIGTERM flags every ``preemption_check_every`` steps (one asking stops all),
+          for schedulers whose SIGTERM reaches this handler rather than jax's notifier.
+
+        A single process checks its own flag every step (no exchange)."""
+        self.save(step, state, data_state)
+        stop = stop_after is not None and step - start >= stop_after
+        if jax.process_count() == 1:
+            stop = stop or preempt.requested
+        elif not stop:
+            stop = self.manager.reached_preemption(step)
+            if not stop and step % self.preemption_check_every == 0:
+                import numpy as np
+                from jax.experimental import multihost_utils
+
+                self.host_collectives += 1
+                stop = bool(np.any(multihost_utils.process_allgather(np.array([preempt.requested]))))
         if not stop or step >= total:
             return False
         self.save(step, state, data_state, force=True)
         self.wait()
-        say(f"\nstopped at step {step} ({'SIGTERM' if preempt.requested else 'stop_after'}); "
+        reason = "stop_after" if stop_after is not None and step - start >= stop_after else "SIGTERM"
+        say(f"\nstopped at step {step} ({reason}); "
             f"checkpoint saved in {self.directory}")
         return True
 

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import optax
 
 from unitok_jax import vae
-from unitok_jax.training.trees import all_finite
+from unitok_jax.training.trees import all_finite, update_if
 from unitok_jax.training.vae_step import OptConfig, gen_optimizer, trainable_labels
 
 S1_TRAINABLE = ("decoder/fc2", "decoder/semantic")
@@ -97,12 +97,14 @@ def distill_train_step(state: dict, batch: dict, cfg: DistillConfig, opt_cfg: Op
         state["gen_params"], cfg, wave, lengths, batch["teacher"], batch["teacher_frames"], k_post)
     labels = trainable_labels(state["gen_params"], cfg.trainable)
     grads = jax.tree_util.tree_map(lambda g, lab: g if lab == "train" else jnp.zeros_like(g), grads, labels)
-    updates, opt_state = gen_optimizer(cfg, opt_cfg).update(grads, state["gen_opt_state"], state["gen_params"])
-    params = optax.apply_updates(state["gen_params"], updates)
     ok = all_finite(loss, grads)
-    keep = lambda new, old: jax.tree_util.tree_map(lambda a, c: jnp.where(ok, a, c), new, old)
-    new_state = {"step": state["step"] + 1, "gen_params": keep(params, state["gen_params"]),
-                 "gen_opt_state": keep(opt_state, state["gen_opt_state"]), "rng": rng,
+
+    def update():
+        updates, opt_state = gen_optimizer(cfg, opt_cfg).update(grads, state["gen_opt_state"], state["gen_params"])
+        return optax.apply_updates(state["gen_params"], updates), opt_state
+
+    params, opt_state = update_if(ok, update, (state["gen_params"], state["gen_opt_state"]))
+    new_state = {"step": state["step"] + 1, "gen_params": params, "gen_opt_state": opt_state, "rng": rng,
                  "num_skipped": state["num_skipped"] + (1 - ok.astype(jnp.int32))}
     metrics = {"loss": loss, **parts, "grad_norm_g": optax.tree.norm(grads), "skipped": 1 - ok.astype(jnp.int32)}
     return new_state, metrics

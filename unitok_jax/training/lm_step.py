@@ -26,13 +26,15 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
 from unitok_jax import flow, heads, model, vae
+from unitok_jax.llm import BailingMoeLM
 from unitok_jax.model import UniAudioConfig
-from unitok_jax.training.trees import all_finite, label_tree
+from unitok_jax.training.trees import all_finite, label_tree, update_if
 
 IGNORE = -100
 TRAINABLE = ("model", "flowloss", "linear_proj_audio", "stop_head")
@@ -66,15 +68,44 @@ def text_cross_entropy(logits, labels, valid=None) -> tuple[jax.Array, jax.Array
     return loss, count, correct
 
 
+def labelled_positions(labels, valid, count: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The first ``count`` labelled positions of each row: (index [B, count] into the sequence, whether each slot
+    holds a labelled position [B, count], number of labelled positions beyond ``count`` in the batch). Slots
+    without one point at an unlabelled position and are masked."""
+    mask = (labels != IGNORE) & valid
+    order = jnp.argsort(~mask, axis=1, stable=True)[:, :count]  # labelled positions first, in sequence order
+    taken = jnp.take_along_axis(mask, order, axis=1)
+    dropped = jnp.sum(jnp.maximum(jnp.sum(mask, axis=1) - count, 0))
+    return order, taken, dropped
+
+
+def text_loss_at_labels(params, cfg: UniAudioConfig, hidden, labels, valid, count: int):
+    """:func:`text_cross_entropy` with logits only at the first ``count`` labelled positions of each row: the
+    final hiddens of those positions [B, count, D] go through the LM head, so the float32 logits are
+    [B, count, V] instead of [B, S, V] (equal to the full computation, values and gradients, when no row has more
+    than ``count`` labels). Returns (loss, labelled tokens, correct, labels beyond ``count``: not in the loss)."""
+    count = min(int(count), labels.shape[1])
+    idx, taken, dropped = labelled_positions(labels, valid, count)
+    h = jnp.take_along_axis(hidden, idx[:, :, None], axis=1)
+    logits = model.llm_module(cfg).apply(model.llm_vars(params), h, method=BailingMoeLM.head)
+    logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+    loss, n, correct = text_cross_entropy(logits, jnp.take_along_axis(labels, idx, axis=1), taken)
+    return loss, n, correct, dropped
+
+
 def lm_loss(params, cfg: UniAudioConfig, batch: dict, key: jax.Array, *, stop_weight: float = 0.01,
             flow_weight: float = 1.0, text_weight: float = 1.0, aux_weight: float = 0.0, z_weight: float = 0.0,
-            freeze_semantic: bool = True, deterministic: bool = False, mel_weight: float = 0.0
-            ) -> tuple[jax.Array, dict]:
+            freeze_semantic: bool = True, deterministic: bool = False, mel_weight: float = 0.0,
+            text_positions: int = 0) -> tuple[jax.Array, dict]:
     """(total loss, metrics) of one LM-stage batch (see the module docstring; batch keys from ``make_batch``).
 
     ``key`` drives the flow noise / times and the DiT's dropout and CFG condition dropout (``deterministic=True``
     turns both dropouts off, e.g. for evaluation). ``aux_weight`` / ``z_weight`` multiply the mean over MoE layers
-    of the raw load-balancing and router z losses (the LLM config's own coefficients are not used here)."""
+    of the raw load-balancing and router z losses (the LLM config's own coefficients are not used here).
+
+    ``text_positions`` > 0: text logits only at the first that many labelled positions of each row
+    (:func:`text_loss_at_labels`; labels beyond them are left out of the loss and counted in the ``text_dropped``
+    metric, which the training loop keeps at 0 by skipping such rows); 0: logits at every position."""
     ids = batch["input_ids"]
     valid = batch["valid"]
     b, s = ids.shape
@@ -94,11 +125,17 @@ def lm_loss(params, cfg: UniAudioConfig, batch: dict, key: jax.Array, *, stop_we
     # 2. splice + one LLM forward
     embeds = _splice_by_mask(model.embed_tokens(params, cfg, ids), pooled, batch["audio_patch_mask"])
     gate = batch["audio_gate"] & valid if cfg.llm.multi_gate else None
-    out = model.llm_module(cfg).apply(model.llm_vars(params), inputs_embeds=embeds, valid=valid, audio_mask=gate)
+    out = model.llm_module(cfg).apply(model.llm_vars(params), inputs_embeds=embeds, valid=valid, audio_mask=gate,
+                                      return_logits=text_positions <= 0)
     hidden = out["hidden"]  # [B, S, D], final-normed
 
     # 3a. text CE
-    text_ce, n_text, n_correct = text_cross_entropy(out["logits"], batch["text_labels"], valid)
+    if text_positions > 0:
+        text_ce, n_text, n_correct, text_dropped = text_loss_at_labels(params, cfg, hidden, batch["text_labels"],
+                                                                       valid, text_positions)
+    else:
+        text_ce, n_text, n_correct = text_cross_entropy(out["logits"], batch["text_labels"], valid)
+        text_dropped = jnp.zeros((), jnp.int32)
 
     # 3b. flow matching on the target patches
     cond = jnp.take_along_axis(hidden, batch["patch_cond_index"][:, :, None], axis=1)  # [B, N, D]
@@ -138,7 +175,7 @@ def lm_loss(params, cfg: UniAudioConfig, batch: dict, key: jax.Array, *, stop_we
         extra["mel"] = mel
     metrics = {**extra,
         "loss": total, "text_ce": text_ce, "flow": flow_loss, "stop": stop, "moe_aux": aux, "moe_z": zl,
-        "text_tokens": n_text, "text_acc": n_correct / jnp.maximum(n_text, 1),
+        "text_tokens": n_text, "text_dropped": text_dropped, "text_acc": n_correct / jnp.maximum(n_text, 1),
         "flow_patches": jnp.sum(flow_mask), "stop_likely_pos": stop_aux["likely_pos"],
         "stop_likely_neg": stop_aux["likely_neg"], "tokens": jnp.sum(valid),
     }
@@ -192,7 +229,7 @@ def init_lm_state(params, optimizer: optax.GradientTransformation, rng: jax.Arra
             "skipped": jnp.zeros((), jnp.int32)}
 
 
-_SUMMED = ("text_tokens", "flow_patches", "tokens")  # metrics that are counts: summed over micro-batches
+_SUMMED = ("text_tokens", "text_dropped", "flow_patches", "tokens")  # metrics that are counts: summed over micro-batches
 
 
 def _micro_batches(batch: dict, n: int) -> dict:
@@ -250,16 +287,16 @@ def make_lm_train_step(cfg: UniAudioConfig, optimizer: optax.GradientTransformat
         labels = trainable_labels(params, train_semantic, unified_stage)
         trainable_grads = jax.tree.map(lambda g, lab: g if lab != "frozen" else jnp.zeros_like(g), grads, labels)
         finite = all_finite(loss, trainable_grads)
-        updates, new_opt = optimizer.update(grads, state["opt_state"], params)
-        new_params = optax.apply_updates(params, updates)
 
-        def keep(new, old):
-            return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+        def update():
+            updates, new_opt = optimizer.update(grads, state["opt_state"], params)
+            return optax.apply_updates(params, updates), new_opt
 
+        new_params, new_opt = update_if(finite, update, (params, state["opt_state"]))
         new_state = {
             "step": state["step"] + 1,
-            "params": keep(new_params, params),
-            "opt_state": keep(new_opt, state["opt_state"]),
+            "params": new_params,
+            "opt_state": new_opt,
             "rng": state["rng"],
             "skipped": state["skipped"] + (~finite).astype(jnp.int32),
         }

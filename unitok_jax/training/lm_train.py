@@ -53,6 +53,17 @@ def model_config(config, vae_cfg=None, vocab_size: Optional[int] = None) -> UniA
     return dataclasses.replace(cfg, flow=flow)
 
 
+def with_training_options(config, cfg: UniAudioConfig, *, export: bool = False) -> UniAudioConfig:
+    """``cfg`` with the LLM's ``model.remat`` and ``model.attention`` of the config (``export``: reset to the
+    defaults, which an export for sampling should carry)."""
+    attention = config.model.get("attention", "auto")
+    if attention not in ("auto", "xla", "cudnn"):
+        raise SetupError(f"model.attention={attention!r}: choose 'auto', 'xla' or 'cudnn'")
+    remat = False if export else bool(config.model.get("remat", False))
+    impl = None if export or attention == "auto" else attention
+    return dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, remat=remat, attention_impl=impl))
+
+
 def tokenizer(config, texts, workdir: str) -> text_lib.TextTokenizer:
     """The configured tokenizer folder; else the one saved in ``workdir/tokenizer`` by an earlier run; else a BPE
     trained on ``texts`` (then saved there by process 0, so a resumed run keeps its ids)."""
@@ -96,7 +107,8 @@ def step_function(config, cfg, opt):
         weights = dict(stop_weight=t.stop_weight, flow_weight=t.flow_weight, text_weight=t.text_weight,
                        aux_weight=t.aux_weight, z_weight=t.z_weight)
     return lm_step.make_lm_train_step(cfg, opt, train_semantic=t.train_semantic, accum_steps=t.accum_steps,
-                                      unified_stage=unified_stage(config), **weights)
+                                      unified_stage=unified_stage(config),
+                                      text_positions=t.get("text_positions", 0), **weights)
 
 
 # ------------------------------------------------------------------------------------------------ batches
@@ -180,20 +192,36 @@ def row_waves(rows: dict, where: list[int], latent_valid: np.ndarray, length: in
     return {"wave": wave, "wave_lengths": lengths}
 
 
-def agreed_sizes(examples: list, seq_len: int = 0, max_patches: int = 0) -> tuple[int, int]:
-    """(max_len, max_patches) of this batch: the fixed sizes when given (> 0), else the buckets of the longest
-    example, the maximum over all processes."""
-    if seq_len > 0 and max_patches > 0:
-        return seq_len, max_patches
-    longest = max((len(e["input_ids"]) for e in examples), default=1)
-    most = max((e["num_patches"] for e in examples), default=1)
-    sizes = np.array([seq_len or lm_data.bucket(longest, lm_data.LEN_BUCKETS),
-                      max_patches or lm_data.bucket(most, lm_data.PATCH_BUCKETS)])
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
+def row_sizes(records: list, tok: text_lib.TextTokenizer, patch_size: int, *, edit: bool = False) -> list[int]:
+    """Per record, the tokens of its longest possible training sequence besides its audio patches (the larger of
+    its TTS and ASR sequences; an edit record's edit sequence): with the patches of the batch's bucket, an upper
+    bound of any example the record can become. Records without text count 0 (they are skipped)."""
+    dummy = np.zeros((patch_size, 1), np.float32)
+    sizes = []
+    for r in records:
+        txt = str(r.get("text") or "").strip()
+        if edit:
+            instruction = r.get("instruction")
+            if not instruction:
+                sizes.append(0)
+                continue
+            e = lm_data.edit_example(tok, dummy, str(instruction), dummy, r.get("target_markup") or None, patch_size)
+            sizes.append(len(e["input_ids"]) - e["num_patches"])
+        elif not txt:
+            sizes.append(0)
+        else:
+            tts = lm_data.tts_example(tok, txt, dummy, patch_size)
+            asr = lm_data.asr_example(tok, dummy, txt, text_lib.detect_lang(txt), patch_size)
+            sizes.append(max(len(e["input_ids"]) - e["num_patches"] for e in (tts, asr)))
+    return sizes
 
-        sizes = np.max(multihost_utils.process_allgather(sizes), axis=0)
-    return int(sizes[0]), int(sizes[1])
+
+def planned_sizes(plan_size: int, patches: int, seq_len: int = 0, max_patches: int = 0) -> tuple[int, int]:
+    """(max_len, max_patches) of a batch from the plan alone: the fixed sizes when given (> 0), else the buckets
+    of ``plan_size`` (the global batch's largest :func:`row_sizes`) + ``patches`` (the most patches a row of the
+    batch's bucket can have) and of ``patches``. Every process computes the same sizes without asking the others."""
+    return (seq_len or lm_data.bucket(int(plan_size) + int(patches), lm_data.LEN_BUCKETS),
+            max_patches or lm_data.bucket(max(int(patches), 1), lm_data.PATCH_BUCKETS))
 
 
 # ------------------------------------------------------------------------------------------------ the loop
@@ -264,13 +292,17 @@ def run(config, workdir: str, stop_after: Optional[int] = None) -> int:
             texts += [r[k] for r in edits.records for k in ("instruction", "target_text") if r.get(k)]
         tok = tokenizer(config, texts, workdir)
         cfg = model_config(config, vae_cfg, None if config.tokenizer.path else tok.vocab_size)
+    cfg = with_training_options(config, cfg)
     if tok.vocab_size > cfg.llm.vocab_size:
         raise SetupError(f"the tokenizer has {tok.vocab_size} ids but the LLM only {cfg.llm.vocab_size}")
     p, c = cfg.patch_size, cfg.vae.latent_dim
 
     # ---- mesh + sharded state
     mesh = shd.make_mesh({"mesh": lm_configs.mesh_sizes(config)})
-    rules = shd.DEFAULT_RULES
+    try:
+        rules = lm_configs.sharding_rules(config)
+    except ValueError as e:
+        raise SetupError(str(e)) from None
     if config.data.batch_size % sharded.batch_shards(mesh):
         raise SetupError(f"global batch {config.data.batch_size} is not divisible by the mesh's data x fsdp = "
                          f"{sharded.batch_shards(mesh)}")
@@ -294,7 +326,8 @@ def run(config, workdir: str, stop_after: Optional[int] = None) -> int:
             params = {**params, "audio": fixed_vae}
         return init_lm_state(params, opt, k_state)
 
-    ckpt = TrainCheckpointer(workdir, every_steps=config.checkpoint.every_steps, keep=config.checkpoint.keep)
+    ckpt = TrainCheckpointer(workdir, every_steps=config.checkpoint.every_steps, keep=config.checkpoint.keep,
+                             preemption_check_every=config.checkpoint.get("preemption_check_every", 10))
     state = None
     if ckpt.latest_step() is None:
         state = jax.jit(init_fn, out_shardings=state_sh)(k_init, fixed, fixed_vae)
@@ -303,7 +336,8 @@ def run(config, workdir: str, stop_after: Optional[int] = None) -> int:
     # ---- data pipeline
     data = lm_batches(manifest.records, batch_size=config.data.batch_size, seed=config.seed,
                       source=config.data.source, hop=cfg.vae.hop, buckets_seconds=tuple(config.data.buckets_seconds),
-                      max_seconds=config.data.max_seconds, sample_rate=cfg.vae.sample_rate)
+                      max_seconds=config.data.max_seconds, sample_rate=cfg.vae.sample_rate,
+                      row_sizes=row_sizes(manifest.records, tok, p))
     it = iter(data)
     edit_it = None
     if config.data.edit_manifest:
@@ -311,7 +345,8 @@ def run(config, workdir: str, stop_after: Optional[int] = None) -> int:
             edit_it = iter(lm_batches(edits.records, batch_size=config.data.batch_size, seed=config.seed + 1,
                                       source=config.data.source, hop=cfg.vae.hop,
                                       buckets_seconds=tuple(config.data.buckets_seconds),
-                                      max_seconds=config.data.max_seconds, sample_rate=cfg.vae.sample_rate))
+                                      max_seconds=config.data.max_seconds, sample_rate=cfg.vae.sample_rate,
+                                      row_sizes=row_sizes(edits.records, tok, p, edit=True)))
         except ValueError as e:
             raise SetupError(f"{config.data.edit_manifest}: {e}") from None
 
@@ -387,14 +422,20 @@ def run(config, workdir: str, stop_after: Optional[int] = None) -> int:
             else:
                 examples, where, skipped = examples_from_rows(rows, mean, std, frames, tok, p, seed=config.seed,
                                                               step=step, tts_fraction=tts_fraction)
-            if config.data.seq_len or config.data.max_patches:  # fixed shapes: rows that do not fit are skipped
+            text_cap = config.train.get("text_positions", 0)
+            if config.data.seq_len or config.data.max_patches or text_cap:
+                # fixed shapes, and text logits at text_positions labels a row: rows that do not fit are skipped
                 fits = [j for j, e in enumerate(examples)
                         if (not config.data.seq_len or len(e["input_ids"]) <= config.data.seq_len)
-                        and (not config.data.max_patches or e["num_patches"] <= config.data.max_patches)]
+                        and (not config.data.max_patches or e["num_patches"] <= config.data.max_patches)
+                        and (not text_cap or int(np.sum(e["text_labels"] != lm_data.IGNORE)) <= text_cap)]
                 skipped += len(examples) - len(fits)
                 examples, where = [examples[j] for j in fits], [where[j] for j in fits]
             bad += skipped
-            max_len, max_patches = agreed_sizes(examples, config.data.seq_len, config.data.max_patches)
+            # shapes from the plan (the bucket's patches, the global batch's longest text): no agreement needed
+            patches = mean.shape[1] // p + (tgt[0].shape[1] // p if use_edit else 0)
+            max_len, max_patches = planned_sizes(rows["plan_size"], patches, config.data.seq_len,
+                                                 config.data.max_patches)
             local = place(examples, where, local_rows, max_len, max_patches, tok.id("eos"), c, p)
             local.pop("is_tts")
             if s2:  # the waveform each row's latents came from, for the full-path mel loss
@@ -438,7 +479,7 @@ def run(config, workdir: str, stop_after: Optional[int] = None) -> int:
     if pid == 0:
         if config.tokenizer.path or config.init.checkpoint:
             tok.save(tok_dir)
-        save(Checkpoint({"uniaudio": cfg}, {"uniaudio": host}, source="train.py lm", path=tok_dir), export,
+        save(Checkpoint({"uniaudio": with_training_options(config, cfg, export=True)}, {"uniaudio": host}, source="train.py lm", path=tok_dir), export,
              overwrite=True)
         print(f"done: {step} steps ({bad} rows skipped); checkpoints in {ckpt.directory}; model in {export} "
               f"(python sample.py tts --checkpoint {export} ...)")

@@ -1,9 +1,10 @@
-"""Pytree helpers shared by the train steps: which params train (label trees for ``optax.multi_transform``) and
-whether a step's loss and gradients are finite (a step that is not changes nothing: :mod:`unitok_jax.training.guard`).
+"""Pytree helpers shared by the train steps: which params train (label trees for ``optax.multi_transform``),
+whether a step's loss and gradients are finite, and applying an update only then (a step that is not changes
+nothing: :mod:`unitok_jax.training.guard`).
 """
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -31,3 +32,9 @@ def all_finite(*trees) -> jax.Array:
     """Scalar bool: every element of every array leaf of ``trees`` is finite (True when there are no leaves)."""
     leaves = [jnp.all(jnp.isfinite(x)) for t in trees for x in jax.tree_util.tree_leaves(t)]
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
+def update_if(ok: jax.Array, update: Callable[[], Any], old: Any) -> Any:
+    """``update()`` when the scalar ``ok`` holds, else ``old`` (a pytree of the same structure, shapes and dtypes):
+    one ``lax.cond``, so a skipped step neither runs the update nor selects over every param and optimizer leaf."""
+    return jax.lax.cond(ok, lambda _: update(), lambda _: old, None)

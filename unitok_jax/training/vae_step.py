@@ -27,7 +27,7 @@ from unitok_jax.training.discriminators import (
     apply_discriminators,
     init_disc_params,
 )
-from unitok_jax.training.trees import all_finite, label_tree
+from unitok_jax.training.trees import all_finite, label_tree, update_if
 
 # S0 trains the encoder and the low-level decoder path; the semantic path (fc2, semantic stack, fc3) stays frozen.
 S0_TRAINABLE = ("encoder", "decoder/fc1", "decoder/backbone", "decoder/head")
@@ -184,18 +184,21 @@ def vae_train_step(state: dict, batch: dict, cfg: VAETrainConfig, disc_cfg: Disc
 
     (loss_g, parts), (g_fake, g_kl) = jax.value_and_grad(g_loss_fn, argnums=(0, 1), has_aux=True)(fake, kl)
     (g_grads,) = pullback((g_fake, g_kl))
-    g_opt = gen_optimizer(cfg, opt_cfg)
-    g_updates, g_opt_state = g_opt.update(g_grads, state["gen_opt_state"], state["gen_params"])
-    gen_params = optax.apply_updates(state["gen_params"], g_updates)
-
     ok = all_finite(loss_d, loss_g, d_grads, g_grads)
-    keep = lambda new, old: jax.tree_util.tree_map(lambda a, c: jnp.where(ok, a, c), new, old)
+
+    def update():
+        g_updates, g_opt_state = gen_optimizer(cfg, opt_cfg).update(g_grads, state["gen_opt_state"],
+                                                                    state["gen_params"])
+        return optax.apply_updates(state["gen_params"], g_updates), disc_params, g_opt_state, d_opt_state
+
+    gen_params, disc_params, g_opt_state, d_opt_state = update_if(
+        ok, update, (state["gen_params"], state["disc_params"], state["gen_opt_state"], state["disc_opt_state"]))
     new_state = {
         "step": state["step"] + 1,
-        "gen_params": keep(gen_params, state["gen_params"]),
-        "disc_params": keep(disc_params, state["disc_params"]),
-        "gen_opt_state": keep(g_opt_state, state["gen_opt_state"]),
-        "disc_opt_state": keep(d_opt_state, state["disc_opt_state"]),
+        "gen_params": gen_params,
+        "disc_params": disc_params,
+        "gen_opt_state": g_opt_state,
+        "disc_opt_state": d_opt_state,
         "rng": rng,
         "num_skipped": state["num_skipped"] + (1 - ok.astype(jnp.int32)),
     }

@@ -298,7 +298,8 @@ def run(config, workdir: str, stop_after=None) -> int:
     key = jax.random.key(config.seed)
     state_abs = jax.eval_shape(init, key)
     state_sh = vae_state_shardings(state_abs, tcfg, ocfg, mesh)
-    ckpt = TrainCheckpointer(workdir, every_steps=config.checkpoint.every_steps, keep=config.checkpoint.keep)
+    ckpt = TrainCheckpointer(workdir, every_steps=config.checkpoint.every_steps, keep=config.checkpoint.keep,
+                             preemption_check_every=config.checkpoint.get("preemption_check_every", 10))
     state = None
     if ckpt.latest_step() is None:
         fixed = None if init_params is None else jax.device_put(init_params, state_sh["gen_params"])
