@@ -344,7 +344,7 @@ def host_collectives(checkpoint_mod, lm_train_mod, steps: int = 100) -> dict:
             pass
 
     ck = object.__new__(checkpoint_mod.TrainCheckpointer)
-    ck.manager, ck.directory = Manager(), "/nonexistent"
+    ck.manager, ck.directory, ck.host_collectives = Manager(), "/nonexistent", 0
     ck.preemption_check_every = 10  # the config default (the old class has no such attribute)
 
     class Flag:
