@@ -1,24 +1,27 @@
-"""TTS generation benchmark: the compiled batched loop (:func:`unitok_jax.generate.tts`, one ``lax.while_loop``) at
-batch 1, 8 and 32 versus a step-by-step Python loop of the same jitted step at batch 1 (the way the reference
-drives its model: one dispatch and one host sync per patch), plus streaming first-chunk latency.
+"""TTS generation benchmark at the tiny or the small configuration (random weights), one run, ratios in the same run
+and to the PyTorch reference timed on this machine type (``bench/reference.py``):
 
-Random weights; the stop head never fires (threshold > 1), so every row generates exactly ``--patches`` patches.
-Timings are steady state (median of repeats, everything on the host at the end: latents and waveforms); compile
-time (first call minus steady time) is reported separately. Latent frames/s counts generated frames over all rows;
-RTF = wall time / seconds of audio generated (over all rows).
-
-Configs: ``tiny`` (:data:`unitok_jax.generate.TINY_BAILINGMM` at the real 320-sample hop, 50 Hz) and ``small``
-(``../shared/perf/small/config.json``: LLM 512 x 6, 16 experts; VAE/semantic 256 x 4). The official 16B-parameter
-LLM is not built from random weights here.
+* **mixed-length job**: ``--requests`` TTS requests (default 64) whose patch budgets spread over ``--spread``
+  (default 10..80; the stop head forced off, so the budget decides), run three ways at the same row count
+  (``--slots``, default 8): static batches in file order (each batch runs until its longest request ends, as a
+  naive batcher does), static batches sorted by budget (what ``sample.py`` does without ``--slots``), and continuous
+  batching (:func:`unitok_jax.generate.tts` with ``slots``: finished rows are refilled). Useful latent frames/s
+  counts only frames that belong to a request; wall time is steady state (a second run), compile time apart;
+* **step latency**: one jitted TTS step at batch 1 (whole step: LLM, flow sample with CFG, stop head, semantic
+  module, pooling), against the reference's whole step;
+* **equal-length throughput**: the compiled loop at batch 1, 8 and 32 (``--batches``) and a Python loop of the same
+  jitted step at batch 1, latent frames/s, against the reference's 50-patch batch-1 loop;
+* **streaming**: first-chunk latency of :func:`unitok_jax.generate.tts_stream` (``--chunk`` patches, after warm-up;
+  its one compiled program per stream) at batch 1.
 
 ``--mesh data=2,fsdp=2,expert=2`` (or a preset) also runs the compiled loop SPMD on that mesh (params sharded by
-:func:`unitok_jax.sharding.uniaudio_shardings`, the batch over data x fsdp, the MoE expert-parallel) and prints its
-throughput against one device in the same run. On a CPU the script simulates the mesh's devices
-(``--xla_force_host_platform_device_count``): they share the same cores, so the ratio shows what the partitioning
-and its communication cost, not a speed-up.
+:func:`unitok_jax.sharding.uniaudio_shardings`) against one device; on a CPU the mesh's devices are simulated on the
+same cores, so the ratio shows what the partitioning costs, not a speed-up.
 
 Usage: ``python bench/generate.py [--config tiny|small] [--mesh SPEC] [--quick] [--json PATH]``; ``--quick``
-(< 2 min on 2 CPU cores) uses fewer patches and repeats.
+(< 2 min on 2 CPU cores) runs the tiny configuration with fewer patches and repeats, and keeps the mixed job.
+With ``--json``: ``mixed_static_frames_per_s`` (file order), ``mixed_sorted_frames_per_s``,
+``mixed_continuous_frames_per_s``, ``step_b1_ms``, ``rows`` (equal-length), ``stream_first_chunk_ms``.
 """
 from __future__ import annotations
 
@@ -54,6 +57,7 @@ import numpy as np
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
 
 from unitok_jax import generate as G  # noqa: E402
 from unitok_jax import model  # noqa: E402
@@ -96,32 +100,97 @@ def timed(fn, repeats: int):
     return med, max(first - med, 0.0)
 
 
+def mixed_job(cfg, n: int, lo: int, hi: int, seed: int = 3):
+    """``n`` requests with text lengths 8..40, prompts of 2..8 patches and budgets uniform in [lo, hi]."""
+    rng = np.random.default_rng(seed)
+    p, c = cfg.patch_size, cfg.vae.latent_dim
+    lengths = rng.integers(8, 41, n).astype(np.int32)
+    ids = rng.integers(1, cfg.llm.vocab_size, (n, int(lengths.max()))).astype(np.int32)
+    pp = rng.integers(2, 9, n).astype(np.int32)
+    prompt = rng.standard_normal((n, int(pp.max()) * p, c)).astype(np.float32)
+    budgets = rng.integers(lo, hi + 1, n).astype(np.int32)
+    return ids, lengths, prompt, pp, budgets
+
+
+def run_static(params, cfg, job, order, slots: int, key, kw):
+    ids, lengths, prompt, pp, budgets = job
+    for i in range(0, len(order), slots):
+        rows = order[i:i + slots]
+        G.tts(params, cfg, ids[rows], lengths[rows], prompt[rows], pp[rows], budgets[rows], key,
+              request_ids=rows, **kw)
+
+
+def step_latency(params, cfg, sampler, key, repeats: int) -> float:
+    """Median seconds of one jitted TTS step at batch 1 (state after a 24-token text + 8-patch prompt prefill)."""
+    ids, lengths, prompt, pp, budgets = make_requests(cfg, 1, 24, 8, 64)
+    job = G._tts_job(cfg, ids, lengths, prompt, pp, budgets, key, None, sampler, 0, 2.0, None, G.DEFAULT_BUCKETS)
+    state = G.tts_init(params, cfg, **job.batch(np.arange(1), 1, G._Mesh.of(None, None)), **job.statics)
+    kw = dict(steps=sampler.steps, emit_stop_patch=True, guided=sampler.guided)
+    state = jax.block_until_ready(G.tts_step(params, cfg, state, **kw))  # compile
+    times = []
+    for _ in range(max(repeats, 5)):
+        t0 = time.perf_counter()
+        state = jax.block_until_ready(G.tts_step(params, cfg, state, **kw))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default="tiny", choices=("tiny", "small"))
+    ap.add_argument("--config", default=None, choices=("tiny", "small"), help="default small (quick: tiny)")
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--patches", type=int, default=None, help="patches per request (default 64, quick 16)")
+    ap.add_argument("--patches", type=int, default=None, help="patches per equal-length request (default 50, quick 16)")
     ap.add_argument("--batches", default="1,8,32")
+    ap.add_argument("--requests", type=int, default=64, help="requests of the mixed-length job")
+    ap.add_argument("--spread", default=None, help="budget range of the mixed job, lo..hi (default 10..80)")
+    ap.add_argument("--slots", type=int, default=8, help="rows of the mixed job (static batch size = slots)")
+    ap.add_argument("--rounds", type=int, default=8, help="continuous batching: steps at most between refills")
     ap.add_argument("--chunk", type=int, default=4, help="streaming chunk, patches")
     ap.add_argument("--steps", type=int, default=10, help="flow sampler steps")
     ap.add_argument("--mesh", default=None, help="also run on this mesh (axis=size,... or a preset)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
-    patches = args.patches or (16 if args.quick else 64)
-    repeats = 2 if args.quick else 5
-    cfg = build_config(args.config)
+    import reference  # bench/reference.py
+
+    config = args.config or ("tiny" if args.quick else "small")
+    patches = args.patches or (16 if args.quick else 50)
+    repeats = 2 if args.quick else 3
+    lo, hi = (int(x) for x in (args.spread or "10..80").split(".."))
+    cfg = build_config(config)
     params = model.init_params(cfg, jax.random.key(0))
     sampler = G.Sampler(steps=args.steps)
+    p = cfg.patch_size
     frame_rate = cfg.vae.sample_rate / cfg.vae.hop
     kw = dict(sampler=sampler, stop_threshold=2.0, min_steps=0)
     key = jax.random.key(1)
+    dev = jax.devices()[0]
+
+    # --- mixed-length job: static (file order / sorted by budget) vs continuous, same rows
+    job = mixed_job(cfg, args.requests, lo, hi)
+    useful = int(job[4].sum()) * p
+    file_order = np.arange(args.requests)
+    by_budget = np.argsort(-job[4], kind="stable")
+    mixed = {}
+    for name, fn in (
+        ("static, file order", lambda: run_static(params, cfg, job, file_order, args.slots, key, kw)),
+        ("static, sorted by budget", lambda: run_static(params, cfg, job, by_budget, args.slots, key, kw)),
+        (f"continuous ({args.slots} slots, rounds {args.rounds})",
+         lambda: G.tts(params, cfg, *job, key, request_ids=file_order, slots=args.slots, rounds=args.rounds, **kw)),
+    ):
+        sec, comp = timed(fn, 1)
+        mixed[name] = {"seconds": sec, "compile_s": comp, "frames_per_s": useful / sec}
+    names = list(mixed)
+    static_fps, sorted_fps, cont_fps = (mixed[n]["frames_per_s"] for n in names)
+
+    # --- step latency, equal-length throughput
+    step_s = step_latency(params, cfg, sampler, key, repeats)
     rows = []
 
-    def record(mode, batch, sec, compile_s, note=""):
-        frames = batch * patches * cfg.patch_size
+    def record(mode, batch, sec, compile_s):
+        frames = batch * patches * p
         rows.append({"mode": mode, "batch": batch, "patches": patches, "seconds": sec, "compile_s": compile_s,
-                     "frames_per_s": frames / sec, "rtf": sec / (frames / frame_rate), "note": note})
+                     "frames_per_s": frames / sec, "rtf": sec / (frames / frame_rate)})
 
     for b in [int(x) for x in args.batches.split(",")]:
         req = make_requests(cfg, b, 24, 8, patches)
@@ -130,7 +199,6 @@ def main(argv=None):
     req1 = make_requests(cfg, 1, 24, 8, patches)
     sec, comp = timed(lambda: G.tts(params, cfg, *req1, key, mode="python", **kw), repeats)
     record("python loop of jitted steps", 1, sec, comp)
-    python_b1 = rows[-1]["frames_per_s"]
     if args.mesh:
         from unitok_jax import sharding as shd
 
@@ -142,10 +210,10 @@ def main(argv=None):
             sec, comp = timed(lambda: G.tts(pm, cfg, *req, key, mesh=mesh, **kw), repeats)
             record(f"compiled loop, mesh {args.mesh} ({mesh.devices.size} devices)", b, sec, comp)
     for r in rows:
-        r["speedup_vs_python_b1"] = r["frames_per_s"] / python_b1
         one = next((x for x in rows if x["mode"] == "compiled loop" and x["batch"] == r["batch"]), None)
         r["vs_one_device"] = r["frames_per_s"] / one["frames_per_s"] if one else None
 
+    # --- streaming first chunk (batch 1; the stream's program is compiled by the warm-up)
     def first_chunk():
         t0 = time.perf_counter()
         gen = G.tts_stream(params, cfg, *req1, key, chunk_patches=args.chunk, **kw)
@@ -155,23 +223,50 @@ def main(argv=None):
             pass
         return dt
 
-    first_chunk()  # compile (init, run, per-length stream decode)
+    first_chunk()
     lat = statistics.median(first_chunk() for _ in range(repeats))
 
-    dev = jax.devices()[0]
-    print(f"# TTS generation, config={args.config}, device={dev.platform} ({dev.device_kind}), "
-          f"{patches} patches/request, flow steps={args.steps}, frame rate {frame_rate:g} Hz")
-    print("| mode | batch | wall s | compile s | latent frames/s | RTF | x python b1 | x one device |")
+    # --- print
+    small = config == "small"
+    ref_step = reference.value("tts_step_b1", "whole_step") if small else None
+    ref_fps = reference.value("tts_loop_50_b1", "latent_frames_per_s") if small else None
+    print(f"# TTS generation, config={config}, device={dev.platform} ({dev.device_kind}), flow steps={args.steps}, "
+          f"frame rate {frame_rate:g} Hz")
+    print(f"\n## mixed-length job: {args.requests} requests, budgets {lo}..{hi} patches ({useful} useful frames), "
+          f"{args.slots} rows")
+    print("| batching | wall s | compile s | useful latent frames/s | x static (file order) |")
+    print("|---|---|---|---|---|")
+    for n in names:
+        m = mixed[n]
+        print(f"| {n} | {m['seconds']:.2f} | {m['compile_s']:.1f} | {m['frames_per_s']:.0f} "
+              f"| {m['frames_per_s'] / static_fps:.2f} |")
+    print(f"continuous / static (file order) = {cont_fps / static_fps:.2f}x (target >= 1.5); "
+          f"continuous / static sorted by budget = {cont_fps / sorted_fps:.2f}x")
+    print("\n## batch-1 step and equal-length throughput")
+    print(f"TTS step b1: {step_s * 1000:.1f} ms" + (f"; reference {ref_step:.1f} ms -> project / reference = "
+                                                    f"{step_s * 1000 / ref_step:.2f} (target <= 0.5)" if ref_step else ""))
+    print("| mode | batch | wall s | compile s | latent frames/s | RTF | x reference b1 loop | x one device |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         one = "" if r["vs_one_device"] is None else f"{r['vs_one_device']:.2f}"
+        vs = f"{r['frames_per_s'] / ref_fps:.2f}" if ref_fps else ""
         print(f"| {r['mode']} | {r['batch']} | {r['seconds']:.3f} | {r['compile_s']:.1f} | {r['frames_per_s']:.0f} "
-              f"| {r['rtf']:.4f} | {r['speedup_vs_python_b1']:.2f} | {one} |")
-    print(f"\nstreaming (batch 1, chunk {args.chunk} patches = {args.chunk * cfg.patch_size / frame_rate * 1000:.0f} ms"
-          f" of audio): first-chunk latency {lat * 1000:.1f} ms")
+              f"| {r['rtf']:.4f} | {vs} | {one} |")
+    if ref_fps:
+        b8 = next((r for r in rows if r["mode"] == "compiled loop" and r["batch"] == 8), None)
+        if b8:
+            print(f"batch-8 TTS / reference batch-1 loop ({ref_fps:.1f} latent frames/s) = "
+                  f"{b8['frames_per_s'] / ref_fps:.2f}x (target >= 10)")
+        print(reference.describe())
+    print(f"\nstreaming (batch 1, chunk {args.chunk} patches = {args.chunk * p / frame_rate * 1000:.0f} ms of audio): "
+          f"first-chunk latency {lat * 1000:.1f} ms (after warm-up)")
     if args.json:
-        out = {"config": args.config, "device": f"{dev.platform} {dev.device_kind}", "host": platform.node(),
-               "patches": patches, "flow_steps": args.steps, "mesh": args.mesh, "rows": rows,
+        out = {"config": config, "device": f"{dev.platform} {dev.device_kind}", "host": platform.node(),
+               "flow_steps": args.steps, "mesh": args.mesh, "mixed": mixed, "mixed_requests": args.requests,
+               "mixed_budgets": [lo, hi], "slots": args.slots, "rounds": args.rounds,
+               "mixed_static_frames_per_s": static_fps, "mixed_sorted_frames_per_s": sorted_fps,
+               "mixed_continuous_frames_per_s": cont_fps, "step_b1_ms": step_s * 1000,
+               "reference_step_b1_ms": ref_step, "reference_b1_frames_per_s": ref_fps, "rows": rows,
                "stream_first_chunk_ms": lat * 1000, "stream_chunk_patches": args.chunk}
         pathlib.Path(args.json).write_text(json.dumps(out, indent=2))
 

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from unitok_jax import generate, text, vae
+from unitok_jax import generate, shapes, text, vae
 from unitok_jax import sharding as shd
 from unitok_jax.audio import AudioError, load_audio
 from unitok_jax.model import UniAudioConfig
@@ -208,10 +208,9 @@ class UniAudio:
         posterior noise of row i is drawn from ``fold_in(key, request_ids[i])`` at that row's own length, so an
         input encodes the same whatever else is in its batch."""
         waves = [self._wave(w, i) for i, w in enumerate(wavs)]
-        batch, lengths = generate.pad_sequences(waves, dtype=np.float32)
         hop, c = self.cfg.vae.hop, self.cfg.vae.latent_dim
-        frames = generate.bucket(vae.num_frames(batch.shape[1], hop))
-        batch = generate.pad_axis(batch, frames * hop, 1)
+        batch, lengths = shapes.pad_waves(waves, hop)
+        frames = batch.shape[1] // hop
         noise = None
         if sample:
             ids = range(len(waves)) if request_ids is None else request_ids
@@ -232,13 +231,13 @@ class UniAudio:
         p = self.cfg.patch_size
         counts = np.array([len(z) // p for z in latents], np.int32)
         cut = [z[: c * p] if c else np.zeros((0, self.cfg.vae.latent_dim), np.float32) for z, c in zip(latents, counts)]
-        padded, _ = generate.pad_sequences(cut, dtype=np.float32)
+        padded, _ = shapes.pad_sequences(cut, dtype=np.float32)
         return padded, counts
 
     def reconstruct(self, wavs: Sequence[Audio]) -> list[np.ndarray]:
         """Encode (posterior mean) and decode each input."""
         lat = self.encode(wavs, None, sample=False)
-        padded, lengths = generate.pad_sequences(lat, dtype=np.float32)
+        padded, lengths = shapes.pad_sequences(lat, dtype=np.float32)
         with self._on_mesh():
             out = np.asarray(vae.decode(self.params["audio"], self.cfg.vae, jnp.asarray(padded),
                                         jnp.asarray(lengths)))
@@ -280,7 +279,7 @@ class UniAudio:
             counts = got
         else:
             lat = np.zeros((n, self.cfg.patch_size, self.cfg.vae.latent_dim), np.float32)
-        ids_p, lengths = generate.pad_sequences(ids, dtype=np.int32)
+        ids_p, lengths = shapes.pad_sequences(ids, dtype=np.int32)
         res = generate.tts(self.params, self.cfg, ids_p, lengths, lat, counts, budgets, k_gen,
                            request_ids=request_ids, sampler=sampler, min_steps=min_steps,
                            stop_threshold=stop_threshold, slots=slots, rounds=rounds, **self._where())
@@ -304,7 +303,7 @@ class UniAudio:
         self._check_positions(est, [max_new_tokens] * len(est), "audio too long?")
         lat, counts = self._patched(self.encode(wavs, jax.random.key(seed), request_ids=request_ids))
         ids = [text.asr_prompt(self.tok, int(c), context_words=cw)[0] for c, cw in zip(counts, context)]
-        ids_p, lengths = generate.pad_sequences(ids, dtype=np.int32)
+        ids_p, lengths = shapes.pad_sequences(ids, dtype=np.int32)
         res = generate.asr(self.params, self.cfg, ids_p, lengths, lat, counts, eos_id=self.tok.id("eos"),
                            audio_patch_id=self.tok.id("audio_patch"), max_new_tokens=max_new_tokens,
                            pad_id=self.tok.id("eos"), slots=slots, rounds=rounds, **self._where())
@@ -334,7 +333,7 @@ class UniAudio:
         self._check_positions(est, [max_text_tokens + max_patches] * n, "audio too long?")
         lat, counts = self._patched(self.encode(wavs, k_enc, request_ids=request_ids))
         ids = [text.edit_prompt(self.tok, int(c), ins, semantic=s)[0] for c, ins, s in zip(counts, instructions, sem)]
-        ids_p, lengths = generate.pad_sequences(ids, dtype=np.int32)
+        ids_p, lengths = shapes.pad_sequences(ids, dtype=np.int32)
         res = generate.edit(self.params, self.cfg, ids_p, lengths, lat, counts, k_gen, eos_id=self.tok.id("eos"),
                             gen_audio_id=self.tok.id("gen_audio"), audio_patch_id=self.tok.id("audio_patch"),
                             max_text_tokens=max_text_tokens, max_patches=max_patches, sampler=sampler,

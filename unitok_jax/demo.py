@@ -19,11 +19,11 @@ package's own (:mod:`unitok_jax.configs`), so the demo needs no checkout:
                     and of the source and target of every training edit pair; S1 leaves the encoder as it is)
 4. ``lm``           python -m unitok_jax.cli.train --config configs/lm.py:tiny ... --config.data.source=latents
                     --config.data.edit_manifest=... (LLM + flow head on TTS, ASR and edit sequences)
-5. ``reconstruct``  python sample.py reconstruct: every held-out utterance through the VAE
-   ``asr``          python sample.py asr: every held-out utterance
-   ``tts``          python sample.py tts: each held-out sentence in a held-out voice (the two take turns;
+5. ``reconstruct``  python -m unitok_jax.cli.sample reconstruct: every held-out utterance through the VAE
+   ``asr``          python -m unitok_jax.cli.sample asr: every held-out utterance
+   ``tts``          python -m unitok_jax.cli.sample tts: each held-out sentence in a held-out voice (the two take turns;
                     ``--set sample.tts_voices=2``: in both), prompted with that voice saying another sentence
-   ``edit``         python sample.py edit: every held-out edit pair (its source speech and instruction)
+   ``edit``         python -m unitok_jax.cli.sample edit: every held-out edit pair (its source speech and instruction)
 6. ``eval``         python -m unitok_jax.eval vae | asr | tts | edit (JSON reports; vae and tts with the Whisper tiny.en
                     judge on the generated speech and on the eSpeak originals, the floor)
 7. ``report``       OUT/report.md (numbers, recipe, timings, machine), mel-spectrogram PNGs, example wavs

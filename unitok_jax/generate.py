@@ -53,35 +53,9 @@ import numpy as np
 
 from unitok_jax import heads, llm, model, vae
 from unitok_jax import sharding as shd
+from unitok_jax.configs.uniaudio import TINY_BAILINGMM, tiny_config  # noqa: F401  (re-exported)
 from unitok_jax.model import UniAudioConfig
-
-# A CPU-sized model with the full structure (multi_gate LLM, MoE, semantic module, DiT) for tests and benchmarks.
-TINY_BAILINGMM: dict = {
-    "llm_config": {
-        "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-        "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16, "hidden_act": "silu",
-        "use_qkv_bias": True, "use_bias": True, "rms_norm_eps": 1e-6, "norm_head": False,
-        "tie_word_embeddings": False, "max_position_embeddings": 1024, "rope_theta": 10000.0, "rope_scaling": None,
-        "pad_token_id": 0, "num_experts": 4, "num_shared_experts": 1, "num_experts_per_tok": 2,
-        "norm_topk_prob": True, "moe_intermediate_size": 16, "first_k_dense_replace": 0, "multi_gate": True,
-    },
-    "audio_tokenizer_config": {
-        "patch_size": 5,
-        "enc_kwargs": {"input_dim": 40, "hop_size": 40, "latent_dim": 8, "backbone": {
-            "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
-            "num_key_value_heads": 2, "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "hidden_act": "silu"}},
-        "semantic_module_kwargs": {"whisper_encoder": {"n_state": 16, "n_head": 2, "n_layer": 1}},
-        "dec_kwargs": {"output_dim": 40, "latent_dim": 8, "backbone": {
-            "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
-            "num_key_value_heads": 2, "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "hidden_act": "silu"}},
-    },
-    "ditar_config": {"hidden_size": 32, "depth": 1, "num_heads": 2, "mlp_ratio": 2.0},
-}
-
-
-def tiny_config() -> UniAudioConfig:
-    return UniAudioConfig.from_bailingmm(TINY_BAILINGMM)
-
+from unitok_jax.shapes import BATCH_BUCKETS, DEFAULT_BUCKETS, bucket, pad_axis, pad_sequences  # noqa: F401
 
 @dataclasses.dataclass(frozen=True)
 class Sampler:
@@ -99,42 +73,8 @@ class Sampler:
         return float(self.cfg) != 0.0
 
 
-# ------------------------------------------------------------------------------------------------- buckets / padding
-
-DEFAULT_BUCKETS: tuple = (8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
-BATCH_BUCKETS: tuple = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-
-
-def bucket(n: int, sizes: Optional[Sequence[int]] = DEFAULT_BUCKETS) -> int:
-    """The smallest size in ``sizes`` that holds ``n`` (powers of two beyond the last); ``sizes=None``: ``n``."""
-    n = int(n)
-    if sizes is None:
-        return max(n, 1)
-    for s in sizes:
-        if s >= n:
-            return int(s)
-    s = int(sizes[-1])
-    while s < n:
-        s *= 2
-    return s
-
-
-def pad_axis(x, size: int, axis: int, value=0):
-    """Right-pad a numpy/jax array along ``axis`` to ``size``."""
-    x = np.asarray(x)
-    if x.shape[axis] > size:
-        raise ValueError(f"axis {axis} has {x.shape[axis]} > bucket {size}")
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, size - x.shape[axis])
-    return np.pad(x, widths, constant_values=value)
-
-
-def pad_sequences(seqs: Sequence, value=0, dtype=None) -> tuple[np.ndarray, np.ndarray]:
-    """A list of arrays [T_i, ...] -> (right-padded [B, max T_i, ...], lengths [B])."""
-    seqs = [np.asarray(s, dtype) for s in seqs]
-    lengths = np.array([len(s) for s in seqs], np.int32)
-    t = int(max(lengths.max(), 1))
-    return np.stack([pad_axis(s, t, 0, value) for s in seqs]), lengths
+# Buckets and padding live in unitok_jax.shapes (one home for generation, sampling, data and training); the names
+# stay importable from here.
 
 
 class _Mesh(NamedTuple):

@@ -55,14 +55,6 @@ class Item:
     note: str = ""
 
 
-def _bucket(frames: int, base: int) -> int:
-    """Round a frame count up to base * 2^k (at most 2x padding, few distinct shapes)."""
-    size = base
-    while size < frames:
-        size *= 2
-    return size
-
-
 def _remove_stale_temps(folder: str) -> None:
     """Temporary files a killed earlier run left in the output folder (outputs are written under a temporary name
     and renamed into place, so these are never finished outputs). One sample.py per output folder at a time."""
@@ -95,6 +87,7 @@ def reconstruct(args) -> int:
     from tqdm import tqdm
 
     from unitok_jax import vae
+    from unitok_jax.shapes import pad_waves
     from unitok_jax.audio import AudioError, load_audio, save_audio
     from unitok_jax.convert import ConversionError, load
 
@@ -151,12 +144,8 @@ def reconstruct(args) -> int:
         bar.update(it.seconds)
 
     for batch in batches:
-        frames = _bucket(max(vae.num_frames(len(it.wave), hop) for it in batch), base)
-        wave = np.zeros((args.batch_size, frames * hop), np.float32)  # fixed batch size: one program per bucket
-        lengths = np.zeros((args.batch_size,), np.int32)
-        for i, it in enumerate(batch):
-            wave[i, : len(it.wave)] = it.wave
-            lengths[i] = len(it.wave)
+        # buckets base * 2^k frames (at most 2x padding), a fixed batch size: one program per bucket
+        wave, lengths = pad_waves([it.wave for it in batch], hop, sizes=(base,), rows=args.batch_size)
         key, sub = jax.random.split(key)
         enc = vae.encode(params, cfg, jnp.asarray(wave), jnp.asarray(lengths), key=sub, sample=args.sample)
         out = np.asarray(vae.decode(params, cfg, enc.latent, enc.frame_num))

@@ -2,7 +2,8 @@
 
 * ``vae.py``: the tokenizer stages S0 / S1 (``tiny``, ``official``);
 * ``lm.py``: the LM stage and the tokenizer's unified stage S2 (``tiny``, ``official``);
-* ``llm.py``: the LLM alone, and the home of every LLM size preset.
+* ``llm.py``: the LLM alone, and the home of every LLM size preset;
+* ``uniaudio.py``: the tiny full model (LLM + AudioVAE + DiT, ``TINY_BAILINGMM``) of the tests and benchmarks.
 
 ``train.py --config`` takes a file path (``PATH[:variant]``). The repository's ``configs/*.py`` re-export these files,
 and :func:`resolve` lets the packaged ones be named from any folder: ``--config configs/vae.py:tiny`` loads this

@@ -31,7 +31,8 @@ def build_cache(vae_checkpoint: str, manifest: str, out: str, *, batch_size: int
     import jax.numpy as jnp
     from tqdm import tqdm
 
-    from unitok_jax import generate, vae
+    from unitok_jax import vae
+    from unitok_jax.shapes import pad_waves
     from unitok_jax.audio import AudioError, load_audio
     from unitok_jax.convert import load
     from unitok_jax.data.manifest import read_manifest, write_manifest
@@ -87,9 +88,7 @@ def build_cache(vae_checkpoint: str, manifest: str, out: str, *, batch_size: int
                 items.append((len(chunk) - 1, k, f))
                 waves.append(ws[k])
         for b in range(0, len(waves), batch_size):
-            batch, lengths = generate.pad_sequences(waves[b : b + batch_size], dtype=np.float32)
-            frames = generate.bucket(vae.num_frames(batch.shape[1], vcfg.hop))
-            batch = generate.pad_axis(batch, frames * vcfg.hop, 1)
+            batch, lengths = pad_waves(waves[b : b + batch_size], vcfg.hop)
             enc = encode(jnp.asarray(batch), jnp.asarray(lengths))
             mean, std, nf = map(np.asarray, (enc.mean, enc.std, enc.frame_num))
             for j, (c, k, path) in enumerate(items[b : b + batch_size]):

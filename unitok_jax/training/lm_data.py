@@ -30,7 +30,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from unitok_jax import text as text_lib
-from unitok_jax.generate import bucket  # one length-bucket rule for generation and training
+from unitok_jax.shapes import bucket  # one length-bucket rule for generation and training
 
 IGNORE = -100
 LEN_BUCKETS: tuple = (64, 128, 256, 512, 1024, 2048, 4096, 8192)
