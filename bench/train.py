@@ -34,7 +34,8 @@ Issue 18 measurements (always run; ``--no-issue18`` skips them):
   abstract arrays, nothing allocated; peak = argument + output - alias + temp, as ``bench/memory.py``): the LM stage
   of ``configs/lm.py:tiny`` with the release vocabulary (126,464), batch 8 x 512 positions, with text logits at
   every position (``train.text_positions=0``: before) and at the labelled positions (128 a row: after); the full
-  run adds ``model.remat``;
+  run adds ``model.remat``; ``--quick`` compiles the text loss alone (final hiddens -> LM head -> CE, value and
+  gradients), not the whole step, to stay within its time;
 * **host collectives per step** of a multi-process run: the training loop's per-step host logic (checkpoint
   policy / stop decision and the batch-shape decision) run for 100 steps with ``jax.process_count()`` stubbed to 2
   and ``multihost_utils.process_allgather`` counting its calls; "before" runs the same harness on the code of
@@ -295,6 +296,36 @@ def lm_step_memory(text_positions: int, remat: bool = False, batch: int = 8, seq
     return out
 
 
+def text_loss_memory(text_positions: int, batch: int = 8, seq: int = 512) -> dict:
+    """``--quick``: compiled memory of the text loss alone (final hiddens -> LM head -> float32 CE, value and
+    gradients w.r.t. the hiddens and the params), same model, vocabulary and batch as :func:`lm_step_memory`."""
+    from unitok_jax.configs import lm as lm_configs
+    from unitok_jax.training import lm_train
+
+    config = lm_configs.get_config("tiny")
+    config.model.bailingmm["llm_config"]["vocab_size"] = RELEASE_VOCAB
+    cfg = lm_train.model_config(config)
+    params_abs = jax.eval_shape(lambda: model.init_params(cfg, jax.random.key(0)))
+
+    def loss(params, hidden, labels, valid):
+        if text_positions > 0:
+            return lm_step.text_loss_at_labels(params, cfg, hidden, labels, valid, text_positions)[0]
+        logits = model.llm_module(cfg).apply(model.llm_vars(params), hidden, method="head")
+        return lm_step.text_cross_entropy(logits, labels, valid)[0]
+
+    args = (params_abs, jax.ShapeDtypeStruct((batch, seq, cfg.llm.width), jnp.float32),
+            jax.ShapeDtypeStruct((batch, seq), jnp.int32), jax.ShapeDtypeStruct((batch, seq), bool))
+    t0 = time.perf_counter()
+    compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(*args).compile()
+    m = compiled.memory_analysis()
+    out = {"program": "text loss", "text_positions": text_positions, "remat": False, "batch": batch, "seq": seq,
+           "vocab": RELEASE_VOCAB, "argument": int(m.argument_size_in_bytes), "output": int(m.output_size_in_bytes),
+           "alias": int(m.alias_size_in_bytes), "temp": int(m.temp_size_in_bytes),
+           "compile_s": time.perf_counter() - t0}
+    out["peak"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
+    return out
+
+
 def _module_from_rev(rev: str, path: str, name: str):
     """The module at ``path`` as of git revision ``rev`` (None outside a checkout or for an unknown rev)."""
     import importlib.util
@@ -367,13 +398,14 @@ def host_collectives(checkpoint_mod, lm_train_mod, steps: int = 100) -> dict:
 
 
 def issue18(quick: bool, baseline_rev: str) -> dict:
-    print("\nLM step, compiled peak memory per device (XLA memory analysis, abstract arrays, 1 device): "
+    what = "the text loss (LM head + CE, value and gradients)" if quick else "LM step"
+    print(f"\n{what}, compiled peak memory per device (XLA memory analysis, abstract arrays, 1 device): "
           f"configs/lm.py:tiny LLM with the release vocabulary ({RELEASE_VOCAB:,}), batch 8 x 512, float32")
     variants = [(0, False), (128, False)] + ([] if quick else [(128, True)])
     mem = []
     print(f"{'text logits':<26} {'remat':<5} {'peak MiB':>9} {'temp MiB':>9} {'args MiB':>9} {'compile s':>9}")
     for positions, remat in variants:
-        r = lm_step_memory(positions, remat)
+        r = text_loss_memory(positions) if quick else {"program": "lm step", **lm_step_memory(positions, remat)}
         mem.append(r)
         what = "every position" if positions == 0 else f"labelled ({positions} a row)"
         print(f"{what:<26} {str(remat):<5} {r['peak'] / 2**20:>9.1f} {r['temp'] / 2**20:>9.1f} "
