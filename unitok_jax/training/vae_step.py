@@ -166,12 +166,13 @@ def vae_train_step(state: dict, batch: dict, cfg: VAETrainConfig, disc_cfg: Disc
 
     (loss_d, (d_real, d_fake)), d_grads = jax.value_and_grad(d_loss_fn, has_aux=True)(state["disc_params"])
     d_grads = jax.tree_util.tree_map(lambda g: g * gan_on, d_grads)
-    d_updates, d_opt_state = d_opt.update(d_grads, state["disc_opt_state"], state["disc_params"])
-    disc_params = optax.apply_updates(state["disc_params"], d_updates)
-    disc_params = jax.tree_util.tree_map(lambda new, old: jnp.where(gan_on > 0, new, old), disc_params,
-                                         state["disc_params"])
-    d_opt_state = jax.tree_util.tree_map(lambda new, old: jnp.where(gan_on > 0, new, old), d_opt_state,
-                                         state["disc_opt_state"])
+
+    def d_update():
+        d_updates, d_opt_state = d_opt.update(d_grads, state["disc_opt_state"], state["disc_params"])
+        return optax.apply_updates(state["disc_params"], d_updates), d_opt_state
+
+    # before adv_start_step the discriminators stay as they are (one branch, no select over their leaves)
+    disc_params, d_opt_state = update_if(gan_on > 0, d_update, (state["disc_params"], state["disc_opt_state"]))
 
     # --- generator step against the updated discriminator
     def g_loss_fn(fake_, kl_):
