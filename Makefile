@@ -20,7 +20,7 @@ venv: $(STAMP)
 # once). TEST_WORKERS=0 runs it in this process.
 TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
+	$(PY) -m pytest -q -rs -n $(TEST_WORKERS) --dist loadfile tests
 
 # Tiny models trained on a locally synthesised eSpeak corpus, evaluated, written up in demo/report.md (resumes
 # when re-run; DEMO_ARGS=--quick for the smoke-test size, DEMO_ARGS=--fresh to start over). DEMO_START: when make

@@ -305,7 +305,9 @@ def _worker(tmp: str) -> dict:
 
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    from conftest import xla_flags
+
+    env = dict(os.environ, XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=8"), JAX_PLATFORMS="cpu")
     tmp = tmp_path_factory.mktemp("sharded_load")
     proc = subprocess.run([sys.executable, __file__, str(tmp)], env=env, capture_output=True, text=True,
                           timeout=600, cwd=REPO)

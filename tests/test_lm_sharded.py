@@ -16,7 +16,7 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, xla_flags
 
 
 def _tiny(accum_steps=1, flow_weight=1.0):
@@ -233,7 +233,7 @@ def _shards(sh) -> int:
 
 
 def _run(which: str, devices: int, tmp_path) -> dict:
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
+    env = dict(os.environ, XLA_FLAGS=xla_flags(f"--xla_force_host_platform_device_count={devices}"), JAX_PLATFORMS="cpu",
                PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests")]))
     out = tmp_path / f"{which}.json"
     proc = subprocess.run([sys.executable, __file__, which, str(out)], env=env, capture_output=True, text=True,

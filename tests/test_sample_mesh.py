@@ -24,13 +24,13 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from conftest import REPO, SHARED_DATA, rel_err, tiny_uniaudio
+from conftest import REPO, SHARED_DATA, rel_err, tiny_uniaudio, xla_flags
 from test_sample_tasks import SENTENCES, ckpt_dir  # noqa: F401  (the same tiny checkpoint as sample.py's other tests)
 MESHES = {"dp_fsdp_ep": "data=2,fsdp=2,expert=2", "fsdp_tp": "fsdp=4,tensor=2"}
 
 
 def _env(devices: int, **kw) -> dict:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **kw)
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(f"--xla_force_host_platform_device_count={devices}"), **kw)
     for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
         if k not in kw:
             env.pop(k, None)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from conftest import REPO, SHARED_DATA
+from conftest import REPO, SHARED_DATA, xla_flags
 from unitok_jax.convert import load
 
 
@@ -45,7 +45,7 @@ def _params(workdir):
     return jax.tree.leaves(load(os.path.join(workdir, "export")).params["vae"])
 
 
-ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+ENV = dict(os.environ, XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=2"), JAX_PLATFORMS="cpu")
 
 
 def test_sigterm_then_resume_equals_uninterrupted_run(manifest, tmp_path):

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from conftest import REPO, SHARED_DATA
+from conftest import REPO, SHARED_DATA, xla_flags
 from unitok_jax.convert import load
 
 STEPS = 8
@@ -71,7 +71,7 @@ def _env(**kw):
 
 
 def _single(workdir, manifest, *extra):
-    env = _env(XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    env = _env(XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=2"))
     proc = subprocess.run([sys.executable, *_args(workdir, manifest, *extra)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]

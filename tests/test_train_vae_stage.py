@@ -19,7 +19,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, SHARED_DATA
+from conftest import REPO, SHARED_DATA, xla_flags
 
 
 def _official() -> dict:
@@ -123,7 +123,7 @@ def _worker(tmp: str) -> dict:
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("vae_stage")
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+    env = dict(os.environ, XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=8"), JAX_PLATFORMS="cpu",
                PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests")]))
     out = tmp / "out.json"
     proc = subprocess.run([sys.executable, __file__, str(tmp), str(out)], env=env, capture_output=True, text=True,
