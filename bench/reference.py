@@ -31,10 +31,40 @@ def value(*keys: str, folder: pathlib.Path = PERF) -> Optional[float]:
     return statistics.mean(got) if got else None
 
 
+def cpu_model() -> str:
+    """This machine's CPU model name (``/proc/cpuinfo``; the platform's processor string elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "unknown"
+
+
+def reference_cpu(folder: pathlib.Path = PERF) -> Optional[str]:
+    rs = runs(folder)
+    return rs[0].get("env", {}).get("cpu_model", "").split(":")[-1].strip() or None if rs else None
+
+
+def same_cpu(folder: pathlib.Path = PERF) -> Optional[bool]:
+    """Whether this machine's CPU model is the one the reference was timed on (None: unknown)."""
+    ref = reference_cpu(folder)
+    return None if ref is None else ref == cpu_model()
+
+
 def describe(folder: pathlib.Path = PERF) -> str:
     rs = runs(folder)
     if not rs:
         return "reference timings: not found (../shared/perf/small/reference_run*.json)"
     env = rs[0].get("env", {})
-    return (f"reference: {len(rs)} run(s) of the PyTorch reference ({env.get('torch', '?')}, {env.get('threads', '?')} "
-            f"threads) on this machine type, mean of the runs' medians")
+    text = (f"reference: {len(rs)} run(s) of the PyTorch reference ({env.get('torch', '?')}, "
+            f"{env.get('threads', '?')} threads) on {reference_cpu(folder)}, mean of the runs' medians; this machine: "
+            f"{cpu_model()}")
+    if same_cpu(folder) is False:
+        text += (" -- ANOTHER CPU: the ratios compare different machines (time the reference here with "
+                 "../shared/perf/refbench/ before drawing conclusions)")
+    return text

@@ -611,19 +611,12 @@ def tts_stream(params, cfg: UniAudioConfig, ids, lengths, prompt, prompt_patches
 # ------------------------------------------------------------------------------------------------- text prefill
 
 
-def _splice_by_mask(text, pooled, mask):
-    """Replace the embeddings at ``mask`` [B, S] (the ``<audioPatch>`` positions) by the pooled patches in order."""
-    idx = jnp.clip(jnp.cumsum(mask, axis=1) - 1, 0, pooled.shape[1] - 1)
-    gathered = jnp.take_along_axis(pooled, idx[:, :, None], axis=1)
-    return jnp.where(mask[:, :, None], gathered.astype(text.dtype), text)
-
-
 def _prefill_with_audio(params, cfg, ids, lengths, audio, audio_patches, audio_patch_id, audio_gate, cache_size,
                         sem_size):
     s = ids.shape[1]
     pooled, sem = _audio_prefix(params, cfg, audio, audio_patches, sem_size)
     mask = (ids == audio_patch_id) & (jnp.arange(s)[None, :] < lengths[:, None])
-    embeds = _splice_by_mask(model.embed_tokens(params, cfg, ids), pooled, mask)
+    embeds = model.splice_by_mask(model.embed_tokens(params, cfg, ids), pooled, mask)
     cache = llm.init_cache(cfg.llm, ids.shape[0], cache_size)
     logits, hidden, cache = llm.prefill(model.llm_module(cfg), model.llm_vars(params), cache, inputs_embeds=embeds,
                                         lengths=lengths, audio_mask=mask if audio_gate else None)

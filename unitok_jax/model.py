@@ -118,6 +118,14 @@ def splice_audio(embeds: jax.Array, audio: jax.Array, start: jax.Array) -> jax.A
     return embeds.at[jnp.arange(b)[:, None], idx].set(audio.astype(embeds.dtype))
 
 
+def splice_by_mask(embeds: jax.Array, pooled: jax.Array, mask: jax.Array) -> jax.Array:
+    """Replace the embeddings [B, S, D] at ``mask`` [B, S] (the ``<audioPatch>`` positions) by the pooled patches
+    [B, N, D], the j-th true position of a row taking its patch j (training and the ASR / edit prefill)."""
+    idx = jnp.clip(jnp.cumsum(mask, axis=1) - 1, 0, pooled.shape[1] - 1)
+    gathered = jnp.take_along_axis(pooled, idx[:, :, None], axis=1)
+    return jnp.where(mask[:, :, None], gathered.astype(embeds.dtype), embeds)
+
+
 def init_params(cfg: UniAudioConfig, key: jax.Array) -> dict:
     """Random params of the whole model (plain arrays), each component from its own init: the VAE, the LLM
     (unboxed), the DiT, LinearPooling (its Linear zero-initialised, as for training from scratch) and the stop head.

@@ -37,7 +37,8 @@ import grain
 import numpy as np
 
 from unitok_jax.audio import SAMPLE_RATE
-from unitok_jax.data.pipeline import _EpochPlans, _load, _shard, bucket_length
+from unitok_jax.data.pipeline import _EpochPlans, _load, _shard
+from unitok_jax.shapes import bucket
 
 
 def load_latents(path: str) -> Optional[np.ndarray]:
@@ -109,7 +110,7 @@ def lm_batches(records: Sequence[dict], *, batch_size: int, seed: int, source: s
     def load_audio_batch(plan: list[int]) -> dict:
         rows = list(range(index * local, (index + 1) * local))
         idx = [plan[r] for r in rows]
-        length = int(bucket_length(max(durations[i] for i in plan), buckets_seconds) * sample_rate)
+        length = int(bucket(max(durations[i] for i in plan), buckets_seconds, clamp=True) * sample_rate)
         wave = np.zeros((local, length), np.float32)
         lengths = np.zeros((local,), np.int32)
         ok = np.zeros((local,), bool)
@@ -157,7 +158,8 @@ def lm_batches(records: Sequence[dict], *, batch_size: int, seed: int, source: s
     def load_latent_batch(plan: list[int]) -> dict:
         rows = list(range(index * local, (index + 1) * local))
         idx = [plan[r] for r in rows]
-        frames = int(math.ceil(bucket_length(max(durations[i] for i in plan), buckets_seconds) * sample_rate / hop))
+        seconds = bucket(max(durations[i] for i in plan), buckets_seconds, clamp=True)
+        frames = int(math.ceil(seconds * sample_rate / hop))
         mean, std, lengths, ok = latents_into([recs[i]["latents"] for i in idx], frames)
         out = {"mean": mean, "std": std, "lengths": lengths, "ok": ok, **meta(rows, idx, plan)}
         if edit:

@@ -21,6 +21,7 @@ import grain
 import numpy as np
 
 from unitok_jax.audio import SAMPLE_RATE, AudioError, load_audio
+from unitok_jax.shapes import bucket
 
 
 def _shard(shard_index: Optional[int], shard_count: Optional[int]) -> tuple[int, int]:
@@ -171,13 +172,6 @@ class _EpochPlans:
         return self._cache[epoch][j]
 
 
-def bucket_length(seconds: float, buckets_seconds: Sequence[float]) -> float:
-    for b in buckets_seconds:
-        if seconds <= b:
-            return b
-    return buckets_seconds[-1]
-
-
 def bucketed_batches(records: Sequence[dict], *, batch_size: int, seed: int,
                      buckets_seconds: Sequence[float] = (2.0, 4.0, 8.0, 16.0, 32.0), max_seconds: float = 32.0,
                      sample_rate: int = SAMPLE_RATE, shard_index: Optional[int] = None,
@@ -190,7 +184,7 @@ def bucketed_batches(records: Sequence[dict], *, batch_size: int, seed: int,
     plans = grain.MapDataset.source(_EpochPlans(durations, batch_size, seed, window, num_epochs))[index::count]
 
     def load_batch(idx: list[int]) -> dict:
-        length = int(bucket_length(max(durations[i] for i in idx), buckets_seconds) * sample_rate)
+        length = int(bucket(max(durations[i] for i in idx), buckets_seconds, clamp=True) * sample_rate)
         wave = np.zeros((len(idx), length), np.float32)
         lengths = np.zeros((len(idx),), np.int32)
         ok = np.zeros((len(idx),), bool)

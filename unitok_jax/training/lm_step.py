@@ -45,14 +45,6 @@ SEMANTIC = ("fc2", "semantic")
 SEMANTIC_S2 = SEMANTIC + ("fc3",)
 
 
-def _splice_by_mask(embeds, pooled, mask):
-    """Replace the embeddings [B, S, D] at ``mask`` [B, S] by the pooled patches [B, N, D], the j-th true position
-    taking patch j."""
-    idx = jnp.clip(jnp.cumsum(mask, axis=1) - 1, 0, pooled.shape[1] - 1)
-    gathered = jnp.take_along_axis(pooled, idx[:, :, None], axis=1)
-    return jnp.where(mask[:, :, None], gathered.astype(embeds.dtype), embeds)
-
-
 def text_cross_entropy(logits, labels, valid=None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Mean float32 CE of ``logits`` [B, S, V] against pre-shifted ``labels`` [B, S] (-100 = none) ->
     (loss, number of labelled tokens, number predicted correctly by argmax). 0 when nothing is labelled."""
@@ -123,7 +115,7 @@ def lm_loss(params, cfg: UniAudioConfig, batch: dict, key: jax.Array, *, stop_we
     n = pooled.shape[1]
 
     # 2. splice + one LLM forward
-    embeds = _splice_by_mask(model.embed_tokens(params, cfg, ids), pooled, batch["audio_patch_mask"])
+    embeds = model.splice_by_mask(model.embed_tokens(params, cfg, ids), pooled, batch["audio_patch_mask"])
     gate = batch["audio_gate"] & valid if cfg.llm.multi_gate else None
     out = model.llm_module(cfg).apply(model.llm_vars(params), inputs_embeds=embeds, valid=valid, audio_mask=gate,
                                       return_logits=text_positions <= 0)
