@@ -2,10 +2,13 @@
 weights), compile time reported separately, plus two comparisons measured in the same run:
 
 * ``ref``: our sampler at the "small" configuration (``../shared/perf/small/config.json``: DiT 256 x 4, 4 heads,
-  cond 512) at batch 1 vs the reference's measured ``FlowLoss.sample`` median on the development CPU
-  (``../shared/perf/small/REFERENCE_TIMINGS.md``, section 2a);
+  cond 512) at batch 1 vs the reference's ``FlowLoss.sample`` inside a TTS step (``tts_step_b1.flow_sample``: 10
+  steps, CFG), read from its raw runs through ``bench/reference.py`` (mean of the runs' medians; "n/a" if absent);
 * ``cfg``: guidance as ONE DiT call on the doubled batch (what :func:`unitok_jax.flow.sample` does) vs two separate
   DiT calls per step (conditional, then unconditional), same config, same batch.
+
+How close to the limit: achieved GFLOP/s (matmul FLOPs of the traced sampler, its step loop and the DiT's block
+scan times their trip counts, see ``bench/peak.py``) next to a float32 matmul peak measured in the same run.
 
 Usage: ``python bench/flow.py [--quick] [--json PATH]``. ``--quick`` (< 2 min on 2 CPU cores) drops the released
 size at batch 16 and 128 and uses fewer repeats.
@@ -26,13 +29,18 @@ import jax.numpy as jnp
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
 
+import peak  # noqa: E402
+import reference  # noqa: E402
 from unitok_jax import flow  # noqa: E402
 from unitok_jax.flow import FlowConfig  # noqa: E402
 
 PERF = REPO.parent / "shared" / "perf" / "small"
 STEPS = 10
 CFG_SCALE = 2.0
+# the reference's FlowLoss.sample (10 steps, CFG 2) inside one TTS step at batch 1 (reference.value key path)
+REFERENCE_KEYS = ("tts_step_b1", "flow_sample")
 
 CONFIGS = {
     # the public fixture set's DiT (flow_head.config.json)
@@ -53,21 +61,6 @@ def small_config_from_perf() -> FlowConfig:
     kwargs = {"z_channels": c["audio_tokenizer_config"]["enc_kwargs"]["latent_dim"],
               "llm_cond_dim": c["llm_config"]["hidden_size"], **c["ditar_config"]}
     return FlowConfig.from_reference(kwargs, patch_size=c["audio_tokenizer_config"].get("patch_size", 5))
-
-
-def reference_sample_ms() -> float | None:
-    """Median ms of the reference FlowLoss.sample (table 2a of REFERENCE_TIMINGS.md), or None."""
-    path = PERF / "REFERENCE_TIMINGS.md"
-    if not path.is_file():
-        return None
-    for line in path.read_text().splitlines():
-        if line.startswith("| `FlowLoss.sample`"):
-            cells = [x.strip() for x in line.strip("|").split("|")]
-            try:
-                return float(cells[1])
-            except (IndexError, ValueError):
-                return None
-    return None
 
 
 def two_call_sample(params, config, key, cond, history, steps=STEPS, cfg=CFG_SCALE, sigma=0.25, temperature=1.5,
@@ -98,7 +91,9 @@ def one_call_sample(params, config, key, cond, history):
 
 
 def _setup(fn, config: FlowConfig, batch: int):
-    """(compiled call key -> output, compile seconds, params in millions) for one sampler at one batch size."""
+    """(compiled call key -> output, compile seconds, params in millions) for one sampler at one batch size. The
+    call carries ``flops`` (matmul FLOPs of the traced sampler, loops times their trip counts) and ``xla_flops``
+    (XLA's cost analysis of the compiled program, which counts the step loop's and the block scan's bodies once)."""
     params = flow.init_dit(config, jax.random.key(0))
     k = jax.random.split(jax.random.key(1), 3)
     cond = jax.random.normal(k[0], (batch, 1, config.llm_cond_dim))
@@ -110,6 +105,8 @@ def _setup(fn, config: FlowConfig, batch: int):
     t0 = time.perf_counter()
     run(k[2])  # warm-up
     run.warm_s = time.perf_counter() - t0
+    run.flops = peak.traced_flops(lambda p, key, c, h: fn(p, config, key, c, h), params, k[2], cond, hist)
+    run.xla_flops = peak.xla_flops(compiled)
     return run, compile_s, sum(x.size for x in jax.tree.leaves(params)) / 1e6
 
 
@@ -128,7 +125,8 @@ def _time(runs, budget_s: float, min_repeats: int, max_repeats: int) -> list[lis
     return times
 
 
-def measure(fn, config: FlowConfig, batch: int, budget_s: float, min_repeats: int, max_repeats: int) -> dict:
+def measure(fn, config: FlowConfig, batch: int, budget_s: float, min_repeats: int, max_repeats: int,
+            peak_gflops: float) -> dict:
     run, compile_s, n_params = _setup(fn, config, batch)
     if run.warm_s > budget_s:  # one call already exceeds the budget (released size, big batch): fewer repeats
         min_repeats = 1
@@ -142,6 +140,8 @@ def measure(fn, config: FlowConfig, batch: int, budget_s: float, min_repeats: in
         "repeats": len(times),
         "patches_per_s": batch / med,
         "params_M": n_params,
+        "xla_flops_loops_once": run.xla_flops,
+        **peak.achieved(run.flops, med, peak_gflops),
     }
 
 
@@ -163,6 +163,8 @@ def main(argv=None) -> int:
     jax.config.update("jax_default_matmul_precision", "highest")  # float32 throughout, like the reference timings
 
     budget, lo, hi = (1.5, 2, 10) if args.quick else (8.0, 3, 50)
+    # measured first, in this process: the same machine load and XLA build as the timings below
+    peak_gflops = peak.matmul_peak_gflops(quick=args.quick)
     configs = dict(CONFIGS, small=small_config_from_perf())
     plan = [("tiny", b) for b in (1, 16, 128)] + [("small", b) for b in (1, 16, 128)]
     plan += [("released", b) for b in ((1,) if args.quick else (1, 16, 128))]
@@ -171,40 +173,47 @@ def main(argv=None) -> int:
     print(f"flow sampler: {STEPS} steps, EPSS + sway -1, sigma 0.25, tau 1.5, CFG {CFG_SCALE} (one doubled call); "
           f"device {jax.devices()[0].platform} x{jax.device_count()}, {os.cpu_count()} CPUs, jax {jax.__version__}")
     header = f"{'config':<9} {'params':>8} {'batch':>5} {'compile s':>9} {'median ms':>10} {'min ms':>9} " \
-             f"{'n':>3} {'patches/s':>10}"
+             f"{'n':>3} {'patches/s':>10} {'GFLOP':>8} {'GFLOP/s':>8} {'% of peak':>9}"
     print(header)
     print("-" * len(header))
     for name, batch in plan:
-        r = measure(one_call_sample, configs[name], batch, budget, lo, hi)
+        r = measure(one_call_sample, configs[name], batch, budget, lo, hi, peak_gflops)
         r["config"] = name
         rows.append(r)
         print(f"{name:<9} {r['params_M']:>7.2f}M {batch:>5} {r['compile_s']:>9.2f} {r['median_ms']:>10.2f} "
-              f"{r['min_ms']:>9.2f} {r['repeats']:>3} {r['patches_per_s']:>10.1f}", flush=True)
+              f"{r['min_ms']:>9.2f} {r['repeats']:>3} {r['patches_per_s']:>10.1f} {peak.fmt(r['gflops'], '.3f'):>8} "
+              f"{peak.fmt(r['gflop_s']):>8} {peak.fmt(r['pct_of_peak']):>9}", flush=True)
 
     comparisons = {}
-    ref_ms = reference_sample_ms()
+    ref_ms = reference.value(*REFERENCE_KEYS)
     ours = next(r for r in rows if r["config"] == "small" and r["batch"] == 1)
-    if ref_ms is not None:
-        comparisons["ref_small_b1"] = {
-            "ours_median_ms": ours["median_ms"],
-            "reference_median_ms": ref_ms,
-            "speedup": ref_ms / ours["median_ms"],
-        }
+    comparisons["ref_small_b1"] = {
+        "ours_median_ms": ours["median_ms"],
+        "reference_median_ms": ref_ms,  # None when the reference runs are absent
+        "speedup": None if ref_ms is None else ref_ms / ours["median_ms"],
+        "reference_keys": ".".join(REFERENCE_KEYS),
+        "gflop_s": ours["gflop_s"],
+        "pct_of_peak": ours["pct_of_peak"],
+    }
     for batch in (1, 16):
         comparisons[f"cfg_small_b{batch}"] = compare(one_call_sample, two_call_sample, configs["small"], batch,
                                                      budget, lo, hi)
 
     print()
     print(f"{'comparison':<16} {'A (ours) ms':>12} {'B ms':>10} {'B / A':>7}")
-    if "ref_small_b1" in comparisons:
-        c = comparisons["ref_small_b1"]
-        print(f"{'vs reference':<16} {c['ours_median_ms']:>12.2f} {c['reference_median_ms']:>10.2f} "
-              f"{c['speedup']:>7.2f}   (small config, batch 1; B = reference FlowLoss.sample median)")
+    c = comparisons["ref_small_b1"]
+    print(f"{'vs reference':<16} {c['ours_median_ms']:>12.2f} {peak.fmt(c['reference_median_ms'], '.2f'):>10} "
+          f"{peak.fmt(c['speedup'], '.2f'):>7}   (small config, batch 1; B = reference {c['reference_keys']}; ours "
+          f"{peak.fmt(c['gflop_s'])} GFLOP/s, {peak.fmt(c['pct_of_peak'])} % of peak)")
     for batch in (1, 16):
         c = comparisons[f"cfg_small_b{batch}"]
         print(f"{'cfg one vs two':<16} {c['a_median_ms']:>12.2f} {c['b_median_ms']:>10.2f} {c['speedup']:>7.2f}   "
               f"(small config, batch {batch}, interleaved; B = two DiT calls per step; at min: "
               f"{c['speedup_at_min']:.2f})")
+    print()
+    print(peak.describe_peak(peak_gflops, args.quick) + "; GFLOP = matmul FLOPs of one sampler call (traced, loops "
+          "times their trip counts; the CFG doubles the DiT batch)")
+    print(reference.describe())
 
     if args.json:
         out = {
@@ -212,6 +221,11 @@ def main(argv=None) -> int:
             "quick": args.quick,
             "steps": STEPS,
             "cfg": CFG_SCALE,
+            "cpu": reference.cpu_model(),
+            "same_cpu_as_reference": reference.same_cpu(),
+            "reference": reference.describe(),
+            "matmul_peak_gflop_s": peak_gflops,
+            "matmul_peak_n": peak.peak_size(args.quick),
             "environment": {"jax": jax.__version__, "platform": jax.devices()[0].platform,
                             "device_count": jax.device_count(), "cpu_count": os.cpu_count(),
                             "python": platform.python_version(), "machine": platform.machine()},

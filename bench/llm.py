@@ -10,9 +10,12 @@ Comparisons measured in the same run (interleaved repeats):
   ragged_dot on TPU/GPU) vs the dense reference path (every expert on every token), same weights and inputs
   (the full run adds rows for the batched "tiled" form and for ``jax.lax.ragged_dot``, which XLA:CPU lowers to a
   masked product over all experts);
-* ``vs reference``: the small config at batch 1 against the reference's measured medians on the development CPU
-  (``../shared/perf/small/REFERENCE_TIMINGS.md``: 200-position prefill; one cached step after a 60-position
-  prefill).
+* ``vs reference``: the small config at batch 1 against the PyTorch reference's raw runs, read through
+  ``bench/reference.py`` (mean of the runs' medians of ``llm_prefill_200_b1``, the 200-position prefill, and of
+  ``tts_step_b1.llm``, the LLM part of a TTS step: one position with a cache of ~60); "n/a" where absent.
+
+How close to the limit: achieved GFLOP/s (the analytic count below: active parameters + causal attention) next to a
+float32 matmul peak measured in the same run (``bench/peak.py``), as "% of peak".
 
 Usage: ``python bench/llm.py [--quick] [--json PATH]`` (``--quick``: fewer rows and repeats, < 2 min on 2 cores).
 """
@@ -34,6 +37,10 @@ import numpy as np
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+import peak  # noqa: E402
+import reference  # noqa: E402
 
 from unitok_jax.configs.llm import TINY_LLM_CONFIG  # noqa: E402
 from unitok_jax.llm import (  # noqa: E402
@@ -60,22 +67,11 @@ def small_llm_config() -> dict:
     return json.loads(path.read_text())["llm_config"]
 
 
-def reference_ms() -> dict:
-    """Reference medians (ms) from REFERENCE_TIMINGS.md: 200-position prefill and one cached step."""
-    path = PERF / "REFERENCE_TIMINGS.md"
-    out = {}
-    if not path.is_file():
-        return out
-    for line in path.read_text().splitlines():
-        cells = [x.strip() for x in line.strip().strip("|").split("|")]
-        try:
-            if line.startswith("| BailingMoE forward of 200 positions"):
-                out["prefill_200"] = float(cells[1])
-            elif line.startswith("| LLM forward, 1 position with KV cache"):
-                out["step_after_60"] = float(cells[1])
-        except (IndexError, ValueError):
-            pass
-    return out
+# our comparison -> the reference's key path (reference.value: mean of the runs' medians, ms)
+REFERENCE_KEYS = {
+    "prefill_200": ("llm_prefill_200_b1",),  # BailingMoE forward of 200 positions, batch 1
+    "step_after_60": ("tts_step_b1", "llm"),  # the LLM part of a TTS step: 1 position, cache of ~60
+}
 
 
 def analytic_flops_per_token(cfg: LLMConfig, context: int) -> dict:
@@ -136,6 +132,22 @@ class Case:
         logits.block_until_ready()
 
 
+def prefill_flops(cfg: LLMConfig, batch: int, prompt: int) -> float:
+    """Analytic FLOPs of a ``prompt``-position prefill: the active parameters at every position except the LM head,
+    which :func:`prefill` applies at each row's last position only, plus causal attention (position i attends to i
+    keys: the useful work, not the masked square a dense kernel may compute)."""
+    per = analytic_flops_per_token(cfg, 0)
+    head = 2 * cfg.width * cfg.vocab_size
+    causal = cfg.num_layers * 4 * cfg.num_heads * cfg.head_dim * prompt * (prompt + 1) / 2
+    return batch * (prompt * (per["param_flops"] - head) + head + causal)
+
+
+def step_flops(cfg: LLMConfig, batch: int, context: int) -> float:
+    """Analytic FLOPs of one cached decode step (every parameter once, LM head included, attention over ``context``
+    keys) for ``batch`` rows."""
+    return batch * analytic_flops_per_token(cfg, context)["total"]
+
+
 def compiled_flops_per_token(hf: dict, impl: str, batch: int, prompt: int) -> float:
     """XLA's cost analysis of the prefill, per token. XLA counts a loop body once (the layer scan, and the "loop"
     MoE), so this compiles a 1-layer model with the "tiled" MoE layout for the grouped forms ("dense" and "ragged"
@@ -147,7 +159,9 @@ def compiled_flops_per_token(hf: dict, impl: str, batch: int, prompt: int) -> fl
     x = jax.ShapeDtypeStruct((batch, prompt, cfg.width), jnp.float32)
     cache = jax.eval_shape(lambda: init_cache(one, batch, prompt))
     c = jax.jit(lambda p, c, x: prefill(model, p, c, inputs_embeds=x)).lower(params, cache, x).compile()
-    c1 = float((c.cost_analysis() or {}).get("flops", float("nan")))
+    c1 = peak.xla_flops(c)  # cost_analysis() is a dict or a list of dicts depending on the jax version
+    if c1 is None:
+        return float("nan")
     head = 2 * batch * cfg.width * cfg.vocab_size  # logits at the last position only
     return (c1 + (cfg.num_layers - 1) * (c1 - head)) / (batch * prompt)
 
@@ -172,8 +186,11 @@ def _stats(ts):
     return {"median_ms": 1e3 * statistics.median(ts), "min_ms": 1e3 * min(ts), "repeats": len(ts)}
 
 
-def run_pair(name: str, hf: dict, batch: int, prompt: int, budget: float, lo: int, hi: int, impls) -> list[dict]:
-    """Rows for each impl of one (config, batch): prefill and step times measured interleaved across impls."""
+def run_pair(name: str, hf: dict, batch: int, prompt: int, budget: float, lo: int, hi: int, impls,
+             peak_gflops: float) -> list[dict]:
+    """Rows for each impl of one (config, batch): prefill and step times measured interleaved across impls, with the
+    achieved GFLOP/s of each (analytic FLOPs of the active parameters, so the dense path, which computes every
+    expert, shows the useful rate, not the hardware's) and its share of the same-run matmul peak."""
     cases = {impl: Case(hf, impl, batch, prompt, hi + 4) for impl in impls}
     pre_t = _time([c.run_prefill for c in cases.values()], budget, lo, hi)
     step_t = _time([c.run_step for c in cases.values()], budget, lo, hi)
@@ -181,6 +198,9 @@ def run_pair(name: str, hf: dict, batch: int, prompt: int, budget: float, lo: in
     for (impl, c), pt, st in zip(cases.items(), pre_t, step_t):
         an = analytic_flops_per_token(c.cfg, prompt)
         p, s = _stats(pt), _stats(st)
+        # the step's context grows from `prompt` as run_step repeats (reset before the cache is full): its start
+        p.update(peak.achieved(prefill_flops(c.cfg, batch, prompt), p["median_ms"] / 1e3, peak_gflops))
+        s.update(peak.achieved(step_flops(c.cfg, batch, prompt + 1), s["median_ms"] / 1e3, peak_gflops))
         rows.append({
             "config": name, "impl": impl, "batch": batch, "prompt": prompt,
             "compile_prefill_s": c.compile_prefill_s, "compile_step_s": c.compile_step_s,
@@ -189,6 +209,7 @@ def run_pair(name: str, hf: dict, batch: int, prompt: int, budget: float, lo: in
             "decode_steps_per_s": 1e3 / s["median_ms"],
             "decode_tokens_per_s": batch * 1e3 / s["median_ms"],
             "flops_per_token_compiled": compiled_flops_per_token(hf, impl, batch, prompt),
+            "prefill_xla_flops_loops_once": peak.xla_flops(c.pre),  # loop bodies (layer scan, MoE loop) once
             "flops_per_token_analytic": an["total"],
             "active_params_M": an["active_params_M"],
         })
@@ -225,23 +246,30 @@ def main(argv=None) -> int:
     if not args.quick:
         plan += [("small", small, 16, 200)]
     impls = ("auto", "dense") if args.quick else ("auto", "dense", "tiled", "ragged")
+    # measured first, in this process: the same machine load and XLA build as the timings below
+    peak_gflops = peak.matmul_peak_gflops(quick=args.quick)
 
     print(f"BailingMoE LLM, float32, random weights; device {jax.devices()[0].platform} x{jax.device_count()}, "
           f"{os.cpu_count()} CPUs, jax {jax.__version__}; MoE 'auto' = "
           f"{'ragged_dot' if jax.default_backend() in ('tpu', 'gpu') else 'tile gather (decode) / tile loop (prefill)'}"
           f" here; "
-          f"GFLOP/tok = XLA cost analysis of the prefill (tiled layout) vs analytic (2 x active params + attention)")
+          f"GFLOP/tok = XLA cost analysis of the prefill (tiled layout) vs analytic (2 x active params + attention); "
+          f"GFLOP/s = analytic FLOPs / median time, % pk = of the same-run matmul peak")
     header = (f"{'config':<6} {'moe':<6} {'B':>3} {'T':>4} {'compile s':>9} {'prefill ms':>10} {'tok/s':>9} "
-              f"{'step ms':>8} {'steps/s':>8} {'GFLOP/tok':>9} {'analytic':>9} {'active M':>8}")
+              f"{'GFLOP/s':>7} {'% pk':>5} {'step ms':>8} {'steps/s':>8} {'GFLOP/s':>7} {'% pk':>5} "
+              f"{'GFLOP/tok':>9} {'analytic':>9} {'active M':>8}")
     print(header)
     print("-" * len(header))
     rows = []
     for name, hf, batch, prompt in plan:
-        for r in run_pair(name, hf, batch, prompt, budget, lo, hi, impls):
+        for r in run_pair(name, hf, batch, prompt, budget, lo, hi, impls, peak_gflops):
             rows.append(r)
+            p, st = r["prefill"], r["step"]
             print(f"{r['config']:<6} {r['impl']:<6} {r['batch']:>3} {r['prompt']:>4} "
-                  f"{r['compile_prefill_s'] + r['compile_step_s']:>9.2f} {r['prefill']['median_ms']:>10.2f} "
-                  f"{r['prefill_tokens_per_s']:>9.0f} {r['step']['median_ms']:>8.2f} {r['decode_steps_per_s']:>8.1f} "
+                  f"{r['compile_prefill_s'] + r['compile_step_s']:>9.2f} {p['median_ms']:>10.2f} "
+                  f"{r['prefill_tokens_per_s']:>9.0f} {peak.fmt(p['gflop_s']):>7} {peak.fmt(p['pct_of_peak']):>5} "
+                  f"{st['median_ms']:>8.2f} {r['decode_steps_per_s']:>8.1f} "
+                  f"{peak.fmt(st['gflop_s']):>7} {peak.fmt(st['pct_of_peak']):>5} "
                   f"{r['flops_per_token_compiled'] / 1e9:>9.4f} {r['flops_per_token_analytic'] / 1e9:>9.4f} "
                   f"{r['active_params_M']:>8.2f}", flush=True)
 
@@ -253,7 +281,6 @@ def main(argv=None) -> int:
 
     comparisons = {}
     print()
-    print(f"{'comparison':<28} {'A (ours) ms':>12} {'B ms':>10} {'B / A':>7}")
     for name, batch, prompt in {(r["config"], r["batch"], r["prompt"]) for r in rows}:
         a = next(r for r in rows if (r["config"], r["batch"], r["impl"]) == (name, batch, "auto"))
         b = next(r for r in rows if (r["config"], r["batch"], r["impl"]) == (name, batch, "dense"))
@@ -262,23 +289,30 @@ def main(argv=None) -> int:
             comparisons[key] = {"a_median_ms": a[what]["median_ms"], "b_median_ms": b[what]["median_ms"],
                                 "speedup": b[what]["median_ms"] / a[what]["median_ms"],
                                 "flops_ratio": b["flops_per_token_compiled"] / a["flops_per_token_compiled"]}
-    ref = reference_ms()
+    # vs the reference: ours is always timed (the GFLOP/s stands without it); its figure is "n/a" where absent
     ours = next(r for r in rows if (r["config"], r["batch"], r["impl"]) == ("small", 1, "auto"))
-    if "prefill_200" in ref:
-        comparisons["vs_reference/small/b1/prefill_200"] = {
-            "a_median_ms": ours["prefill"]["median_ms"], "b_median_ms": ref["prefill_200"],
-            "speedup": ref["prefill_200"] / ours["prefill"]["median_ms"]}
-    if "step_after_60" in ref:
-        step60 = Case(small, "auto", 1, 60, hi + 4)
-        (t,) = _time([step60.run_step], budget, lo, hi)
-        comparisons["vs_reference/small/b1/step_after_60"] = {
-            "a_median_ms": 1e3 * statistics.median(t), "b_median_ms": ref["step_after_60"],
-            "speedup": ref["step_after_60"] / (1e3 * statistics.median(t))}
+    step60 = Case(small, "auto", 1, 60, hi + 4)
+    (t,) = _time([step60.run_step], budget, lo, hi)
+    step60_ms = 1e3 * statistics.median(t)
+    mine = {"prefill_200": (ours["prefill"]["median_ms"], prefill_flops(step60.cfg, 1, 200)),
+            "step_after_60": (step60_ms, step_flops(step60.cfg, 1, 61))}
+    for what, (a_ms, flops) in mine.items():
+        ref = reference.value(*REFERENCE_KEYS[what])
+        comparisons[f"vs_reference/small/b1/{what}"] = {
+            "a_median_ms": a_ms, "b_median_ms": ref, "speedup": None if ref is None else ref / a_ms,
+            "reference_keys": ".".join(REFERENCE_KEYS[what]), **peak.achieved(flops, a_ms / 1e3, peak_gflops)}
+    w = max(len(k) for k in comparisons)
+    print(f"{'comparison':<{w}} {'A (ours) ms':>12} {'B ms':>10} {'B / A':>7}")
     for key in sorted(comparisons):
         c = comparisons[key]
         extra = f"   (dense/grouped compiled prefill FLOPs {c['flops_ratio']:.2f}x)" if "flops_ratio" in c else \
-            "   (B = reference PyTorch median, REFERENCE_TIMINGS.md)"
-        print(f"{key:<28} {c['a_median_ms']:>12.2f} {c['b_median_ms']:>10.2f} {c['speedup']:>7.2f}{extra}")
+            (f"   (B = reference {c['reference_keys']}; ours {peak.fmt(c['gflop_s'])} GFLOP/s, "
+             f"{peak.fmt(c['pct_of_peak'])} % of peak)")
+        print(f"{key:<{w}} {c['a_median_ms']:>12.2f} {peak.fmt(c['b_median_ms'], '.2f'):>10} "
+              f"{peak.fmt(c['speedup'], '.2f'):>7}{extra}")
+    print()
+    print(peak.describe_peak(peak_gflops, args.quick))
+    print(reference.describe())
 
     if args.json:
         out = {
@@ -287,6 +321,11 @@ def main(argv=None) -> int:
             "environment": {"jax": jax.__version__, "platform": jax.devices()[0].platform,
                             "device_count": jax.device_count(), "cpu_count": os.cpu_count(),
                             "python": platform.python_version(), "machine": platform.machine()},
+            "cpu": reference.cpu_model(),
+            "same_cpu_as_reference": reference.same_cpu(),
+            "reference": reference.describe(),
+            "matmul_peak_gflop_s": peak_gflops,
+            "matmul_peak_n": peak.peak_size(args.quick),
             "configs": {"tiny": TINY_LLM_CONFIG, "small": small},
             "rows": rows,
             "while_loop": loops,
