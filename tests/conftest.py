@@ -47,6 +47,21 @@ FIXTURES = pathlib.Path(
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
+SPEECH = SHARED_DATA / "librispeech-1089-134686-0000.flac"  # 10.4 s of LibriSpeech, 16 kHz
+
+
+def speech_clip(folder, seconds: float = 1.0, start: float = 0.5) -> str:
+    """``seconds`` of :data:`SPEECH` from ``start`` written as a WAV in ``folder``; its path. Prompts for the tiny
+    test models: their VAE runs at 400 frames/s, so the whole utterance would be 4175 frames (an 8192-frame bucket
+    and an 835-patch prefill), where a second shows the same behaviour."""
+    import soundfile as sf
+
+    wave, sr = sf.read(SPEECH, dtype="float32")
+    path = pathlib.Path(folder) / f"speech_{seconds:g}s_at_{start:g}.wav"
+    sf.write(path, wave[int(start * sr): int((start + seconds) * sr)], sr)
+    return str(path)
+
+
 def rel_err(ours, ref) -> float:
     """||ours - ref|| / ||ref|| (the parity metric)."""
     ours = np.asarray(ours, np.float64)

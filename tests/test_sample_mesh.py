@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from conftest import REPO, SHARED_DATA, rel_err, tiny_uniaudio, xla_flags
+from conftest import REPO, SHARED_DATA, rel_err, speech_clip, tiny_uniaudio, xla_flags
 from test_sample_tasks import SENTENCES, ckpt_dir  # noqa: F401  (the same tiny checkpoint as sample.py's other tests)
 MESHES = {"dp_fsdp_ep": "data=2,fsdp=2,expert=2", "fsdp_tp": "fsdp=4,tensor=2"}
 
@@ -172,7 +172,7 @@ def test_bfloat16_logits_close_and_outputs_finite(mesh_runs):
 
 def _requests(tmp_path, n=6):
     """``n`` TTS requests of different text lengths (prompted)."""
-    speech = str(SHARED_DATA / "librispeech-1089-134686-0000.flac")
+    speech = speech_clip(tmp_path)
     req = tmp_path / "req.jsonl"
     req.write_text("".join(json.dumps({"id": f"r{i}", "text": SENTENCES[i % 4][: 10 + 5 * i], "prompt_wav": speech,
                                        "prompt_text": SENTENCES[3]}) + "\n" for i in range(n)))

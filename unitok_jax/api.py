@@ -42,6 +42,10 @@ Audio = Union[str, os.PathLike, np.ndarray]
 
 # placeholder ids the model fills with audio: in user text they would misalign the audio splice
 RESERVED_TOKENS = ("audio_patch", "gen_audio_patch", "frame_patch", "image_patch")
+# Inputs longer than this many latent frames (30 s at the release's 50 Hz) are encoded chunk by chunk with the
+# encoder's KV cache (:func:`unitok_jax.vae.encode_chunked`, the same result): whole-sequence attention would hold a
+# [B, heads, T, T] score array (e.g. 8 GB for two 16-s inputs of a 400-frames/s test model).
+ENCODE_CHUNK_FRAMES = 1500
 
 
 class InputError(ValueError):
@@ -220,8 +224,12 @@ class UniAudio:
                 noise[i, :t] = np.asarray(jax.random.normal(jax.random.fold_in(key, int(rid)), (t, c)))
             noise = jnp.asarray(noise)
         with self._on_mesh():
-            enc = vae.encode(self.params["audio"], self.cfg.vae, jnp.asarray(batch), jnp.asarray(lengths),
-                             noise=noise, sample=sample)
+            if frames > ENCODE_CHUNK_FRAMES:  # long inputs: attention memory linear, not quadratic, in the length
+                enc = vae.encode_chunked(self.params["audio"], self.cfg.vae, jnp.asarray(batch), jnp.asarray(lengths),
+                                         chunk_frames=ENCODE_CHUNK_FRAMES, noise=noise, sample=sample)
+            else:
+                enc = vae.encode(self.params["audio"], self.cfg.vae, jnp.asarray(batch), jnp.asarray(lengths),
+                                 noise=noise, sample=sample)
         lat, n = np.asarray(enc.latent), np.asarray(enc.frame_num)
         return [lat[i, : n[i]] for i in range(len(waves))]
 
