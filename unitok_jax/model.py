@@ -11,6 +11,7 @@ training steps are built from; each is a pure function of ``(params, cfg, arrays
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Mapping, Optional
 
 import jax
@@ -126,10 +127,12 @@ def splice_by_mask(embeds: jax.Array, pooled: jax.Array, mask: jax.Array) -> jax
     return jnp.where(mask[:, :, None], gathered.astype(embeds.dtype), embeds)
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def init_params(cfg: UniAudioConfig, key: jax.Array) -> dict:
     """Random params of the whole model (plain arrays), each component from its own init: the VAE, the LLM
     (unboxed), the DiT, LinearPooling (its Linear zero-initialised, as for training from scratch) and the stop head.
-    For tests and benchmarks; real weights come from :mod:`unitok_jax.convert`."""
+    For tests, benchmarks and training from scratch; real weights come from :mod:`unitok_jax.convert`. One compiled
+    program (run eagerly, each initialiser op would compile on its own: hundreds of small compiles)."""
     import flax.linen as nn
 
     from unitok_jax import llm
