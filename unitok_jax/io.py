@@ -1,4 +1,4 @@
-"""Atomic writes: a file or a folder appears whole under its name or not at all.
+"""Atomic writes (a file or a folder appears whole under its name or not at all), and a thread-safe ``.npy`` read.
 
 Everything is first written under a temporary name beside the target (same folder, so the final ``os.replace`` is a
 rename on one file system) and renamed into place when the writing finished without an exception; on an exception
@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 import uuid
 from typing import Any, Iterable, Iterator, Union
 
@@ -85,3 +86,18 @@ def atomic_dir(out: PathLike) -> Iterator[str]:
     finally:
         if os.path.isdir(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+# np.load parses the .npy header with ast.literal_eval, and CPython 3.11 before 3.11.8 corrupts its AST recursion
+# counter when two threads compile at once ("SystemError: AST constructor recursion depth mismatch"): grain's
+# worker threads read teacher and latent files concurrently, so the reads are serialised here. With ``mmap_mode``
+# the lock covers the header only (the data is mapped, not read).
+_NPY_LOCK = threading.Lock()
+
+
+def load_npy(path: PathLike, mmap_mode=None):
+    """``np.load(path, mmap_mode=mmap_mode, allow_pickle=False)``, safe to call from several threads."""
+    import numpy as np
+
+    with _NPY_LOCK:
+        return np.load(path, mmap_mode=mmap_mode, allow_pickle=False)

@@ -36,7 +36,7 @@ def build_cache(vae_checkpoint: str, manifest: str, out: str, *, batch_size: int
     from unitok_jax.audio import AudioError, load_audio
     from unitok_jax.convert import load
     from unitok_jax.data.manifest import read_manifest, write_manifest
-    from unitok_jax.io import atomic_file
+    from unitok_jax.io import atomic_file, load_npy
 
     if dtype not in ("float32", "float16"):
         raise ValueError(f"dtype={dtype!r}: choose float32 or float16")
@@ -60,7 +60,7 @@ def build_cache(vae_checkpoint: str, manifest: str, out: str, *, batch_size: int
         rec = dict(rec, **{k: os.path.relpath(f, out) for k, f in files.items()})
         if all(os.path.isfile(f) for f in files.values()):
             for k, f in files.items():
-                frames = int(np.load(f, mmap_mode="r").shape[0])
+                frames = int(load_npy(f, mmap_mode="r").shape[0])
                 pre = "target_" if k == "target_latents" else ""
                 rec.setdefault(pre + "duration", frames * vcfg.hop / vcfg.sample_rate)
                 rec[pre + "frames"] = frames

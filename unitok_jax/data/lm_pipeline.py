@@ -39,12 +39,13 @@ import numpy as np
 from unitok_jax.audio import SAMPLE_RATE
 from unitok_jax.data.pipeline import _EpochPlans, _load, _shard
 from unitok_jax.shapes import bucket
+from unitok_jax.io import load_npy
 
 
 def load_latents(path: str) -> Optional[np.ndarray]:
     """A cache file -> posterior ``[T, 2, C]`` float32 (mean, std), or None if unreadable."""
     try:
-        arr = np.load(path, allow_pickle=False)
+        arr = load_npy(path)
     except (OSError, ValueError):
         return None
     if arr.ndim != 3 or arr.shape[1] != 2 or not np.all(np.isfinite(arr)):

@@ -22,6 +22,7 @@ import numpy as np
 
 from unitok_jax.audio import SAMPLE_RATE, AudioError, load_audio
 from unitok_jax.shapes import bucket
+from unitok_jax.io import load_npy
 
 
 def _shard(shard_index: Optional[int], shard_count: Optional[int]) -> tuple[int, int]:
@@ -50,7 +51,7 @@ def load_teacher(path: str, dim: int) -> np.ndarray:
     samples ``[hop * i, hop * (i + 1))`` (Whisper's encoder output has this rate). Memory-mapped; finite floats
     only. Raises :class:`TeacherError` naming the file and the problem."""
     try:
-        feats = np.load(path, mmap_mode="r", allow_pickle=False)
+        feats = load_npy(path, mmap_mode="r")
     except (OSError, ValueError) as e:
         raise TeacherError(f"teacher features {path}: {e}") from None
     if feats.ndim != 2 or feats.shape[1] != dim:
