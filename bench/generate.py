@@ -120,19 +120,51 @@ def run_static(params, cfg, job, order, slots: int, key, kw):
               request_ids=rows, **kw)
 
 
-def step_latency(params, cfg, sampler, key, repeats: int) -> float:
-    """Median seconds of one jitted TTS step at batch 1 (state after a 24-token text + 8-patch prompt prefill)."""
-    ids, lengths, prompt, pp, budgets = make_requests(cfg, 1, 24, 8, 64)
+def _loop_state(params, cfg, sampler, key, batch: int):
+    """The TTS loop state after a 24-token text + 8-patch prompt prefill and 3 steps, at ``batch`` rows."""
+    ids, lengths, prompt, pp, budgets = make_requests(cfg, batch, 24, 8, 64)
     job = G._tts_job(cfg, ids, lengths, prompt, pp, budgets, key, None, sampler, 0, 2.0, None, G.DEFAULT_BUCKETS)
-    state = G.tts_init(params, cfg, **job.batch(np.arange(1), 1, G._Mesh.of(None, None)), **job.statics)
+    state = G.tts_init(params, cfg, **job.batch(np.arange(batch), batch, G._Mesh.of(None, None)), **job.statics)
     kw = dict(steps=sampler.steps, emit_stop_patch=True, guided=sampler.guided)
-    state = jax.block_until_ready(G.tts_step(params, cfg, state, **kw))  # compile
+    for _ in range(3):
+        state = G.tts_step(params, cfg, state, **kw)
+    return jax.block_until_ready(state), kw
+
+
+def _median_s(fn, repeats: int) -> float:
+    jax.block_until_ready(fn())  # compile
     times = []
     for _ in range(max(repeats, 5)):
         t0 = time.perf_counter()
-        state = jax.block_until_ready(G.tts_step(params, cfg, state, **kw))
+        jax.block_until_ready(fn())
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def step_latency(params, cfg, sampler, key, repeats: int) -> float:
+    """Median seconds of one jitted TTS step at batch 1 (state after a 24-token text + 8-patch prompt prefill)."""
+    state, kw = _loop_state(params, cfg, sampler, key, 1)
+    return _median_s(lambda: G.tts_step(params, cfg, state, **kw), repeats)
+
+
+def step_parts(params, cfg, sampler, key, batch: int, repeats: int) -> dict:
+    """Median ms of the pieces of one TTS step, each jitted alone on the same loop state (the reference's split:
+    flow sample with the stop head, semantic module + pooling of the new patch, one LLM position)."""
+    from unitok_jax import llm
+
+    state, kw = _loop_state(params, cfg, sampler, key, batch)
+    valid = np.ones((batch, cfg.patch_size), bool)
+    flow = jax.jit(lambda pr, st: G._sample_and_stop(pr, cfg, st, sampler.steps, sampler.guided))
+    sem = jax.jit(lambda pr, x, cache: model.audio_inputs(pr, cfg, x, cache, valid))
+    pooled = np.zeros((batch, 1, cfg.llm.width), np.float32)
+    active = np.ones((batch,), bool)
+    dec = jax.jit(lambda pr, cache, e: llm.decode_step(model.llm_module(cfg), model.llm_vars(pr), cache,
+                                                       inputs_embeds=e, active=active))
+    parts = {"whole_step": lambda: G.tts_step(params, cfg, state, **kw),
+             "flow_sample": lambda: flow(params, state),
+             "unified_emb": lambda: sem(params, state.history, state.sem),
+             "llm": lambda: dec(params, state.cache, pooled)}
+    return {name: _median_s(fn, repeats) * 1000 for name, fn in parts.items()}
 
 
 def main(argv=None):
@@ -140,7 +172,7 @@ def main(argv=None):
     ap.add_argument("--config", default=None, choices=("tiny", "small"), help="default small (quick: tiny)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--patches", type=int, default=None, help="patches per equal-length request (default 50, quick 16)")
-    ap.add_argument("--batches", default="1,8,32")
+    ap.add_argument("--batches", default=None, help="equal-length batch sizes (default 1,8,32; quick 1,8)")
     ap.add_argument("--requests", type=int, default=64, help="requests of the mixed-length job")
     ap.add_argument("--spread", default=None, help="budget range of the mixed job, lo..hi (default 10..80)")
     ap.add_argument("--slots", type=int, default=8, help="rows of the mixed job (static batch size = slots)")
@@ -156,6 +188,7 @@ def main(argv=None):
     config = args.config or ("tiny" if args.quick else "small")
     patches = args.patches or (16 if args.quick else 50)
     repeats = 2 if args.quick else 3
+    args.batches = args.batches or ("1,8" if args.quick else "1,8,32")
     lo, hi = (int(x) for x in (args.spread or "10..80").split(".."))
     cfg = build_config(config)
     params = model.init_params(cfg, jax.random.key(0))
@@ -207,6 +240,7 @@ def main(argv=None):
 
     # --- step latency, equal-length throughput
     step_s = step_latency(params, cfg, sampler, key, repeats)
+    parts = {b: step_parts(params, cfg, sampler, key, b, repeats) for b in ((1,) if args.quick else (1, 8))}
     rows = []
 
     def record(mode, batch, sec, compile_s):
@@ -267,6 +301,19 @@ def main(argv=None):
     print("\n## batch-1 step and equal-length throughput")
     print(f"TTS step b1: {step_s * 1000:.1f} ms" + (f"; reference {ref_step:.1f} ms -> project / reference = "
                                                     f"{step_s * 1000 / ref_step:.2f} (target <= 0.5)" if ref_step else ""))
+    print("\nwhere the step's time goes (ms, each piece jitted alone on the same state; reference: tts_step_b1)")
+    print("| piece | batch 1 | reference batch 1 | reference / ours |" + (" batch 8 |" if 8 in parts else ""))
+    print("|---|---|---|---|" + ("---|" if 8 in parts else ""))
+    for name, label in (("whole_step", "whole step"), ("flow_sample", "flow sample (+ stop head)"),
+                        ("unified_emb", "semantic module + pooling"), ("llm", "LLM, one position")):
+        ref = reference.value("tts_step_b1", name) if small else None
+        if name == "unified_emb" and ref is not None:
+            ref += reference.value("tts_step_b1", "linear_pooling") or 0.0
+        ours = parts[1][name]
+        b8 = f" {parts[8][name]:.1f} |" if 8 in parts else ""
+        print(f"| {label} | {ours:.1f} | {'' if ref is None else f'{ref:.1f}'} | "
+              f"{'' if ref is None else f'{ref / ours:.2f}'} |{b8}")
+    print()
     print("| mode | batch | wall s | compile s | latent frames/s | RTF | x reference b1 loop | x one device |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
@@ -289,7 +336,9 @@ def main(argv=None):
                "mixed_static_frames_per_s": static_fps, "mixed_sorted_frames_per_s": sorted_fps,
                "mixed_continuous_frames_per_s": cont_fps, "step_b1_ms": step_s * 1000,
                "reference_step_b1_ms": ref_step, "reference_b1_frames_per_s": ref_fps, "rows": rows,
-               "stream_first_chunk_ms": lat * 1000, "stream_chunk_patches": args.chunk}
+               "stream_first_chunk_ms": lat * 1000, "stream_chunk_patches": args.chunk,
+               "step_parts_ms": {str(b): v for b, v in parts.items()}, "cpu": reference.cpu_model(),
+               "same_cpu_as_reference": reference.same_cpu()}
         pathlib.Path(args.json).write_text(json.dumps(out, indent=2))
 
 
