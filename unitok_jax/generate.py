@@ -651,7 +651,7 @@ def asr_init(params, cfg: UniAudioConfig, ids, lengths, audio, audio_patches, bu
 
 def _asr_step(params, cfg: UniAudioConfig, state: ASRState, eos_id: int, pad_id: int) -> ASRState:
     active = ~state.done
-    tok = jnp.argmax(state.logits, axis=-1).astype(jnp.int32)
+    tok = llm.pick_tokens(state.logits)
     b, m = state.tokens.shape
     rows, slot = jnp.arange(b), jnp.minimum(state.n, m - 1)
     tokens = state.tokens.at[rows, slot].set(jnp.where(active, tok, state.tokens[rows, slot]))
@@ -744,7 +744,7 @@ def _edit_step(params, cfg: UniAudioConfig, state: EditState, steps, emit_stop_p
     is_audio = active & state.audio
     p = cfg.patch_size
     # text phase: greedy token, appended to the text (the <gen_audio> token included) and fed back
-    tok = jnp.argmax(state.logits, axis=-1).astype(jnp.int32)
+    tok = llm.pick_tokens(state.logits)
     b, m = state.tokens.shape
     rows, slot = jnp.arange(b), jnp.minimum(state.n, m - 1)
     tokens = state.tokens.at[rows, slot].set(jnp.where(is_text, tok, state.tokens[rows, slot]))

@@ -534,6 +534,16 @@ def decode_step(
     return out["logits"][:, 0], out["hidden"][:, 0], out["cache"]
 
 
+def pick_tokens(logits: jax.Array, temperature: float = 0.0, key: Optional[jax.Array] = None) -> jax.Array:
+    """Next token ids [B] int32 from logits [B, V]: greedy (argmax) at ``temperature`` 0 (the ASR / edit loops of
+    :mod:`unitok_jax.generate`), else a categorical draw from ``logits / temperature`` with ``key``."""
+    if temperature > 0:
+        if key is None:
+            raise ValueError("pick_tokens: a temperature > 0 needs a PRNG key")
+        return jax.random.categorical(key, logits / temperature, axis=-1).astype(jnp.int32)
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+
 def generate(
     model: BailingMoeLM,
     params,
@@ -559,11 +569,6 @@ def generate(
     rng = jax.random.PRNGKey(0) if rng is None else rng
     pad = cfg.pad_token_id if eos_id is None else eos_id
 
-    def pick(logits, key):
-        if temperature > 0:
-            return jax.random.categorical(key, logits / temperature, axis=-1).astype(jnp.int32)
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-
     def cond(state):
         step, _, _, done, _, _ = state
         return (step < max_new_tokens) & ~jnp.all(done)
@@ -571,7 +576,7 @@ def generate(
     def body(state):
         step, tokens, cache, done, rng, logits = state
         rng, key = jax.random.split(rng)
-        tok = jnp.where(done, pad, pick(logits, key))
+        tok = jnp.where(done, pad, pick_tokens(logits, temperature, key))
         tokens = tokens.at[:, step].set(tok)
         new_done = done if eos_id is None else done | (tok == eos_id)
         logits, _, cache = decode_step(model, params, cache, input_ids=tok, active=~done)
