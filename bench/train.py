@@ -7,12 +7,13 @@ Rows (``--sizes``, default ``tiny`` with ``--quick`` and ``tiny,small`` otherwis
 
 * ``vae``: ``configs/vae.py:tiny`` (64-wide backbones, ``DiscConfig.tiny()``), batch 4 x 1 s crops of real speech;
   ``small``: the audio tokenizer of ``../shared/perf/small/config.json`` (256-wide) with the same discriminators.
-  Units: seconds of audio per second.
+  Units: seconds of audio per second. Two rows each: ``gan`` (the alternating GAN step) and ``mel+kl`` (the step of
+  the steps before ``train.adv_start_step``, which runs no discriminator; the demo's VAE trains only with it).
 * ``lm``: ``generate.TINY_BAILINGMM`` (vocab from a BPE trained on a few sentences) / the full small config
   (512-wide LLM, 16 experts top-2 + 1 shared), batches from ``training.lm_data`` (half TTS, half ASR rows, random
   latents), bucketed by ``make_batch``. Units: real (non-padding) tokens per second.
 
-In-run ratio: **grouped-matmul MoE vs dense MoE** (``moe_impl="auto"``, which on CPU resolves to the looped tile
+In-run ratios: **the VAE's GAN step vs its mel + KL step**; **grouped-matmul MoE vs dense MoE** (``moe_impl="auto"``, which on CPU resolves to the looped tile
 grouped matmul for training shapes, against ``"dense"``: every expert on every token), same weights and batches,
 repeats interleaved; the full run adds the batched ``"tiled"`` form and ``jax.lax.ragged_dot`` (masked dense on
 XLA:CPU).
@@ -154,7 +155,9 @@ def time_cases(cases, budget_s: float, lo: int, hi: int) -> None:
         i += 1
 
 
-def vae_case(size: str, kwargs: dict, batch: int, seconds: float, disc: DiscConfig) -> Case:
+def vae_case(size: str, kwargs: dict, batch: int, seconds: float, disc: DiscConfig, gan: bool = True) -> Case:
+    """The S0 step with the GAN on (``impl`` "gan") or the mel + KL step of the steps before adv_start_step, which
+    runs no discriminator (``impl`` "mel+kl")."""
     vcfg = vae.VAEConfig.from_reference(kwargs)
     tcfg = VAETrainConfig(vae=vcfg)
     ocfg = OptConfig(lr=3e-4)
@@ -166,9 +169,9 @@ def vae_case(size: str, kwargs: dict, batch: int, seconds: float, disc: DiscConf
     wave = np.stack([speech[s: s + n] for s in starts]).astype(np.float32)
     data = {"wave": wave, "lengths": np.full((batch,), n, np.int32)}
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["gen_params"]))
-    label = {"stage": "vae", "size": size, "impl": "-", "batch": batch, "shape": f"{seconds:g} s",
-             "params_M": n_params / 1e6, "unit": "audio s/s"}
-    return Case(label, lambda s, b: vae_train_step(s, b, tcfg, disc, ocfg), state, data, batch * seconds)
+    label = {"stage": "vae", "size": size, "impl": "gan" if gan else "mel+kl", "batch": batch,
+             "shape": f"{seconds:g} s", "params_M": n_params / 1e6, "unit": "audio s/s"}
+    return Case(label, lambda s, b: vae_train_step(s, b, tcfg, disc, ocfg, gan=gan), state, data, batch * seconds)
 
 
 def lm_examples_batch(tok, latent_dim: int, frames: int, batch: int, patch: int, seed: int = 0) -> dict:
@@ -477,15 +480,20 @@ def main(argv=None) -> int:
               f"{fmt(r['xla_flops'] and r['xla_flops'] / 1e9, '8.2f'):>8} {r['matmul_flops'] / 1e9:>9.2f} "
               f"{r['achieved_flops_per_s'] / 1e9:>8.1f} {fmt(r['mfu'] and 100 * r['mfu'], '4.1f'):>5}", flush=True)
 
+    comparisons = {}
     for size in sizes:
         kwargs = vae_configs.get_config("tiny").vae.to_dict() if size == "tiny" else small_config()[
             "audio_tokenizer_config"]
-        c = vae_case(size, kwargs, 4, 1.0, DiscConfig.tiny())
-        time_cases([c], budget, lo, hi)
-        emit(c.row(peak, n_dev))
-        del c
+        cases = [vae_case(size, kwargs, 4, 1.0, DiscConfig.tiny(), gan=g) for g in (True, False)]
+        time_cases(cases, budget, lo, hi)
+        gan_row, lean_row = [c.row(peak, n_dev) for c in cases]
+        emit(gan_row)
+        emit(lean_row)
+        comparisons[f"vae_mel_kl_vs_gan/{size}"] = {
+            "gan_step_ms": gan_row["step_ms"], "mel_kl_step_ms": lean_row["step_ms"],
+            "speedup": gan_row["step_ms"] / lean_row["step_ms"]}
+        del cases
 
-    comparisons = {}
     for size in sizes:
         conf, tok, frames, batch = lm_setup(size)
         cases = [lm_case(size, impl, conf, tok, frames, batch) for impl in impls]
@@ -509,8 +517,15 @@ def main(argv=None) -> int:
         print(f"{'comparison':<24} {'grouped':<12} {'grouped ms':>10} {'dense ms':>10} {'dense/grouped':>13} "
               f"{'FLOPs ratio':>11}")
         for key, c in comparisons.items():
+            if key.startswith("vae_"):
+                continue
             print(f"{key:<24} {c['grouped']:<12} {c['grouped_step_ms']:>10.1f} {c['dense_step_ms']:>10.1f} "
                   f"{c['speedup']:>13.2f} {c['matmul_flops_ratio']:>11.2f}")
+
+        print(f"\n{'comparison':<24} {'GAN step ms':>11} {'mel+KL step ms':>14} {'GAN / mel+KL':>12}")
+        for key, c in comparisons.items():
+            if key.startswith("vae_"):
+                print(f"{key:<24} {c['gan_step_ms']:>11.1f} {c['mel_kl_step_ms']:>14.1f} {c['speedup']:>12.2f}")
 
     official = None
     if args.official:

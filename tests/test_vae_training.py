@@ -1,6 +1,8 @@
 """VAE-stage training blocks: mel loss, GAN losses, discriminators, and the alternating train step on real speech."""
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -202,6 +204,35 @@ def test_nan_batch_is_skipped(trainer, speech):
             np.testing.assert_array_equal(a, np.asarray(b))
     state, m = step(state, speech, cfg, dcfg, ocfg)
     assert int(m["skipped"]) == 0 and int(state["num_skipped"]) == 1 and int(state["step"]) == 3
+
+
+def test_step_without_discriminators_matches_masked_gan_step(trainer, speech):
+    """Before adv_start_step the lean step (gan=False: no discriminator at all) updates the generator as the GAN
+    step does with its adversarial terms masked, and leaves the discriminators and their optimizer as they were."""
+    import dataclasses
+
+    cfg, dcfg, ocfg, params, step = trainer
+    cfg = dataclasses.replace(cfg, adv_start_step=100)
+    lean = jax.jit(functools.partial(S.vae_train_step, gan=False), static_argnums=(2, 3, 4))
+    full = jax.jit(S.vae_train_step, static_argnums=(2, 3, 4))
+    s0 = S.init_vae_train_state(cfg, params, dcfg, ocfg, jax.random.key(0))
+    a, ma = lean(s0, speech, cfg, dcfg, ocfg)
+    b, mb = full(s0, speech, cfg, dcfg, ocfg)
+    for k in ("mel", "kl", "loss_g", "grad_norm_g"):
+        np.testing.assert_allclose(float(ma[k]), float(mb[k]), rtol=1e-5, err_msg=k)
+    assert float(ma["loss_d"]) == 0.0 and float(mb["loss_d"]) != 0.0  # the GAN step did run its discriminators
+    for x, y in zip(jax.tree_util.tree_leaves(a["gen_params"]), jax.tree_util.tree_leaves(b["gen_params"]),
+                    strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6)
+    for k in ("disc_params", "disc_opt_state"):
+        for x, y in zip(jax.tree_util.tree_leaves(s0[k]), jax.tree_util.tree_leaves(a[k]), strict=True):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert int(a["step"]) == 1 and int(a["num_skipped"]) == 0
+    bad = {"wave": speech["wave"].at[0, 100].set(jnp.nan), "lengths": speech["lengths"]}
+    c, mc = lean(a, bad, cfg, dcfg, ocfg)
+    assert int(mc["skipped"]) == 1 and int(c["num_skipped"]) == 1
+    for x, y in zip(jax.tree_util.tree_leaves(a["gen_params"]), jax.tree_util.tree_leaves(c["gen_params"])):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 def test_config_validation(trainer):

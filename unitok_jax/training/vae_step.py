@@ -140,10 +140,16 @@ def generator_forward(gen_params, cfg: VAETrainConfig, wave, lengths, key):
     return L.mask_waveform(fake, lengths), kl
 
 
-def vae_train_step(state: dict, batch: dict, cfg: VAETrainConfig, disc_cfg: DiscConfig, opt_cfg: OptConfig):
+def vae_train_step(state: dict, batch: dict, cfg: VAETrainConfig, disc_cfg: DiscConfig, opt_cfg: OptConfig,
+                   gan: bool = True):
     """One alternating update. ``batch`` = {"wave": [B, L] float32, "lengths": [B] int32}. Returns
     (new state, metrics) with metrics: loss_d, loss_g, mel, adv, fm, kl, d_real, d_fake (mean logits),
-    grad_norm_d, grad_norm_g (before clipping), skipped (0/1)."""
+    grad_norm_d, grad_norm_g (before clipping), skipped (0/1).
+
+    ``gan`` (static) False: the mel + KL step of the steps before ``cfg.adv_start_step`` without the discriminators
+    at all (their params and optimizer state pass through; their metrics are 0). With ``gan`` True the GAN terms
+    are still masked before ``adv_start_step``, so either program gives the same generator update there; the
+    training loop runs the lean one while the GAN is off (``vae_train.run``)."""
     wave = batch["wave"].astype(jnp.float32)
     b, n = wave.shape
     lengths = batch.get("lengths")
@@ -151,6 +157,8 @@ def vae_train_step(state: dict, batch: dict, cfg: VAETrainConfig, disc_cfg: Disc
     real = L.mask_waveform(wave, lengths)
     rng, k_fwd = jax.random.split(state["rng"])
     weights = dict(cfg.weights)
+    if not gan:
+        return _reconstruction_step(state, real, lengths, rng, k_fwd, cfg, opt_cfg, weights)
     gan_on = (state["step"] >= cfg.adv_start_step).astype(jnp.float32)
 
     (fake, kl), pullback = jax.vjp(lambda p: generator_forward(p, cfg, real, lengths, k_fwd), state["gen_params"])
@@ -208,4 +216,31 @@ def vae_train_step(state: dict, batch: dict, cfg: VAETrainConfig, disc_cfg: Disc
         "grad_norm_d": optax.tree.norm(d_grads), "grad_norm_g": optax.tree.norm(g_grads),
         "skipped": 1 - ok.astype(jnp.int32),
     }
+    return new_state, metrics
+
+
+def _reconstruction_step(state, real, lengths, rng, k_fwd, cfg: VAETrainConfig, opt_cfg: OptConfig, weights):
+    """``vae_train_step`` with the GAN off: generator update on w_mel * mel + w_kl * KL only."""
+
+    def loss_fn(gp):
+        fake, kl = generator_forward(gp, cfg, real, lengths, k_fwd)
+        mel = L.multi_resolution_mel_loss(real, fake, lengths, cfg.mel)
+        zero = jnp.zeros((), jnp.float32)
+        return L.generator_loss(mel, zero, zero, kl, weights), {"mel": mel, "kl": kl}
+
+    (loss_g, parts), g_grads = jax.value_and_grad(loss_fn, has_aux=True)(state["gen_params"])
+    ok = all_finite(loss_g, g_grads)
+
+    def update():
+        g_updates, g_opt_state = gen_optimizer(cfg, opt_cfg).update(g_grads, state["gen_opt_state"],
+                                                                    state["gen_params"])
+        return optax.apply_updates(state["gen_params"], g_updates), g_opt_state
+
+    gen_params, g_opt_state = update_if(ok, update, (state["gen_params"], state["gen_opt_state"]))
+    zero = jnp.zeros((), jnp.float32)
+    new_state = {**state, "step": state["step"] + 1, "gen_params": gen_params, "gen_opt_state": g_opt_state,
+                 "rng": rng, "num_skipped": state["num_skipped"] + (1 - ok.astype(jnp.int32))}
+    metrics = {"loss_d": zero, "loss_g": loss_g, "mel": parts["mel"], "adv": zero, "fm": zero, "kl": parts["kl"],
+               "d_real": zero, "d_fake": zero, "grad_norm_d": zero, "grad_norm_g": optax.tree.norm(g_grads),
+               "skipped": 1 - ok.astype(jnp.int32)}
     return new_state, metrics

@@ -127,11 +127,12 @@ def vae_state_shardings(state_abs: dict, tcfg, ocfg, mesh) -> dict:
     return out
 
 
-def vae_step_fn(tcfg, dcfg, ocfg, state_sh, mesh):
+def vae_step_fn(tcfg, dcfg, ocfg, state_sh, mesh, gan: bool = True):
     """The VAE train step ``(state, {"wave", "lengths"[, "teacher", "teacher_frames"]}) -> (state, metrics)`` as
     one jit with in/out shardings (state in ``state_sh``, batch split over data x fsdp, metrics replicated) and
     donated state, traced under the mesh and the logical rules (the backbones' activations are batch-sharded by the
-    same rules). S0's GAN step or S1's distillation step, after the type of ``tcfg``."""
+    same rules). S0's GAN step (``gan`` False: its mel + KL step without the discriminators, for the steps before
+    ``adv_start_step``) or S1's distillation step, after the type of ``tcfg``."""
     import functools
 
     from unitok_jax import sharding as shd
@@ -142,7 +143,7 @@ def vae_step_fn(tcfg, dcfg, ocfg, state_sh, mesh):
     if isinstance(tcfg, DistillConfig):
         step = functools.partial(distill_train_step, cfg=tcfg, opt_cfg=ocfg)
     else:
-        step = functools.partial(vae_train_step, cfg=tcfg, disc_cfg=dcfg, opt_cfg=ocfg)
+        step = functools.partial(vae_train_step, cfg=tcfg, disc_cfg=dcfg, opt_cfg=ocfg, gan=gan)
     return sharded.jit_step(step, state_sh, mesh, shd.DEFAULT_RULES)
 
 
@@ -322,6 +323,9 @@ def run(config, workdir: str, stop_after=None) -> int:
         bad_records = int(saved.get("bad_records", 0))
         say(f"resumed {workdir} at step {step0}")
     step_fn = vae_step_fn(tcfg, dcfg, ocfg, state_sh, mesh)
+    # the steps before adv_start_step run without the discriminators (a second program, compiled only when used)
+    gan_from = getattr(tcfg, "adv_start_step", 0)
+    warm_fn = vae_step_fn(tcfg, dcfg, ocfg, state_sh, mesh, gan=False) if gan_from > 0 else step_fn
     say(f"mesh {dict(mesh.shape)} over {jax.device_count()} devices ({nproc} processes); global batch {gb}")
 
     # ---- held-out reconstruction (every sample_every steps): replicated batch, params as they are sharded
@@ -383,7 +387,7 @@ def run(config, workdir: str, stop_after=None) -> int:
     # float32 matmuls run as TF32 on NVIDIA tensor cores and as bf16 passes on TPU (default precision)
     dev = jax.devices()[0]
     peak = peak_flops_per_device(dev, "bfloat16" if dev.platform == "tpu" else "tfloat32")
-    flops = None
+    flops = {}  # per step program
     preempt = Preemption()
     start = step = int(state["step"])
     total = config.train.steps
@@ -395,10 +399,11 @@ def run(config, workdir: str, stop_after=None) -> int:
             local = next(it)
             bad_records += int((~local["ok"]).sum())
             batch = sharded.global_batch({k: local[k] for k in batch_keys}, mesh)
-            if flops is None and peak is not None:  # global matmul FLOPs of one step (traced once)
+            fn = warm_fn if step < gan_from else step_fn
+            if fn not in flops and peak is not None:  # global matmul FLOPs of one step (traced once)
                 with shd.use_sharding(mesh, shd.DEFAULT_RULES):
-                    flops = float(matmul_flops(step_fn.raw, state, batch))
-            state, metrics = step_fn(state, batch)
+                    flops[fn] = float(matmul_flops(fn.raw, state, batch))
+            state, metrics = fn(state, batch)
             step += 1
             guard.add(step, metrics["skipped"])
             interval_audio += float(local["lengths"].sum()) * nproc / vcfg.sample_rate
@@ -417,7 +422,7 @@ def run(config, workdir: str, stop_after=None) -> int:
                 m.update(step=step, bad_records=bad_records)
                 if t is not None:
                     m.update(step_s=t["step_s"], audio_s_per_s=t["units_per_s"])
-                    u = mfu(flops, t["step_s"], jax.device_count(), peak)
+                    u = mfu(flops.get(fn), t["step_s"], jax.device_count(), peak)
                     if u is not None:
                         m["mfu"] = u
                 m.update(held_m)
