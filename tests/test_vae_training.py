@@ -257,3 +257,35 @@ def test_generator_forward_noise_augmentation(trainer, speech):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # no randomness without sampling or noise
     assert float(jnp.max(jnp.abs(a - c))) > 1e-4 and float(kl_a) == float(kl_c)  # noise only at the decoder input
     assert a.shape == speech["wave"].shape and float(jnp.max(jnp.abs(a[1, 12345:]))) == 0.0
+
+
+def test_cosine_lr_schedule():
+    """decay_steps > 0: Adam's step size (~lr for a steady gradient) falls from lr to final_lr_ratio * lr; the
+    config key train.lr_schedule=cosine decays over train.steps, an unknown schedule is refused."""
+    from unitok_jax.configs import vae as vae_configs
+    from unitok_jax.training import vae_train
+
+    opt = S.OptConfig(lr=1e-2, decay_steps=10, final_lr_ratio=0.1, weight_decay=0.0)
+    tx = S._adamw(opt.lr, opt, None)
+    p = {"w": jnp.zeros(3)}
+    st = tx.init(p)
+    sizes = []
+    for _ in range(12):
+        u, st = tx.update({"w": jnp.ones(3)}, st, p)
+        sizes.append(float(jnp.abs(u["w"][0])))
+    np.testing.assert_allclose(sizes[0], 1e-2, rtol=1e-3)
+    np.testing.assert_allclose(sizes[5], 1e-2 * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * 5 / 10))), rtol=1e-3)
+    np.testing.assert_allclose(sizes[10:], 1e-3, rtol=1e-3)
+    const = S._adamw(1e-2, S.OptConfig(lr=1e-2), None)
+    u, _ = const.update({"w": jnp.ones(3)}, const.init(p), p)
+    np.testing.assert_allclose(float(jnp.abs(u["w"][0])), 1e-2, rtol=1e-3)
+
+    c = vae_configs.get_config("tiny")
+    c.train.steps, c.train.lr_schedule, c.train.lr_final_ratio = 700, "cosine", 0.2
+    ocfg = vae_train.vae_objects(c)[3]
+    assert (ocfg.decay_steps, ocfg.final_lr_ratio) == (700, 0.2)
+    c.train.lr_schedule = "constant"
+    assert vae_train.vae_objects(c)[3].decay_steps == 0
+    c.train.lr_schedule = "linear"
+    with pytest.raises(Exception, match="lr_schedule"):
+        vae_train.vae_objects(c)

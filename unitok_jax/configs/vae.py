@@ -54,6 +54,10 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     c.train.adv_start_step = 0
     c.train.noise_tau = 0.0  # RAE decoder-input noise (spec 7.4a); 0 = off
     c.train.lr = 1e-4 if not tiny else 3e-4
+    # "constant", or "cosine": from train.lr down to lr_final_ratio * train.lr at train.steps (generator and
+    # discriminators alike; a resumed run continues the same curve)
+    c.train.lr_schedule = "constant"
+    c.train.lr_final_ratio = 0.1
     c.train.tiny_discriminators = tiny
     c.train.max_bad_steps = 10  # abort after this many consecutive non-finite steps (0: never)
     c.checkpoint = ml_collections.ConfigDict()

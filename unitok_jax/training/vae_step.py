@@ -64,9 +64,12 @@ class VAETrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class OptConfig:
-    """AdamW for generator and discriminator (HiFi-GAN betas by default), global-norm clipping, constant lr."""
+    """AdamW for generator and discriminator (HiFi-GAN betas by default), global-norm clipping; the lr is constant,
+    or with ``decay_steps`` > 0 follows a cosine from ``lr`` to ``final_lr_ratio * lr`` over that many steps."""
 
     lr: float = 1e-4
+    decay_steps: int = 0
+    final_lr_ratio: float = 0.1
     disc_lr: float | None = None  # None: same as lr
     b1: float = 0.8
     b2: float = 0.99
@@ -77,6 +80,8 @@ class OptConfig:
 
 
 def _adamw(lr, opt: OptConfig, clip):
+    if opt.decay_steps > 0:
+        lr = optax.cosine_decay_schedule(lr, opt.decay_steps, alpha=opt.final_lr_ratio)
     chain = [] if clip is None else [optax.clip_by_global_norm(clip)]
     chain.append(optax.adamw(lr, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay))
     return optax.chain(*chain)

@@ -64,12 +64,17 @@ def vae_objects(config, vcfg=None):
     if objective not in OBJECTIVES:
         raise SetupError(f"train.objective={objective!r} is not one of {OBJECTIVES}")
     vcfg = vcfg or vae.VAEConfig.from_reference(config.vae.to_dict())
+    schedule = config.train.get("lr_schedule", "constant")
+    if schedule not in ("constant", "cosine"):
+        raise SetupError(f"train.lr_schedule={schedule!r} is not 'constant' or 'cosine'")
+    ocfg = OptConfig(lr=config.train.lr, decay_steps=config.train.steps if schedule == "cosine" else 0,
+                     final_lr_ratio=config.train.get("lr_final_ratio", 0.1))
     if objective == "s1":
-        return vcfg, DistillConfig(vae=vcfg), None, OptConfig(lr=config.train.lr)
+        return vcfg, DistillConfig(vae=vcfg), None, ocfg
     tcfg = VAETrainConfig(vae=vcfg, gan_loss=config.train.gan_loss, noise_tau=config.train.noise_tau,
                           adv_start_step=config.train.adv_start_step)
     dcfg = DiscConfig.tiny() if config.train.tiny_discriminators else DiscConfig()
-    return vcfg, tcfg, dcfg, OptConfig(lr=config.train.lr)
+    return vcfg, tcfg, dcfg, ocfg
 
 
 def vae_init_fn(config, objects=None):
