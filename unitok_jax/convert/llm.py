@@ -92,7 +92,8 @@ def _slice_len(s, n):
     return len(range(n)[s])
 
 
-def _detect_root(src: TensorSource) -> str:
+def detect_root(src: TensorSource) -> str:
+    """The name prefix of the LLM's tensors: "model." in a full BailingMM checkpoint, "" in an LLM-only one."""
     for root in ("model.", ""):
         if f"{root}model.word_embeddings.weight" in src:
             return root
@@ -102,7 +103,7 @@ def _detect_root(src: TensorSource) -> str:
     )
 
 
-def _plan_llm(src: TensorSource, cfg, root: str, dtype) -> _Plan:
+def plan_llm(src: TensorSource, cfg, root: str, dtype) -> _Plan:
     """Every param of the LLM as (shape, fetch(index)), all keys and shapes checked first; ``dtype`` None reads
     tensors as stored."""
     pl = _Plan(src, dtype)
@@ -275,7 +276,7 @@ def convert_llm(weights, llm_config: Optional[Mapping] = None, *, dtype=np.float
     ``overrides`` go to :meth:`LLMConfig.from_hf` (e.g. ``moe_impl``, ``dtype``)."""
     src = TensorSource.open(weights)
     cfg = resolve_config(src, llm_config, weights if isinstance(weights, (str, os.PathLike)) else None, **overrides)
-    plan = _plan_llm(src, cfg, _detect_root(src), np.dtype(dtype))
+    plan = plan_llm(src, cfg, detect_root(src), np.dtype(dtype))
     flat = {path: fetch(None) for path, (shape, fetch) in plan.params.items()}
     for path, (shape, _) in plan.params.items():
         assert flat[path].shape == shape, (path, flat[path].shape, shape)
@@ -299,7 +300,7 @@ def load_llm(weights, llm_config: Optional[Mapping] = None, *, mesh=None, rules=
     overrides.setdefault("param_dtype", np.dtype(dtype).name)
     src = TensorSource.open(weights)
     cfg = resolve_config(src, llm_config, weights if isinstance(weights, (str, os.PathLike)) else None, **overrides)
-    plan = _plan_llm(src, cfg, _detect_root(src), np.dtype(dtype))
+    plan = plan_llm(src, cfg, detect_root(src), np.dtype(dtype))
     boxed = shd.abstract_init(BailingMoeLM(cfg), np.zeros((1, 1), np.int32))
     _compare_paths(set(plan.params), set(_flatten(boxed["params"])), cfg)
     if mesh is None:

@@ -176,7 +176,7 @@ class _Builder:
         self.parts.append(lambda sizes, max_bytes: [piece])
 
     def add_llm(self, base: Path, plan):
-        """The LLM's plan (:func:`unitok_jax.convert.llm._plan_llm`): one piece per param, except a stacked param
+        """The LLM's plan (:func:`unitok_jax.convert.llm.plan_llm`): one piece per param, except a stacked param
         larger than ``max_bytes`` (the experts): one piece per layer."""
         for path, (shape, fetch) in plan.params.items():
             full = base + path
@@ -209,7 +209,7 @@ def plan_full(src: str, config: dict, weights: Optional[TensorSource] = None) ->
     """A full Ming-UniAudio folder -> the plan of one ``"uniaudio"`` checkpoint (every component, every key
     checked)."""
     from unitok_jax.convert.flow import convert_heads, dit_tree
-    from unitok_jax.convert.llm import _detect_root, _plan_llm, resolve_config
+    from unitok_jax.convert.llm import detect_root, plan_llm, resolve_config
     from unitok_jax.convert.vae import VAE_UNUSED, vae_config, vae_tree
     from unitok_jax.model import UniAudioConfig
 
@@ -220,7 +220,7 @@ def plan_full(src: str, config: dict, weights: Optional[TensorSource] = None) ->
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # unknown llm_config keys are reported by the LLM converter's own warning
         llm_cfg = resolve_config(weights, config["llm_config"])
-        llm_plan = _plan_llm(weights, llm_cfg, _detect_root(weights), None)
+        llm_plan = plan_llm(weights, llm_cfg, detect_root(weights), None)
     try:
         cfg = UniAudioConfig.from_bailingmm(config)
     except (KeyError, ValueError, TypeError) as e:

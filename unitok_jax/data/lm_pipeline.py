@@ -37,7 +37,7 @@ import grain
 import numpy as np
 
 from unitok_jax.audio import SAMPLE_RATE
-from unitok_jax.data.pipeline import _EpochPlans, _load, _shard
+from unitok_jax.data.pipeline import EpochPlans, load_record_audio, shard_range
 from unitok_jax.shapes import bucket
 from unitok_jax.io import load_npy
 
@@ -63,7 +63,7 @@ def lm_batches(records: Sequence[dict], *, batch_size: int, seed: int, source: s
     ``duration`` (``read_manifest(add_durations=True)``; the latent cache writes it)."""
     if source not in ("audio", "latents"):
         raise ValueError(f"source={source!r}: choose 'audio' or 'latents'")
-    index, count = _shard(process_index, process_count)
+    index, count = shard_range(process_index, process_count)
     if batch_size % count:
         raise ValueError(f"global batch {batch_size} is not divisible by {count} processes")
     local = batch_size // count
@@ -76,7 +76,7 @@ def lm_batches(records: Sequence[dict], *, batch_size: int, seed: int, source: s
             raise ValueError(f"{len(missing)} records have no 'latents' file (first: {missing[0]!r}); "
                              f"build the cache with python -m unitok_jax.data.latent_cache")
     durations = [min(float(r["duration"]), max_seconds) for r in recs]
-    plans = grain.MapDataset.source(_EpochPlans(durations, batch_size, seed, window, num_epochs))
+    plans = grain.MapDataset.source(EpochPlans(durations, batch_size, seed, window, num_epochs))
 
     edit = any("target_audio" in r for r in recs)
     if edit:
@@ -91,7 +91,7 @@ def lm_batches(records: Sequence[dict], *, batch_size: int, seed: int, source: s
                                  f"python -m unitok_jax.data.latent_cache")
         durations = [min(max(float(r["duration"]), float(r.get("target_duration", r["duration"]))), max_seconds)
                      for r in recs]
-        plans = grain.MapDataset.source(_EpochPlans(durations, batch_size, seed, window, num_epochs))
+        plans = grain.MapDataset.source(EpochPlans(durations, batch_size, seed, window, num_epochs))
 
     if row_sizes is not None and len(row_sizes) != len(recs):
         raise ValueError(f"row_sizes has {len(row_sizes)} entries for {len(recs)} records")
@@ -116,7 +116,7 @@ def lm_batches(records: Sequence[dict], *, batch_size: int, seed: int, source: s
         lengths = np.zeros((local,), np.int32)
         ok = np.zeros((local,), bool)
         for k, i in enumerate(idx):
-            w = _load(recs[i], sample_rate)
+            w = load_record_audio(recs[i], sample_rate)
             if w is not None and len(w):
                 w = w[:length]
                 wave[k, : len(w)] = w
@@ -126,7 +126,7 @@ def lm_batches(records: Sequence[dict], *, batch_size: int, seed: int, source: s
             tw = np.zeros_like(wave)
             tl = np.zeros_like(lengths)
             for k, i in enumerate(idx):
-                w = _load({"audio": recs[i]["target_audio"]}, sample_rate)
+                w = load_record_audio({"audio": recs[i]["target_audio"]}, sample_rate)
                 if w is not None and len(w):
                     w = w[:length]
                     tw[k, : len(w)] = w

@@ -25,7 +25,8 @@ from unitok_jax.shapes import bucket
 from unitok_jax.io import load_npy
 
 
-def _shard(shard_index: Optional[int], shard_count: Optional[int]) -> tuple[int, int]:
+def shard_range(shard_index: Optional[int], shard_count: Optional[int]) -> tuple[int, int]:
+    """(index, count) of this reader's shard: the given pair, checked, or this JAX process's when either is None."""
     if shard_index is None or shard_count is None:
         import jax
 
@@ -35,7 +36,9 @@ def _shard(shard_index: Optional[int], shard_count: Optional[int]) -> tuple[int,
     return shard_index, shard_count
 
 
-def _load(record: dict, sample_rate: int) -> Optional[np.ndarray]:
+def load_record_audio(record: dict, sample_rate: int) -> Optional[np.ndarray]:
+    """A manifest record's waveform at ``sample_rate``, or None when the file cannot be read (the pipelines count
+    and skip such records)."""
     try:
         return load_audio(record["audio"], sample_rate)
     except AudioError:
@@ -79,7 +82,7 @@ class _Crop:
     hop: int = 320
 
     def random_map(self, record: dict, rng: np.random.Generator) -> dict:
-        wave = _load(record, self.sample_rate)
+        wave = load_record_audio(record, self.sample_rate)
         out = np.zeros((self.crop,), np.float32)
         if self.teacher_key is not None:
             return self._with_teacher(record, wave, out, rng)
@@ -120,7 +123,7 @@ def vae_batches(records: Sequence[dict], *, batch_size: int, crop_seconds: float
     ``teacher_key``: the manifest field naming each record's teacher features (:func:`load_teacher`, ``teacher_dim``
     channels); the crop is then rounded to whole frames of ``hop`` samples and starts on a frame boundary. A record
     whose features are missing or malformed is a bad item (``ok = False``) like unreadable audio."""
-    index, count = _shard(shard_index, shard_count)
+    index, count = shard_range(shard_index, shard_count)
     if not records:
         raise ValueError("no records to train on")
     n = int(round(crop_seconds * sample_rate))
@@ -150,7 +153,7 @@ def plan_buckets(durations: Sequence[float], *, batch_size: int, seed: int, epoc
     return batches
 
 
-class _EpochPlans:
+class EpochPlans:
     """A grain random-access source: batch ``i`` of ``num_epochs`` epochs, each planned by :func:`plan_buckets`
     on demand (only the current epoch's plan is kept)."""
 
@@ -179,10 +182,10 @@ def bucketed_batches(records: Sequence[dict], *, batch_size: int, seed: int,
                      shard_count: Optional[int] = None, num_epochs: int = 1000, window: int = 64):
     """Whole-utterance batches padded to a bucket length (LM stage). Records need ``duration`` (see
     ``read_manifest(add_durations=True)``); longer than ``max_seconds`` are cut there."""
-    index, count = _shard(shard_index, shard_count)
+    index, count = shard_range(shard_index, shard_count)
     recs = list(records)
     durations = [min(float(r["duration"]), max_seconds) for r in recs]
-    plans = grain.MapDataset.source(_EpochPlans(durations, batch_size, seed, window, num_epochs))[index::count]
+    plans = grain.MapDataset.source(EpochPlans(durations, batch_size, seed, window, num_epochs))[index::count]
 
     def load_batch(idx: list[int]) -> dict:
         length = int(bucket(max(durations[i] for i in idx), buckets_seconds, clamp=True) * sample_rate)
@@ -190,7 +193,7 @@ def bucketed_batches(records: Sequence[dict], *, batch_size: int, seed: int,
         lengths = np.zeros((len(idx),), np.int32)
         ok = np.zeros((len(idx),), bool)
         for k, i in enumerate(idx):
-            w = _load(recs[i], sample_rate)
+            w = load_record_audio(recs[i], sample_rate)
             if w is not None:
                 w = w[:length]
                 wave[k, : len(w)] = w
