@@ -3,7 +3,8 @@
 (semantic module + BailingMoE LLM + flow head + stop head, AdamW), with step time, throughput, FLOPs per step and
 MFU. Random weights, float32, full-precision matmuls (like the other benchmarks).
 
-Rows (``--sizes``, default ``tiny`` with ``--quick`` and ``tiny,small`` otherwise):
+Rows (``--sizes``, default ``tiny`` with ``--quick`` and ``tiny,small`` otherwise; ``demo``: the VAE and LLM that
+``make demo`` trains, ``unitok_jax.demo.VAE_H128`` / ``LLM_H128`` at its recipes' batch sizes):
 
 * ``vae``: ``configs/vae.py:tiny`` (64-wide backbones, ``DiscConfig.tiny()``), batch 4 x 1 s crops of real speech;
   ``small``: the audio tokenizer of ``../shared/perf/small/config.json`` (256-wide) with the same discriminators.
@@ -64,7 +65,7 @@ import numpy as np
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from unitok_jax import generate, model, moe, text, vae  # noqa: E402
+from unitok_jax import demo, generate, model, moe, text, vae  # noqa: E402
 from unitok_jax.configs import llm as llm_configs  # noqa: E402
 from unitok_jax.configs import vae as vae_configs  # noqa: E402
 from unitok_jax.audio import load_audio  # noqa: E402
@@ -189,9 +190,12 @@ def lm_examples_batch(tok, latent_dim: int, frames: int, batch: int, patch: int,
 def lm_setup(size: str):
     """(bailingmm config dict, tokenizer, frames per row, batch) for a size."""
     tok = text.train_tokenizer(SENTENCES * 4, vocab_size=320)
-    if size == "tiny":
+    if size in ("tiny", "demo"):
         conf, frames, batch = copy.deepcopy(generate.TINY_BAILINGMM), 180, 4
         conf["llm_config"]["vocab_size"] = tok.vocab_size
+        if size == "demo":  # the LLM `make demo` trains (demo.LLM_H128), batch 8 as its recipe
+            conf["llm_config"].update({k.rsplit(".", 1)[1]: v for k, v in demo.LLM_H128.items()})
+            batch = demo.FULL_LM["data.batch_size"]
     else:
         conf, frames, batch = copy.deepcopy(small_config()), 500, 4
         conf["llm_config"]["vocab_size"] = max(tok.vocab_size, conf["llm_config"]["vocab_size"])
@@ -439,7 +443,7 @@ def fmt(v, spec, na="n/a"):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny sizes, few repeats (< 2 min on 2 CPU cores)")
-    ap.add_argument("--sizes", help="comma-separated from tiny,small, or none (default: tiny with --quick, else "
+    ap.add_argument("--sizes", help="comma-separated from tiny,small,demo (the sizes make demo trains), or none (default: tiny with --quick, else "
                     "tiny,small)")
     ap.add_argument("--official", action="store_true", help="also count the official-size LM step's FLOPs")
     ap.add_argument("--official-batch", type=int, default=8)
@@ -482,9 +486,16 @@ def main(argv=None) -> int:
 
     comparisons = {}
     for size in sizes:
-        kwargs = vae_configs.get_config("tiny").vae.to_dict() if size == "tiny" else small_config()[
-            "audio_tokenizer_config"]
-        cases = [vae_case(size, kwargs, 4, 1.0, DiscConfig.tiny(), gan=g) for g in (True, False)]
+        batch = 4
+        if size == "small":
+            kwargs = small_config()["audio_tokenizer_config"]
+        else:
+            cfg = vae_configs.get_config("tiny")
+            if size == "demo":  # the VAE `make demo` trains (demo.VAE_H128) at its recipe's batch
+                cfg.update_from_flattened_dict(demo.VAE_H128)
+                batch = demo.FULL_VAE["data.batch_size"]
+            kwargs = cfg.vae.to_dict()
+        cases = [vae_case(size, kwargs, batch, 1.0, DiscConfig.tiny(), gan=g) for g in (True, False)]
         time_cases(cases, budget, lo, hi)
         gan_row, lean_row = [c.row(peak, n_dev) for c in cases]
         emit(gan_row)
