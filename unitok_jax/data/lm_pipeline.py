@@ -38,8 +38,8 @@ import numpy as np
 
 from unitok_jax.audio import SAMPLE_RATE
 from unitok_jax.data.pipeline import EpochPlans, load_record_audio, shard_range
-from unitok_jax.shapes import bucket
 from unitok_jax.io import load_npy
+from unitok_jax.shapes import bucket
 
 
 def load_latents(path: str) -> Optional[np.ndarray]:

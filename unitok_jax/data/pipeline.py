@@ -21,8 +21,8 @@ import grain
 import numpy as np
 
 from unitok_jax.audio import SAMPLE_RATE, AudioError, load_audio
-from unitok_jax.shapes import bucket
 from unitok_jax.io import load_npy
+from unitok_jax.shapes import bucket
 
 
 def shard_range(shard_index: Optional[int], shard_count: Optional[int]) -> tuple[int, int]:
