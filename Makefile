@@ -17,10 +17,10 @@ $(STAMP): pyproject.toml | $(PY)
 venv: $(STAMP)
 
 # The suite in TEST_WORKERS processes (pytest-xdist; a test module stays in one process, so its fixtures are built
-# once). TEST_WORKERS=0 runs it in this process.
+# once; the heaviest modules first: tests/conftest.py HEAVY_FIRST). TEST_WORKERS=0 runs it in this process.
 TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q -rs -n $(TEST_WORKERS) --dist loadfile tests
+	$(PY) -m pytest -q -rs -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder tests
 
 # Tiny models trained on a locally synthesised eSpeak corpus, evaluated, written up in demo/report.md (resumes
 # when re-run; DEMO_ARGS=--quick for the smoke-test size, DEMO_ARGS=--fresh to start over). DEMO_START: when make

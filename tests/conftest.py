@@ -40,6 +40,21 @@ import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
+# The heaviest test files, heaviest first (setup + call times summed per file, `pytest --durations=0`, 2026-12-07).
+# `make test` runs `--dist loadfile --no-loadscope-reorder`: the two workers take whole files in collection order,
+# so these start first and the run does not end with one long file on one worker while the other idles
+# (longest-processing-time-first). xdist's default order (most tests first) put most of them last. Files not listed
+# keep their order, after these.
+HEAVY_FIRST = ("test_sample_mesh.py", "test_demo.py", "test_train_lm_cli.py", "test_preemption.py",
+               "test_lm_sharded.py", "test_generate.py", "test_train_s2.py", "test_lm_lean.py", "test_train_cli.py",
+               "test_generate_continuous.py", "test_sample_tasks.py", "test_sharding.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: files and tests keep their order
+
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FIXTURES = pathlib.Path(
     os.environ.get("UNITOK_REFERENCE_FIXTURES", str(REPO.parent / "shared" / "fixtures" / "reference"))

@@ -13,6 +13,7 @@ import time
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 import soundfile as sf
 
@@ -79,6 +80,19 @@ def test_sigterm_then_resume_equals_uninterrupted_run(manifest, tmp_path):
     assert second.returncode == 0 and f"at step {m.group(1)}" in second.stdout, second.stderr[-2000:]
     for x, y in zip(_params(tmp_path / "a"), _params(tmp_path / "b")):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=1e-6)
+    # the checkpoint of the SIGTERM step as an inference export (on this process's one device): its generator params
+    from unitok_jax.export import main as export_main
+    from unitok_jax.training.checkpoint import TrainCheckpointer
+
+    assert export_main([str(work), "--step", m.group(1)]) == 0
+    ckpt = TrainCheckpointer(str(work))
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    saved = ckpt.manager.restore(int(m.group(1)), args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(fallback_sharding=one)))["state"]["gen_params"]
+    ckpt.close()
+    exported = load(str(work / f"export_step{m.group(1)}")).params["vae"]
+    assert jax.tree.structure(exported) == jax.tree.structure(saved)
+    assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(exported), jax.tree.leaves(saved)))
     logs = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in logs] == [1, 2, 3, 4] and all(np.isfinite(m["loss_g"]) for m in logs)
     _check_monitoring(tmp_path / "a", logs)

@@ -27,6 +27,7 @@ from unitok_jax.convert import load
 STEPS = 8
 TEXTS = ["he hoped there would be stew for dinner", "turnips and carrots and bruised potatoes",
          "and fat mutton pieces to be ladled out", "in thick peppered flour fattened sauce"]
+HELD_TEXTS = ["stuff it into you his belly counselled him", "after early nightfall the yellow lamps"]
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +39,11 @@ def manifest(tmp_path_factory):
         sf.write(root / f"p{i}.wav", wave[i * 24000 : (i + 1) * 24000], sr)
         lines.append(json.dumps({"id": f"p{i}", "audio": f"p{i}.wav", "text": t, "speaker": "1089"}))
     (root / "m.jsonl").write_text("\n".join(lines) + "\n")
+    held = []  # the next two 1.5 s pieces, for the held-out evaluation
+    for i, t in enumerate(HELD_TEXTS, start=len(TEXTS)):
+        sf.write(root / f"p{i}.wav", wave[i * 24000 : (i + 1) * 24000], sr)
+        held.append(json.dumps({"id": f"h{i}", "audio": f"p{i}.wav", "text": t, "speaker": "1089"}))
+    (root / "held.jsonl").write_text("\n".join(held) + "\n")
     # edit pairs over the same clips (source p_i, target p_{i+1}): two semantic with the <cot_text> chain, two acoustic
     edits = []
     for i, t in enumerate(TEXTS):
@@ -56,7 +62,7 @@ def _args(workdir, manifest, *extra):
     return ["train.py", "--config", "configs/lm.py:tiny", "--workdir", str(workdir),
             f"--config.data.manifest={manifest}", f"--config.train.steps={STEPS}", "--config.log_every=1",
             "--config.data.batch_size=4", "--config.train.warmup_steps=0", "--config.train.lr=3e-3",
-            "--config.mesh.data=2", "--config.mesh.fsdp=1", "--config.checkpoint.every_steps=100",
+            "--config.mesh.data=2", "--config.mesh.fsdp=1", "--config.checkpoint.every_steps=4",
             "--config.data.seq_len=256", "--config.data.max_patches=32",  # one compilation per run
             f"--config.data.edit_manifest={os.path.join(os.path.dirname(manifest), 'edits.jsonl')}",
             "--config.data.edit_fraction=0.3", *extra]  # seed 0: steps 1 and 8 are edit steps
@@ -94,9 +100,12 @@ def _max_diff(a, b):
 
 @pytest.fixture(scope="module")
 def straight(manifest, tmp_path_factory):
-    """STEPS steps in one process with two devices: the run the other tests look at."""
+    """STEPS steps in one process with two devices: the run the other tests look at. It also evaluates on the
+    held-out clips every 4 steps and keeps checkpoints 4 and 8 (neither changes what it trains)."""
     w = tmp_path_factory.mktemp("lm_straight")
-    proc = _single(w, manifest)
+    held = os.path.join(os.path.dirname(manifest), "held.jsonl")
+    proc = _single(w, manifest, f"--config.data.heldout_manifest={held}", "--config.sample_every=4",
+                   "--config.sample_audio=2", "--config.checkpoint.keep=5")
     return w, proc.stdout
 
 
@@ -121,6 +130,55 @@ def test_lm_stage_loss_goes_down_and_exports(straight):
     model = UniAudio.load(os.path.join(w, "export"))
     assert model.tok.vocab_size <= model.cfg.llm.vocab_size
     assert model.cfg.llm.num_experts == 4 and model.cfg.patch_size == 5
+
+
+def test_lm_heldout_evaluation_and_samples(straight):
+    """Every 4 steps: the held-out loss (TTS + ASR sequences of the held-out clips), and for both clips a transcript
+    (TensorBoard text, its CER in the metrics) and speech in the voice of the other clip (TensorBoard audio)."""
+    from test_monitor import read_events, summaries
+
+    w, out = straight
+    assert "held-out evaluation: 4 sequences (TTS + ASR) of 2 clips" in out
+    m = _metrics(w)
+    keys = ("heldout/loss", "heldout/text_ce", "heldout/text_acc", "heldout/flow", "heldout/stop", "heldout/asr_cer")
+    assert [s for s in m if any(k in m[s] for k in keys)] == [4, 8]
+    assert all(np.isfinite(m[s][k]) for s in (4, 8) for k in keys)
+    assert m[8]["heldout/loss"] > 0 and m[8]["heldout/asr_cer"] >= 0
+    vals = summaries(read_events(str(w / "tb")))
+    audio = {(s, t): v.audio for s, t, v in vals if v.HasField("audio")}
+    assert set(audio) == {(s, f"samples/{i}/tts") for s in (4, 8) for i in (0, 1)}
+    assert audio[(8, "samples/0/tts")].sample_rate == 16000 and audio[(8, "samples/0/tts")].length_frames > 0
+    texts = {(s, t): v.tensor.string_val[0].decode() for s, t, v in vals if t.endswith("/asr/text_summary")}
+    assert set(texts) == {(s, f"samples/{i}/asr/text_summary") for s in (4, 8) for i in (0, 1)}
+    assert texts[(8, "samples/1/asr/text_summary")].startswith(f"reference: {HELD_TEXTS[1]}\n\ntranscript: ")
+
+
+def test_export_any_checkpoint(straight, tmp_path, capsys):
+    """``python -m unitok_jax.export DIR --step N``: the params of checkpoint N, on one device here (the run used a
+    mesh of two); the last step's export equals the run's own export; a step that was not saved is refused."""
+    import orbax.checkpoint as ocp
+
+    from unitok_jax.export import main as export_main
+
+    w, _ = straight
+    assert export_main([str(w), "--step", "4", "--out", str(tmp_path / "e4")]) == 0
+    with ocp.CheckpointManager(os.path.join(w, "checkpoints"), item_names=("state", "data")) as mgr:
+        one = jax.sharding.SingleDeviceSharding(jax.devices()[0])  # the run saved from a mesh of two devices
+        saved = mgr.restore(4, args=ocp.args.Composite(state=ocp.args.StandardRestore(fallback_sharding=one))
+                            )["state"]["params"]
+    exported = load(str(tmp_path / "e4")).params["uniaudio"]
+    assert jax.tree.structure(exported) == jax.tree.structure(saved)
+    assert _max_diff(exported, saved) == 0.0
+    assert _max_diff(exported, _params(w)) > 0  # step 4 is not step 8
+    assert export_main([str(w), "--out", str(tmp_path / "last")]) == 0  # default: the latest step
+    assert _max_diff(load(str(tmp_path / "last")).params["uniaudio"], _params(w)) == 0.0
+    from unitok_jax.api import UniAudio
+
+    assert UniAudio.load(str(tmp_path / "e4")).tok.vocab_size == UniAudio.load(os.path.join(w, "export")).tok.vocab_size
+    assert export_main([str(w), "--step", "5"]) == 2
+    assert "no checkpoint at step 5; it has steps [1, 4, 8]" in capsys.readouterr().err
+    assert export_main([str(tmp_path / "nothing")]) == 2
+    assert "config.json does not exist" in capsys.readouterr().err
 
 
 def _free_port() -> int:

@@ -6,9 +6,10 @@
 (``configs/vae.py``, ``lm.py``, ...) loads the package's own (:func:`unitok_jax.configs.resolve`), so the command
 works from any folder after ``pip install``. The config names the stage: ``vae`` (the tokenizer; ``train.objective``
 s0 or s1: :mod:`unitok_jax.training.vae_train`) or ``lm`` (the LM stage, and the tokenizer's unified stage s2:
-:mod:`unitok_jax.training.lm_train`). A workdir that already holds a checkpoint resumes it exactly (params,
+:mod:`unitok_jax.training.lm_train`); both run in the one loop of :mod:`unitok_jax.training.loop`. A workdir that already holds a checkpoint resumes it exactly (params,
 optimizer states, step, RNG and the data position). SIGTERM saves a checkpoint and exits cleanly. At the end the
-inference params are exported to ``DIR/export`` (a checkpoint ``sample.py`` loads).
+inference params are exported to ``DIR/export`` (a checkpoint ``sample.py`` loads); ``python -m unitok_jax.export
+DIR --step N`` exports any saved step.
 
 Both stages run on one device mesh (``--config.mesh_preset`` or ``--config.mesh.*``; several processes when the
 environment describes them, ``--config.distributed``): the train state is created in its shardings, the step is
@@ -68,12 +69,10 @@ def train(config, workdir: str, stop_after: Optional[int] = None) -> int:
         return 2
     os.makedirs(workdir, exist_ok=True)
     logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
-    if config.stage == "vae":
-        from unitok_jax.training.vae_train import run
-    else:
-        from unitok_jax.training.lm_train import run
+    from unitok_jax.training import loop
+
     try:
-        return run(config, workdir, stop_after)
+        return loop.run(loop.build_stage(config, workdir), config, workdir, stop_after)
     except SetupError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

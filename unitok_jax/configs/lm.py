@@ -71,6 +71,11 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     # Fixed batch shapes (one compilation; rows that do not fit are skipped and counted). 0: length buckets.
     c.data.seq_len = 0
     c.data.max_patches = 0
+    # Held-out evaluation every `sample_every` steps (and at the end) when set: `heldout_size` records spread over
+    # this manifest ({id, audio, text}, not trained on), as TTS + ASR sequences through the loss (heldout/*), and the
+    # first `sample_audio` of them transcribed and spoken by the model (TensorBoard text and audio, heldout/asr_cer).
+    c.data.heldout_manifest = ml_collections.config_dict.placeholder(str)
+    c.data.heldout_size = 4 if tiny else 16
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = 300 if tiny else 100_000
@@ -110,6 +115,8 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     # no host collective on the other steps. One process checks its own flag every step.
     c.checkpoint.preemption_check_every = 10
     c.log_every = 10 if tiny else 50
+    c.sample_every = 100 if tiny else 2000  # held-out evaluation (needs data.heldout_manifest); 0 = off
+    c.sample_audio = 2  # held-out clips transcribed and spoken at each evaluation (single-process runs)
     c.tensorboard = True
     return c
 

@@ -267,24 +267,8 @@ def _component_shardings(component, cfg, mesh, rules, shapes):
     return shd.uniaudio_shardings(None, {"audio": abstract}, mesh, rules)["audio"]
 
 
-def load(path: str, *, mesh=None, rules=None, dtype=None) -> Checkpoint:
-    """Restore a checkpoint written by :func:`save` / :func:`convert` (or the CLI), VERSION 1 or 2.
-
-    ``mesh``: every param is restored straight into its ``NamedSharding`` (:func:`component_shardings` under
-    ``rules``): orbax reads, per device, only that device's slice, so no host or device holds the whole model.
-    Without a mesh, params land on the default (first local) device. ``dtype`` (None: as stored) casts while
-    reading: compute params become ``dtype``, norms and MoE router weights float32
-    (:func:`unitok_jax.model.param_dtypes`); the returned config follows (:func:`with_param_dtype`: the LLM's
-    ``param_dtype`` and compute ``dtype`` become ``dtype``; with ``dtype=None`` its ``param_dtype`` is the stored
-    one and the compute dtype is the saved config's). Shapes are checked against the config before anything is
-    allocated."""
-    import jax
-    from jax.sharding import SingleDeviceSharding
-
-    from unitok_jax.convert import store
-    from unitok_jax.convert.plan import nest
-    from unitok_jax.model import param_dtypes
-
+def _read_meta(path: str) -> tuple[dict, dict]:
+    """(the checkpoint's config.json, its config per component); ConversionError when it is not a checkpoint."""
     path = os.path.abspath(path)
     meta_path = os.path.join(path, CONFIG_NAME)
     if not os.path.isfile(meta_path):
@@ -306,6 +290,36 @@ def load(path: str, *, mesh=None, rules=None, dtype=None) -> Checkpoint:
             configs[name] = CONFIG_LOADERS[name](d)
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ConversionError(f"{meta_path}: invalid {name} config ({type(e).__name__}: {e})") from None
+    return meta, configs
+
+
+def read_configs(path: str) -> dict:
+    """The config of each component of a checkpoint (``{"vae": VAEConfig}`` or ``{"uniaudio": UniAudioConfig}``),
+    without reading its params."""
+    return _read_meta(os.path.abspath(path))[1]
+
+
+def load(path: str, *, mesh=None, rules=None, dtype=None) -> Checkpoint:
+    """Restore a checkpoint written by :func:`save` / :func:`convert` (or the CLI), VERSION 1 or 2.
+
+    ``mesh``: every param is restored straight into its ``NamedSharding`` (:func:`component_shardings` under
+    ``rules``): orbax reads, per device, only that device's slice, so no host or device holds the whole model.
+    Without a mesh, params land on the default (first local) device. ``dtype`` (None: as stored) casts while
+    reading: compute params become ``dtype``, norms and MoE router weights float32
+    (:func:`unitok_jax.model.param_dtypes`); the returned config follows (:func:`with_param_dtype`: the LLM's
+    ``param_dtype`` and compute ``dtype`` become ``dtype``; with ``dtype=None`` its ``param_dtype`` is the stored
+    one and the compute dtype is the saved config's). Shapes are checked against the config before anything is
+    allocated."""
+    import jax
+    from jax.sharding import SingleDeviceSharding
+
+    from unitok_jax.convert import store
+    from unitok_jax.convert.plan import nest
+    from unitok_jax.model import param_dtypes
+
+    path = os.path.abspath(path)
+    meta, configs = _read_meta(path)
+    version = meta["version"]
     params_dir = os.path.join(path, PARAMS_DIR)
     if not os.path.isdir(params_dir):
         raise ConversionError(f"{path}: the params folder {PARAMS_DIR}/ is missing")
@@ -342,4 +356,4 @@ def load(path: str, *, mesh=None, rules=None, dtype=None) -> Checkpoint:
     return Checkpoint(configs, {k: params[k] for k in configs}, source=meta.get("source", ""), path=path)
 
 
-__all__ = ["Checkpoint", "ConversionError", "check_params", "convert", "convert_reference", "load", "save"]
+__all__ = ["Checkpoint", "ConversionError", "check_params", "convert", "convert_reference", "load", "read_configs", "save"]

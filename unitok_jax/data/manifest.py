@@ -112,6 +112,14 @@ def read_manifest(path: str, *, require_text: bool = True, add_durations: bool =
     return Manifest(records, path, errors)
 
 
+def spread_order(total: int, n: int) -> list[int]:
+    """Indices ``0..total-1``: first ``n`` spread evenly over them, then the rest in order (a fixed, representative
+    choice of ``n`` records that falls back on the others when some are unreadable)."""
+    first = list(dict.fromkeys(int(i * total / n) for i in range(n))) if n > 0 else []
+    chosen = set(first)
+    return first + [i for i in range(total) if i not in chosen]
+
+
 def audio_duration(path: str) -> Optional[float]:
     """Seconds of audio from the file header, or None if unreadable."""
     import soundfile as sf

@@ -1,7 +1,6 @@
-"""The LM stage driver behind ``train.py --config configs/lm.py:...`` (:mod:`unitok_jax.cli.train`; spec §5.7,
-§5.8, §7.2).
-
-One loop, any mesh, any number of processes:
+"""The LM stage behind ``train.py --config configs/lm.py:...`` (:mod:`unitok_jax.cli.train`; spec §5.7, §5.8,
+§7.2): :class:`LMStage`, run by the training loop every stage shares (:mod:`unitok_jax.training.loop`). Any mesh,
+any number of processes:
 
 1. the model config from ``config.model.bailingmm`` (the VAE part from the VAE checkpoint when one is given), the
    text tokenizer (a folder, or a BPE trained on the manifest's texts and kept in the workdir);
@@ -12,8 +11,10 @@ One loop, any mesh, any number of processes:
    posterior comes from the latent cache or is computed on the fly; each row becomes a TTS or an ASR sequence
    (:mod:`unitok_jax.training.lm_data`) with a per-(step, row) RNG, so what a row trains on does not depend on how
    many processes share the batch;
-4. orbax checkpoints every N steps and on SIGTERM (with the data position), resume, metrics (console, JSONL,
-   TensorBoard), export of the inference params + tokenizer for ``sample.py``.
+4. held-out evaluation with ``data.heldout_manifest`` (:mod:`unitok_jax.training.lm_eval`: loss, transcripts and
+   speech samples);
+5. from the loop: orbax checkpoints every N steps and on SIGTERM (with the data position), resume, metrics (console,
+   JSONL, TensorBoard), the export of the inference params + tokenizer for ``sample.py``.
 """
 from __future__ import annotations
 
@@ -28,9 +29,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from unitok_jax import text as text_lib
+from unitok_jax import vae as vae_lib
 from unitok_jax.model import UniAudioConfig
 from unitok_jax.training import lm_data
 from unitok_jax.training.guard import NonFiniteError, SetupError  # noqa: F401  (raised by run)
+from unitok_jax.training.loop import Stage, Step
 
 
 # ------------------------------------------------------------------------------------------------ config / setup
@@ -66,12 +69,15 @@ def with_training_options(config, cfg: UniAudioConfig, *, export: bool = False) 
 
 def tokenizer(config, texts, workdir: str) -> text_lib.TextTokenizer:
     """The configured tokenizer folder; else the one saved in ``workdir/tokenizer`` by an earlier run; else a BPE
-    trained on ``texts`` (then saved there by process 0, so a resumed run keeps its ids)."""
+    trained on ``texts`` (then saved there by process 0, so a resumed run keeps its ids; ``texts`` None: a
+    SetupError instead)."""
     if config.tokenizer.path:
         return text_lib.TextTokenizer.from_dir(config.tokenizer.path)
     folder = os.path.join(workdir, "tokenizer")
     if os.path.isfile(os.path.join(folder, "tokenizer.json")):
         return text_lib.TextTokenizer.from_dir(folder)
+    if texts is None:
+        raise SetupError(f"no tokenizer: set tokenizer.path, or keep the one the run saved in {folder}")
     tok = text_lib.train_tokenizer(texts, config.tokenizer.vocab_size)
     if jax.process_index() == 0:
         tok.save(folder)
@@ -224,263 +230,254 @@ def planned_sizes(plan_size: int, patches: int, seq_len: int = 0, max_patches: i
             max_patches or lm_data.bucket(max(int(patches), 1), lm_data.PATCH_BUCKETS))
 
 
-# ------------------------------------------------------------------------------------------------ the loop
+# ------------------------------------------------------------------------------------------------ the stage
 
 
-def run(config, workdir: str, stop_after: Optional[int] = None) -> int:
-    """Train (or resume) the LM stage in ``workdir``; returns 0. Raises :class:`SetupError` for a configuration or
-    input problem found before training starts, :class:`NonFiniteError` after ``train.max_bad_steps`` consecutive
-    non-finite steps (:func:`unitok_jax.cli.train.main` prints either without a traceback)."""
-    from tqdm import tqdm
+class LMStage(Stage):
+    """The LM stage (and S2) for :func:`unitok_jax.training.loop.run` (``data=False``: model, mesh and abstract
+    state only, for an export)."""
 
-    from unitok_jax import model as model_lib
-    from unitok_jax import sharding as shd
-    from unitok_jax import vae as vae_lib
-    from unitok_jax.configs import lm as lm_configs
-    from unitok_jax.convert import Checkpoint, load, save
-    from unitok_jax.data.lm_pipeline import lm_batches
-    from unitok_jax.data.manifest import read_manifest
-    from unitok_jax.training import sharded
-    from unitok_jax.training.checkpoint import Preemption, TrainCheckpointer
-    from unitok_jax.training.guard import BadSteps
-    from unitok_jax.training.lm_step import init_lm_state
-    from unitok_jax.training.monitor import MetricWriter, Throughput, matmul_flops, mfu, peak_flops_per_device
+    name = "lm"
+    units = "tokens_per_s"
+    skipped_metric = "skipped_step"
 
-    sharded.maybe_initialize_distributed(config.distributed)
-    pid, nproc = jax.process_index(), jax.process_count()
+    def __init__(self, config, workdir: str, *, data: bool = True):
+        from unitok_jax import model as model_lib
+        from unitok_jax.configs import lm as lm_configs
+        from unitok_jax.convert import load, read_configs
+        from unitok_jax.training import sharded
+        from unitok_jax.training.lm_step import init_lm_state
+        from unitok_jax.training.loop import stage_mesh
 
-    # ---- data + tokenizer + model config
-    if not config.data.manifest:
-        raise SetupError("set --config.data.manifest=PATH (a JSONL of {id, audio, text, speaker})")
-    if not os.path.isfile(config.data.manifest):
-        raise SetupError(f"manifest {config.data.manifest} does not exist")
-    manifest = read_manifest(config.data.manifest, require_text=True, add_durations=True)
-    if pid == 0:
-        for e in manifest.errors:
-            print(f"skipped {e}", file=sys.stderr)
-    if not manifest.records:
-        raise SetupError(f"{config.data.manifest} has no usable records")
-    edits = None
-    if config.data.edit_manifest:
-        edits = read_manifest(config.data.edit_manifest, require_text=True, add_durations=True)
-        if pid == 0:
-            for e in edits.errors:
-                print(f"skipped {e}", file=sys.stderr)
-        if not edits.records:
-            raise SetupError(f"{config.data.edit_manifest} has no usable records")
-    s2 = unified_stage(config)
-    if s2 and config.data.source != "audio":
-        raise SetupError("train.objective=s2 decodes the waveform: it needs data.source=audio")
-    if s2 and config.data.edit_manifest:
-        raise SetupError("train.objective=s2 trains on ASR sequences only: unset data.edit_manifest")
-    if s2 and not config.init.checkpoint and pid == 0:
-        print("warning: train.objective=s2 without init.checkpoint aligns to a randomly initialised LLM",
-              file=sys.stderr)
-    tts_fraction = 0.0 if s2 else config.data.tts_fraction
-    init_params, vae_cfg = None, None
-    if config.init.checkpoint:
-        ck = load(config.init.checkpoint)
-        if "uniaudio" not in ck.configs:
-            raise SetupError(f"{config.init.checkpoint} is not a full model checkpoint (use init.vae for a VAE)")
-        cfg, init_params = ck.configs["uniaudio"], ck.params["uniaudio"]
-        tok = (text_lib.TextTokenizer.from_dir(config.tokenizer.path or config.init.checkpoint))
-    else:
-        if config.init.vae:
-            vae_cfg, vae_params = load(config.init.vae).vae()
-        texts = [r["text"] for r in manifest.records]
-        if edits is not None:
-            texts += [r[k] for r in edits.records for k in ("instruction", "target_text") if r.get(k)]
-        tok = tokenizer(config, texts, workdir)
-        cfg = model_config(config, vae_cfg, None if config.tokenizer.path else tok.vocab_size)
-    cfg = with_training_options(config, cfg)
-    if tok.vocab_size > cfg.llm.vocab_size:
-        raise SetupError(f"the tokenizer has {tok.vocab_size} ids but the LLM only {cfg.llm.vocab_size}")
-    p, c = cfg.patch_size, cfg.vae.latent_dim
+        super().__init__(config, workdir, data=data)
+        self.compute_dtype = config.model.dtype
+        self.s2 = unified_stage(config)
+        if data:
+            self._read_manifests()
 
-    # ---- mesh + sharded state
-    mesh = shd.make_mesh({"mesh": lm_configs.mesh_sizes(config)})
-    try:
-        rules = lm_configs.sharding_rules(config)
-    except ValueError as e:
-        raise SetupError(str(e)) from None
-    if config.data.batch_size % sharded.batch_shards(mesh):
-        raise SetupError(f"global batch {config.data.batch_size} is not divisible by the mesh's data x fsdp = "
-                         f"{sharded.batch_shards(mesh)}")
-    if (config.data.batch_size // sharded.batch_shards(mesh)) % config.train.accum_steps:
-        raise SetupError(f"per-shard batch is not divisible by accum_steps={config.train.accum_steps}")
-    key = jax.random.key(config.seed)
-    k_init, k_state = jax.random.split(key)
-    params_abs = jax.eval_shape(lambda: model_lib.init_params(cfg, k_init))
-    opt = optimizer(config, params_abs)
-    state_abs = jax.eval_shape(lambda: init_lm_state(model_lib.init_params(cfg, k_init), opt, k_state))
-    param_sh = sharded.param_shardings(cfg, params_abs, mesh, rules)
-    state_sh = sharded.state_shardings(state_abs, opt, param_sh, mesh)
-    # A full checkpoint gives all params; a VAE checkpoint replaces the random VAE. Both enter the jitted init as
-    # arguments already placed in their shardings.
-    fixed = jax.device_put(init_params, param_sh) if init_params is not None else None
-    fixed_vae = jax.device_put(vae_params, param_sh["audio"]) if vae_cfg is not None else None
+        # ---- tokenizer + model config (an export reads configs only, no params)
+        init_params, vae_cfg, vae_params = None, None, None
+        if config.init.checkpoint:
+            if data:
+                ck = load(config.init.checkpoint)
+                if "uniaudio" not in ck.configs:
+                    raise SetupError(f"{config.init.checkpoint} is not a full model checkpoint (use init.vae for a "
+                                     "VAE)")
+                cfg, init_params = ck.configs["uniaudio"], ck.params["uniaudio"]
+            else:
+                cfg = read_configs(config.init.checkpoint)["uniaudio"]
+            tok = text_lib.TextTokenizer.from_dir(config.tokenizer.path or config.init.checkpoint)
+        else:
+            if config.init.vae:
+                if data:
+                    vae_cfg, vae_params = load(config.init.vae).vae()
+                else:
+                    vae_cfg = read_configs(config.init.vae)["vae"]
+            texts = None
+            if data:
+                texts = [r["text"] for r in self.records]
+                if self.edits is not None:
+                    texts += [r[k] for r in self.edits for k in ("instruction", "target_text") if r.get(k)]
+            tok = tokenizer(config, texts, workdir)
+            cfg = model_config(config, vae_cfg, None if config.tokenizer.path else tok.vocab_size)
+        cfg = with_training_options(config, cfg)
+        if tok.vocab_size > cfg.llm.vocab_size:
+            raise SetupError(f"the tokenizer has {tok.vocab_size} ids but the LLM only {cfg.llm.vocab_size}")
+        self.cfg, self.tok = cfg, tok
 
-    def init_fn(k, fixed, fixed_vae):
-        params = fixed if fixed is not None else model_lib.init_params(cfg, k)
-        if fixed_vae is not None:
-            params = {**params, "audio": fixed_vae}
-        return init_lm_state(params, opt, k_state)
-
-    ckpt = TrainCheckpointer(workdir, every_steps=config.checkpoint.every_steps, keep=config.checkpoint.keep,
-                             preemption_check_every=config.checkpoint.get("preemption_check_every", 10))
-    state = None
-    if ckpt.latest_step() is None:
-        state = jax.jit(init_fn, out_shardings=state_sh)(k_init, fixed, fixed_vae)
-    del fixed, fixed_vae
-
-    # ---- data pipeline
-    data = lm_batches(manifest.records, batch_size=config.data.batch_size, seed=config.seed,
-                      source=config.data.source, hop=cfg.vae.hop, buckets_seconds=tuple(config.data.buckets_seconds),
-                      max_seconds=config.data.max_seconds, sample_rate=cfg.vae.sample_rate,
-                      row_sizes=row_sizes(manifest.records, tok, p))
-    it = iter(data)
-    edit_it = None
-    if config.data.edit_manifest:
+        # ---- mesh + sharded state
+        self.mesh = stage_mesh(lm_configs.mesh_sizes(config), data=data)
         try:
-            edit_it = iter(lm_batches(edits.records, batch_size=config.data.batch_size, seed=config.seed + 1,
-                                      source=config.data.source, hop=cfg.vae.hop,
-                                      buckets_seconds=tuple(config.data.buckets_seconds),
-                                      max_seconds=config.data.max_seconds, sample_rate=cfg.vae.sample_rate,
-                                      row_sizes=row_sizes(edits.records, tok, p, edit=True)))
+            self.rules = lm_configs.sharding_rules(config)
         except ValueError as e:
-            raise SetupError(f"{config.data.edit_manifest}: {e}") from None
+            raise SetupError(str(e)) from None
+        shards = sharded.batch_shards(self.mesh)
+        if data and config.data.batch_size % shards:
+            raise SetupError(f"global batch {config.data.batch_size} is not divisible by the mesh's data x fsdp = "
+                             f"{shards}")
+        if data and (config.data.batch_size // shards) % config.train.accum_steps:
+            raise SetupError(f"per-shard batch is not divisible by accum_steps={config.train.accum_steps}")
+        key = jax.random.key(config.seed)
+        k_init, k_state = jax.random.split(key)
+        params_abs = jax.eval_shape(lambda: model_lib.init_params(cfg, k_init))
+        self.opt = optimizer(config, params_abs)
+        self.state_abs = jax.eval_shape(lambda: init_lm_state(model_lib.init_params(cfg, k_init), self.opt,
+                                                              k_state))
+        self.param_sh = sharded.param_shardings(cfg, params_abs, self.mesh, self.rules)
+        self.state_sh = sharded.state_shardings(self.state_abs, self.opt, self.param_sh, self.mesh)
+        self._init = (k_init, k_state, init_params, vae_params)
+        if data:
+            self._setup_data()
 
-    bad = 0  # rows skipped so far (kept in the checkpoint, so a resumed run goes on counting)
+    def _read_manifests(self) -> None:
+        config = self.config
+        self.records = self.read_manifest("manifest", "{id, audio, text, speaker}", require_text=True,
+                                          add_durations=True)
+        self.edits = None
+        if config.data.edit_manifest:
+            self.edits = self.read_manifest("edit_manifest", "edit pairs", require_text=True, add_durations=True)
+        if self.s2 and config.data.source != "audio":
+            raise SetupError("train.objective=s2 decodes the waveform: it needs data.source=audio")
+        if self.s2 and config.data.edit_manifest:
+            raise SetupError("train.objective=s2 trains on ASR sequences only: unset data.edit_manifest")
+        if self.s2 and not config.init.checkpoint:
+            self.say("warning: train.objective=s2 without init.checkpoint aligns to a randomly initialised LLM",
+                     file=sys.stderr)
 
-    def data_state() -> dict:
-        return {"speech": it.get_state(), "bad_records": bad,
-                **({"edit": edit_it.get_state()} if edit_it is not None else {})}
+    def _setup_data(self) -> None:
+        from unitok_jax.data.lm_pipeline import lm_batches
+        from unitok_jax.training import sharded
 
-    restored = ckpt.restore(sharded.abstract_state(state_abs, state_sh))
-    if restored is not None:
-        step0, state, saved = restored
-        it.set_state(saved.get("speech", saved))
-        bad = int(saved.get("bad_records", 0))
-        if edit_it is not None and "edit" in saved:
-            edit_it.set_state(saved["edit"])
-        if pid == 0:
-            print(f"resumed {workdir} at step {step0}")
-    # The frozen encoder runs per process on its own rows, with its own copy of the VAE params on a local device
-    # (the state's buffers are donated to the train step).
-    if config.data.source == "audio":
-        if nproc > 1:
+        config, cfg, tok = self.config, self.cfg, self.tok
+        p = cfg.patch_size
+
+        def batches(records, seed, edit):
+            return lm_batches(records, batch_size=config.data.batch_size, seed=seed, source=config.data.source,
+                              hop=cfg.vae.hop, buckets_seconds=tuple(config.data.buckets_seconds),
+                              max_seconds=config.data.max_seconds, sample_rate=cfg.vae.sample_rate,
+                              row_sizes=row_sizes(records, tok, p, edit=edit))
+
+        self.it = iter(batches(self.records, config.seed, False))
+        self.edit_it = None
+        if self.edits is not None:
+            try:
+                self.edit_it = iter(batches(self.edits, config.seed + 1, True))
+            except ValueError as e:
+                raise SetupError(f"{config.data.edit_manifest}: {e}") from None
+        self.tts_fraction = 0.0 if self.s2 else config.data.tts_fraction
+        self.local_rows = config.data.batch_size // self.nproc
+        self.step_fn = sharded.jit_step(step_function(config, cfg, self.opt), self.state_sh, self.mesh, self.rules)
+        self.sample_every = config.sample_every if config.data.heldout_manifest else 0
+        self._audio_params = None  # the frozen encoder's params on a local device (set when the state exists)
+        self._encode = jax.jit(lambda prm, w, n: vae_lib.encode(prm, cfg.vae, w, n, sample=False))
+        self._heldout = None
+
+    # ---- what the loop calls
+
+    def init_state(self):
+        from unitok_jax import model as model_lib
+        from unitok_jax.training.lm_step import init_lm_state
+
+        k_init, k_state, init_params, vae_params = self._init
+        cfg, opt = self.cfg, self.opt
+        # A full checkpoint gives all params; a VAE checkpoint replaces the random VAE. Both enter the jitted init
+        # as arguments already placed in their shardings.
+        fixed = jax.device_put(init_params, self.param_sh) if init_params is not None else None
+        fixed_vae = jax.device_put(vae_params, self.param_sh["audio"]) if vae_params is not None else None
+        self._init = (k_init, k_state, None, None)
+
+        def init_fn(k, fixed, fixed_vae):
+            params = fixed if fixed is not None else model_lib.init_params(cfg, k)
+            if fixed_vae is not None:
+                params = {**params, "audio": fixed_vae}
+            return init_lm_state(params, opt, k_state)
+
+        return jax.jit(init_fn, out_shardings=self.state_sh)(k_init, fixed, fixed_vae)
+
+    def data_state(self) -> dict:
+        return {"speech": self.it.get_state(), "bad_records": self.bad_records,
+                **({"edit": self.edit_it.get_state()} if self.edit_it is not None else {})}
+
+    def set_data_state(self, saved: dict) -> None:
+        self.it.set_state(saved.get("speech", saved))
+        self.bad_records = int(saved.get("bad_records", 0))
+        if self.edit_it is not None and "edit" in saved:
+            self.edit_it.set_state(saved["edit"])
+
+    def local_vae(self, state):
+        """The (frozen) VAE's params of ``state``, whole on a local device."""
+        if self.nproc > 1:
             from jax.experimental import multihost_utils
 
-            host_audio = multihost_utils.process_allgather(state["params"]["audio"], tiled=True)
+            host = multihost_utils.process_allgather(state["params"]["audio"], tiled=True)
         else:
-            host_audio = jax.device_get(state["params"]["audio"])
-        audio_params = jax.device_put(host_audio, jax.local_devices()[0])
-        del host_audio
-    encode = jax.jit(lambda prm, w, n: vae_lib.encode(prm, cfg.vae, w, n, sample=False))
-    local_rows = config.data.batch_size // nproc
+            host = jax.device_get(state["params"]["audio"])
+        return jax.device_put(host, jax.local_devices()[0])
 
-    def encode_rows(wave, lengths, ok):
-        enc = encode(audio_params, jnp.asarray(wave), jnp.asarray(lengths))
+    def begin(self, state) -> None:
+        """With ``data.source=audio`` the frozen encoder runs per process on its own rows, with its own copy of the
+        VAE params (the state's buffers are donated to the train step)."""
+        if self.config.data.source == "audio":
+            self._audio_params = self.local_vae(state)
+
+    def encode_rows(self, wave, lengths, ok, params=None):
+        """(posterior mean, std, frames) of rows of audio (``ok`` False: 0 frames) by the frozen encoder."""
+        params = self._audio_params if params is None else params
+        enc = self._encode(params, jnp.asarray(wave), jnp.asarray(lengths))
         return np.asarray(enc.mean), np.asarray(enc.std), np.where(ok, np.asarray(enc.frame_num), 0)
 
-    step_fn = sharded.jit_step(step_function(config, cfg, opt), state_sh, mesh, rules)
-    flops_by_shape: dict = {}
-    peak = peak_flops_per_device(jax.devices()[0], config.model.dtype)
+    def next_step(self, step: int) -> Step:
+        from unitok_jax.training import sharded
 
-    def run_step(state, batch):
-        """One step; also the global matmul FLOPs of the step for this batch shape (traced once per shape)."""
-        sig = tuple((k, v.shape) for k, v in sorted(batch.items()))
-        if sig not in flops_by_shape:
-            with shd.use_sharding(mesh, rules):
-                flops_by_shape[sig] = float(matmul_flops(step_fn.raw, state, batch))
-        return step_fn(state, batch), flops_by_shape[sig]
+        config, cfg, tok = self.config, self.cfg, self.tok
+        p, c = cfg.patch_size, cfg.vae.latent_dim
+        # a whole step of edit pairs with probability data.edit_fraction (the same choice on every process)
+        use_edit = (self.edit_it is not None
+                    and np.random.default_rng([config.seed, step, 7]).random() < config.data.edit_fraction)
+        rows = next(self.edit_it if use_edit else self.it)
+        if config.data.source == "latents":
+            mean, std, frames = rows["mean"], rows["std"], rows["lengths"]
+        else:
+            mean, std, frames = self.encode_rows(rows["wave"], rows["lengths"], rows["ok"])
+        if use_edit:
+            tgt = ((rows["target_mean"], rows["target_std"], rows["target_lengths"])
+                   if config.data.source == "latents"
+                   else self.encode_rows(rows["target_wave"], rows["target_lengths"], rows["ok"]))
+            examples, where, skipped = edit_examples_from_rows(rows, (mean, std, frames), tgt, tok, p,
+                                                               seed=config.seed, step=step)
+        else:
+            examples, where, skipped = examples_from_rows(rows, mean, std, frames, tok, p, seed=config.seed,
+                                                          step=step, tts_fraction=self.tts_fraction)
+        examples, where, unfit = fit_examples(config, examples, where)
+        self.bad_records += skipped + unfit
+        # shapes from the plan (the bucket's patches, the global batch's longest text): no agreement needed
+        patches = mean.shape[1] // p + (tgt[0].shape[1] // p if use_edit else 0)
+        max_len, max_patches = planned_sizes(rows["plan_size"], patches, config.data.seq_len,
+                                             config.data.max_patches)
+        local = place(examples, where, self.local_rows, max_len, max_patches, tok.id("eos"), c, p)
+        local.pop("is_tts")
+        if self.s2:  # the waveform each row's latents came from, for the full-path mel loss
+            local.update(row_waves(rows, where, local["latent_valid"], max_patches * p * cfg.vae.hop, cfg.vae.hop))
+        units = float(local["valid"].sum()) * self.nproc
+        return Step(self.step_fn, sharded.global_batch(local, self.mesh), units, {"edit_step": int(use_edit)})
 
-    preempt = Preemption()
-    writer = MetricWriter(workdir, tensorboard=config.tensorboard)
-    start = step = int(state["step"])
-    total = config.train.steps
-    bar = tqdm(total=total, initial=start, desc="train lm", unit="step", disable=pid != 0)
-    thr = Throughput(skip=1)  # the first logged interval includes compilation
-    interval: list = []
-    guard = BadSteps(config.train.max_bad_steps, report=lambda msg: pid == 0 and print(msg, file=sys.stderr))
-    try:
-        while step < total:
-            # a whole step of edit pairs with probability data.edit_fraction (the same choice on every process)
-            use_edit = (edit_it is not None
-                        and np.random.default_rng([config.seed, step, 7]).random() < config.data.edit_fraction)
-            rows = next(edit_it if use_edit else it)
-            if config.data.source == "latents":
-                mean, std, frames = rows["mean"], rows["std"], rows["lengths"]
-            else:
-                mean, std, frames = encode_rows(rows["wave"], rows["lengths"], rows["ok"])
-            if use_edit:
-                tgt = ((rows["target_mean"], rows["target_std"], rows["target_lengths"])
-                       if config.data.source == "latents"
-                       else encode_rows(rows["target_wave"], rows["target_lengths"], rows["ok"]))
-                examples, where, skipped = edit_examples_from_rows(rows, (mean, std, frames), tgt, tok, p,
-                                                                   seed=config.seed, step=step)
-            else:
-                examples, where, skipped = examples_from_rows(rows, mean, std, frames, tok, p, seed=config.seed,
-                                                              step=step, tts_fraction=tts_fraction)
-            text_cap = config.train.get("text_positions", 0)
-            if config.data.seq_len or config.data.max_patches or text_cap:
-                # fixed shapes, and text logits at text_positions labels a row: rows that do not fit are skipped
-                fits = [j for j, e in enumerate(examples)
-                        if (not config.data.seq_len or len(e["input_ids"]) <= config.data.seq_len)
-                        and (not config.data.max_patches or e["num_patches"] <= config.data.max_patches)
-                        and (not text_cap or int(np.sum(e["text_labels"] != lm_data.IGNORE)) <= text_cap)]
-                skipped += len(examples) - len(fits)
-                examples, where = [examples[j] for j in fits], [where[j] for j in fits]
-            bad += skipped
-            # shapes from the plan (the bucket's patches, the global batch's longest text): no agreement needed
-            patches = mean.shape[1] // p + (tgt[0].shape[1] // p if use_edit else 0)
-            max_len, max_patches = planned_sizes(rows["plan_size"], patches, config.data.seq_len,
-                                                 config.data.max_patches)
-            local = place(examples, where, local_rows, max_len, max_patches, tok.id("eos"), c, p)
-            local.pop("is_tts")
-            if s2:  # the waveform each row's latents came from, for the full-path mel loss
-                local.update(row_waves(rows, where, local["latent_valid"], max_patches * p * cfg.vae.hop,
-                                       cfg.vae.hop))
-            batch = sharded.global_batch(local, mesh)
-            (state, metrics), flops = run_step(state, batch)
-            step += 1
-            guard.add(step, metrics["skipped_step"])
-            interval.append(float(local["valid"].sum()) * nproc)
-            if step % config.log_every == 0 or step == total:
-                m = {k: float(v) for k, v in jax.device_get(metrics).items()}  # waits for the step
-                guard.check()
-                t = thr.update(units=sum(interval), steps=len(interval))
-                interval.clear()
-                m.update(step=step, bad_records=bad, edit_step=int(use_edit))
-                if t is not None:
-                    m.update(step_s=t["step_s"], tokens_per_s=t["units_per_s"])
-                    if flops and peak:
-                        m["mfu"] = mfu(flops, t["step_s"], jax.device_count(), peak)
-                writer.scalars(step, m)
-                extra = {"mel": f"{m['mel']:.3f}"} if "mel" in m else {"flow": f"{m['flow']:.3f}"}
-                bar.set_postfix(loss=f"{m['loss']:.3f}", text=f"{m['text_ce']:.3f}", **extra,
-                                tok_s=f"{m.get('tokens_per_s') or 0:.0f}")
-            bar.update(1)
-            if ckpt.after_step(step, state, data_state(), preempt=preempt, stop_after=stop_after, start=start,
-                               total=total, say=print if pid == 0 else (lambda *a, **k: None)):
-                return 0
-        ckpt.save(step, state, data_state(), force=True)
-        ckpt.wait()
-    finally:
-        bar.close()
-        preempt.restore()
-        ckpt.close()
-        writer.close()
+    def evaluate(self, step: int, state, writer) -> dict:
+        from unitok_jax.training import lm_eval
 
-    # ---- export for sample.py (process 0 writes)
-    host = sharded.to_host(state["params"])
-    export = os.path.join(workdir, "export")
-    tok_dir = os.path.join(workdir, "tokenizer")
-    if pid == 0:
-        if config.tokenizer.path or config.init.checkpoint:
-            tok.save(tok_dir)
-        save(Checkpoint({"uniaudio": with_training_options(config, cfg, export=True)}, {"uniaudio": host}, source="train.py lm", path=tok_dir), export,
-             overwrite=True)
-        print(f"done: {step} steps ({bad} rows skipped); checkpoints in {ckpt.directory}; model in {export} "
-              f"(python sample.py tts --checkpoint {export} ...)")
-    return 0
+        if self._heldout is None:
+            self._heldout = lm_eval.HeldOut(self, state)
+        return self._heldout(step, state, writer)
+
+    def postfix(self, m: dict) -> dict:
+        extra = {"mel": f"{m['mel']:.3f}"} if "mel" in m else {"flow": f"{m['flow']:.3f}"}
+        return {"loss": f"{m['loss']:.3f}", "text": f"{m['text_ce']:.3f}", **extra,
+                "tok_s": f"{m.get('tokens_per_s') or 0:.0f}"}
+
+    def export(self, state, out: str, step: int) -> str:
+        from unitok_jax.convert import Checkpoint, save
+        from unitok_jax.training import sharded
+
+        config = self.config
+        host = sharded.to_host(state["params"])
+        tok_dir = os.path.join(self.workdir, "tokenizer")
+        if jax.process_index() == 0:
+            if config.tokenizer.path or config.init.checkpoint:
+                self.tok.save(tok_dir)
+            save(Checkpoint({"uniaudio": with_training_options(config, self.cfg, export=True)}, {"uniaudio": host},
+                            source=f"train.py lm, step {step}", path=tok_dir), out, overwrite=True)
+        return f"model of step {step} in {out} (python sample.py tts --checkpoint {out} ...)"
+
+
+def fit_examples(config, examples: list, where: list[int]) -> tuple[list, list[int], int]:
+    """With fixed shapes (``data.seq_len`` / ``data.max_patches``) or text logits at ``train.text_positions`` labels
+    a row, the examples that fit (and their rows), and how many did not (skipped and counted)."""
+    seq_len, max_patches = config.data.seq_len, config.data.max_patches
+    text_cap = config.train.get("text_positions", 0)
+    if not (seq_len or max_patches or text_cap):
+        return examples, where, 0
+    fits = [j for j, e in enumerate(examples)
+            if (not seq_len or len(e["input_ids"]) <= seq_len)
+            and (not max_patches or e["num_patches"] <= max_patches)
+            and (not text_cap or int(np.sum(e["text_labels"] != lm_data.IGNORE)) <= text_cap)]
+    return [examples[j] for j in fits], [where[j] for j in fits], len(examples) - len(fits)
+

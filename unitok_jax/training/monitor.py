@@ -104,6 +104,12 @@ class MetricWriter:
             raise ValueError(f"image must be uint8 [H, W, 1|3|4], got {img.dtype} {img.shape}")
         self._tb.add_image(tag, img, int(step), dataformats="HWC")
 
+    def text(self, step: int, tag: str, text: str) -> None:
+        """A text (markdown) in TensorBoard's text tab."""
+        if not self.active or self._tb is None:
+            return
+        self._tb.add_text(tag, str(text), int(step))
+
     def flush(self) -> None:
         if self._tb is not None:
             self._tb.flush()

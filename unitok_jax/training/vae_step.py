@@ -154,7 +154,7 @@ def vae_train_step(state: dict, batch: dict, cfg: VAETrainConfig, disc_cfg: Disc
     ``gan`` (static) False: the mel + KL step of the steps before ``cfg.adv_start_step`` without the discriminators
     at all (their params and optimizer state pass through; their metrics are 0). With ``gan`` True the GAN terms
     are still masked before ``adv_start_step``, so either program gives the same generator update there; the
-    training loop runs the lean one while the GAN is off (``vae_train.run``)."""
+    training loop runs the lean one while the GAN is off (``vae_train.VAEStage``)."""
     wave = batch["wave"].astype(jnp.float32)
     b, n = wave.shape
     lengths = batch.get("lengths")

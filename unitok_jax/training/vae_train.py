@@ -1,4 +1,5 @@
-"""The VAE (tokenizer) stage driver behind ``train.py --config configs/vae.py:...`` (:mod:`unitok_jax.cli.train`;
+"""The VAE (tokenizer) stage (:class:`VAEStage`, run by the loop every stage shares:
+:mod:`unitok_jax.training.loop`) behind ``train.py --config configs/vae.py:...`` (:mod:`unitok_jax.cli.train`;
 stages S0 and S1).
 
 ``train.objective`` s0: mel + adversarial + feature matching + KL, alternating generator / discriminator updates
@@ -22,11 +23,10 @@ the first ``sample_audio`` clips in TensorBoard.
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
-import time
 
 from unitok_jax.training.guard import NonFiniteError, SetupError  # noqa: F401  (raised by run)
+from unitok_jax.training.loop import Stage, Step
 
 OBJECTIVES = ("s0", "s1")
 
@@ -164,7 +164,7 @@ def heldout_batch(config, train_records, sample_rate: int = 16000, hop: int = 32
     import numpy as np
 
     from unitok_jax.audio import AudioError, load_audio
-    from unitok_jax.data.manifest import read_manifest
+    from unitok_jax.data.manifest import read_manifest, spread_order
     from unitok_jax.data.pipeline import TeacherError, load_teacher, teacher_rows
 
     if config.data.heldout_manifest:
@@ -177,8 +177,7 @@ def heldout_batch(config, train_records, sample_rate: int = 16000, hop: int = 32
     length = max(hop, int(round(config.data.heldout_seconds * sample_rate / hop)) * hop)
     if n < 1 or not records:
         return None, f"no held-out clips ({source}: {len(records)} records, heldout_size={n})"
-    order = list(dict.fromkeys(int(i * len(records) / n) for i in range(n)))  # spread evenly, then the rest
-    order += [i for i in range(len(records)) if i not in set(order)]
+    order = spread_order(len(records), n)
     waves, lengths, ids, teachers = [], [], [], []
     frames = length // hop
     for i in order:
@@ -226,124 +225,129 @@ def heldout_metrics(ref, rec, lengths, sample_rate: int = 16000) -> dict:
     return {"heldout/si_sdr": float(np.mean(sdr)), "heldout/log_mel_dist": float(np.mean(lmd))}
 
 
-def run(config, workdir: str, stop_after=None) -> int:
-    """Train (or resume) the VAE stage in ``workdir``; returns 0. Raises :class:`SetupError` for a configuration
-    or input problem found before training starts, :class:`NonFiniteError` after ``train.max_bad_steps``
-    consecutive non-finite steps (:func:`unitok_jax.cli.train.main` prints either without a traceback)."""
-    import jax
-    import numpy as np
-    from jax.sharding import NamedSharding, PartitionSpec as P
-    from tqdm import tqdm
+class VAEStage(Stage):
+    """The VAE stage for :func:`unitok_jax.training.loop.run` (``data=False``: model, mesh and abstract state only,
+    for an export)."""
 
-    from unitok_jax import sharding as shd
-    from unitok_jax import vae
-    from unitok_jax.convert import Checkpoint, ConversionError, load, save
-    from unitok_jax.data.manifest import read_manifest
-    from unitok_jax.data.pipeline import vae_batches
-    from unitok_jax.training import sharded
-    from unitok_jax.training import vae_losses as L
-    from unitok_jax.training.checkpoint import Preemption, TrainCheckpointer
-    from unitok_jax.training.distill_step import DistillConfig, distill_loss
-    from unitok_jax.training.guard import BadSteps
-    from unitok_jax.training.monitor import (MetricWriter, Throughput, matmul_flops, mel_comparison, mfu,
-                                             peak_flops_per_device)
+    name = "vae"
+    units = "audio_s_per_s"
+    skipped_metric = "skipped"
 
-    sharded.maybe_initialize_distributed(config.distributed)
-    pid, nproc = jax.process_index(), jax.process_count()
-    say = print if pid == 0 else (lambda *a, **k: None)
+    def __init__(self, config, workdir: str, *, data: bool = True):
+        import jax
 
-    # ---- data + model config
-    if not config.data.manifest:
-        raise SetupError("set --config.data.manifest=PATH (a JSONL of {id, audio, speaker})")
-    if not os.path.isfile(config.data.manifest):
-        raise SetupError(f"manifest {config.data.manifest} does not exist")
-    manifest = read_manifest(config.data.manifest, require_text=False)
-    for e in manifest.errors:
-        say(f"skipped {e}", file=sys.stderr)
-    if not manifest.records:
-        raise SetupError(f"{config.data.manifest} has no usable records")
-    init_params, init_vcfg = None, None
-    if config.get("init") and config.init.get("vae"):
-        try:
-            init_vcfg, init_params = load(config.init.vae).vae()
-        except (ConversionError, KeyError, ValueError) as e:
-            raise SetupError(f"init.vae={config.init.vae}: {e}") from None
-        say(f"starting from the VAE in {config.init.vae} (its config replaces `vae`)")
-    objects = vae_objects(config, init_vcfg)
-    vcfg, tcfg, dcfg, ocfg = objects
-    distill = isinstance(tcfg, DistillConfig)  # objective s1
-    teacher_dim = vcfg.unified_dim if distill else 0
-    if distill:  # the teacher features must exist and have the semantic module's width (checked on one record)
+        from unitok_jax import sharding as shd
+        from unitok_jax.convert import ConversionError, load, read_configs
+        from unitok_jax.training import sharded
+        from unitok_jax.training.distill_step import DistillConfig
+        from unitok_jax.training.loop import stage_mesh
+
+        super().__init__(config, workdir, data=data)
+        dev = jax.devices()[0]  # float32 matmuls run as TF32 on NVIDIA tensor cores, as bf16 passes on TPU
+        self.compute_dtype = "bfloat16" if dev.platform == "tpu" else "tfloat32"
+        self.records = self.read_manifest("manifest", "{id, audio, speaker}", require_text=False) if data else []
+        init_params, init_vcfg = None, None
+        if config.get("init") and config.init.get("vae"):
+            try:
+                if data:
+                    init_vcfg, init_params = load(config.init.vae).vae()
+                else:  # an export needs the config only
+                    init_vcfg = read_configs(config.init.vae)["vae"]
+            except (ConversionError, KeyError, ValueError) as e:
+                raise SetupError(f"init.vae={config.init.vae}: {e}") from None
+            if data:
+                self.say(f"starting from the VAE in {config.init.vae} (its config replaces `vae`)")
+        self.objects = vae_objects(config, init_vcfg)
+        self.vcfg, self.tcfg, self.dcfg, self.ocfg = self.objects
+        self.distill = isinstance(self.tcfg, DistillConfig)  # objective s1
+        self.teacher_dim = self.vcfg.unified_dim if self.distill else 0
+        if data and self.distill:
+            self._check_teacher(init_params is None)
+
+        # ---- mesh + sharded state (born sharded, or restored into its shardings)
+        self.mesh = stage_mesh(vae_mesh_sizes(config), data=data)
+        self.rules = shd.DEFAULT_RULES
+        gb = config.data.batch_size
+        if data and (gb % sharded.batch_shards(self.mesh) or gb % self.nproc):
+            raise SetupError(f"global batch {gb} is not divisible by the mesh's data x fsdp = "
+                             f"{sharded.batch_shards(self.mesh)} and the {self.nproc} processes")
+        self._init = vae_init_fn(config, self.objects)
+        self._key = jax.random.key(config.seed)
+        self.state_abs = jax.eval_shape(self._init, self._key)
+        self.state_sh = vae_state_shardings(self.state_abs, self.tcfg, self.ocfg, self.mesh)
+        self._init_params = init_params
+        if data:
+            self._setup_data()
+
+    def _check_teacher(self, random_init: bool) -> None:
+        """Objective s1: the teacher features must exist and have the semantic module's width (checked on one
+        record)."""
         from unitok_jax.data.pipeline import TeacherError, load_teacher
 
+        config, records = self.config, self.records
         key_name = config.data.teacher_key
-        missing = [r.get("id", "?") for r in manifest.records if not isinstance(r.get(key_name), str)]
-        if len(missing) == len(manifest.records):
+        missing = [r.get("id", "?") for r in records if not isinstance(r.get(key_name), str)]
+        if len(missing) == len(records):
             raise SetupError(f"objective s1 needs teacher features: no record of {config.data.manifest} has a "
-                                f"{key_name!r} field (a .npy path; see data.teacher_key)")
+                             f"{key_name!r} field (a .npy path; see data.teacher_key)")
         if missing:
-            say(f"{len(missing)} records have no {key_name!r} field and are skipped (first: {missing[0]})",
-                file=sys.stderr)
-        first = next(r for r in manifest.records if isinstance(r.get(key_name), str))
+            self.say(f"{len(missing)} records have no {key_name!r} field and are skipped (first: {missing[0]})",
+                     file=sys.stderr)
+        first = next(r for r in records if isinstance(r.get(key_name), str))
         try:
-            load_teacher(first[key_name], teacher_dim)
+            load_teacher(first[key_name], self.teacher_dim)
         except TeacherError as e:
-            raise SetupError(f"{e} (record {first.get('id', '?')}; the semantic module emits {teacher_dim} "
-                                f"channels)") from None
-    if distill and init_params is None:
-        say("warning: objective s1 without init.vae distils into a randomly initialised (untrained) encoder",
-            file=sys.stderr)
+            raise SetupError(f"{e} (record {first.get('id', '?')}; the semantic module emits {self.teacher_dim} "
+                             f"channels)") from None
+        if random_init:
+            self.say("warning: objective s1 without init.vae distils into a randomly initialised (untrained) "
+                     "encoder", file=sys.stderr)
 
-    # ---- mesh + sharded state (born sharded, or restored into its shardings)
-    mesh = shd.make_mesh({"mesh": vae_mesh_sizes(config)})
-    gb = config.data.batch_size
-    if gb % sharded.batch_shards(mesh) or gb % nproc:
-        raise SetupError(f"global batch {gb} is not divisible by the mesh's data x fsdp = "
-                            f"{sharded.batch_shards(mesh)} and the {nproc} processes")
-    init = vae_init_fn(config, objects)
-    key = jax.random.key(config.seed)
-    state_abs = jax.eval_shape(init, key)
-    state_sh = vae_state_shardings(state_abs, tcfg, ocfg, mesh)
-    ckpt = TrainCheckpointer(workdir, every_steps=config.checkpoint.every_steps, keep=config.checkpoint.keep,
-                             preemption_check_every=config.checkpoint.get("preemption_check_every", 10))
-    state = None
-    if ckpt.latest_step() is None:
-        fixed = None if init_params is None else jax.device_put(init_params, state_sh["gen_params"])
-        state = jax.jit(init, out_shardings=state_sh)(key, fixed)
-        del fixed
-    data = vae_batches(manifest.records, batch_size=gb // nproc, crop_seconds=config.data.crop_seconds,
-                       seed=config.seed, teacher_key=config.data.teacher_key if distill else None,
-                       teacher_dim=teacher_dim, hop=vcfg.hop)  # this process's rows of every global batch
-    batch_keys = ("wave", "lengths") + (("teacher", "teacher_frames") if distill else ())
-    it = iter(data)
-    bad_records = 0  # records skipped so far (kept in the checkpoint, so a resumed run goes on counting)
+    def _setup_data(self) -> None:
+        import jax
 
-    def data_state() -> dict:
-        return {"speech": it.get_state(), "bad_records": bad_records}
+        from unitok_jax.data.pipeline import vae_batches
 
-    restored = ckpt.restore(sharded.abstract_state(state_abs, state_sh))
-    if restored is not None:
-        step0, state, saved = restored
-        it.set_state(saved.get("speech", saved))
-        bad_records = int(saved.get("bad_records", 0))
-        say(f"resumed {workdir} at step {step0}")
-    step_fn = vae_step_fn(tcfg, dcfg, ocfg, state_sh, mesh)
-    # the steps before adv_start_step run without the discriminators (a second program, compiled only when used)
-    gan_from = getattr(tcfg, "adv_start_step", 0)
-    warm_fn = vae_step_fn(tcfg, dcfg, ocfg, state_sh, mesh, gan=False) if gan_from > 0 else step_fn
-    say(f"mesh {dict(mesh.shape)} over {jax.device_count()} devices ({nproc} processes); global batch {gb}")
+        config = self.config
+        self.data = vae_batches(self.records, batch_size=config.data.batch_size // self.nproc,
+                                crop_seconds=config.data.crop_seconds, seed=config.seed,
+                                teacher_key=config.data.teacher_key if self.distill else None,
+                                teacher_dim=self.teacher_dim, hop=self.vcfg.hop)  # this process's rows
+        self.batch_keys = ("wave", "lengths") + (("teacher", "teacher_frames") if self.distill else ())
+        self.it = iter(self.data)
+        self.step_fn = vae_step_fn(self.tcfg, self.dcfg, self.ocfg, self.state_sh, self.mesh)
+        # the steps before adv_start_step run without the discriminators (a second program, compiled when used)
+        self.gan_from = getattr(self.tcfg, "adv_start_step", 0)
+        self.warm_fn = (vae_step_fn(self.tcfg, self.dcfg, self.ocfg, self.state_sh, self.mesh, gan=False)
+                        if self.gan_from > 0 else self.step_fn)
+        self.say(f"mesh {dict(self.mesh.shape)} over {jax.device_count()} devices ({self.nproc} processes); "
+                 f"global batch {config.data.batch_size}")
+        self.held, self.reconstruct = None, None
+        if config.sample_every:
+            self.held, why = heldout_batch(config, self.records, self.vcfg.sample_rate, self.vcfg.hop,
+                                           self.teacher_dim)
+            self.say(f"held-out samples: {why}")
+        if self.held is not None:
+            self._setup_heldout()
+        self.sample_every = config.sample_every if self.held is not None else 0
+        self._logged_refs: set = set()
 
-    # ---- held-out reconstruction (every sample_every steps): replicated batch, params as they are sharded
-    rep = NamedSharding(mesh, P())
-    held, held_dev, reconstruct = None, None, None
-    if config.sample_every:
-        held, why = heldout_batch(config, manifest.records, vcfg.sample_rate, vcfg.hop, teacher_dim)
-        say(f"held-out samples: {why}")
-    if held is not None:
+    def _setup_heldout(self) -> None:
+        """The held-out batch, replicated, and its jitted reconstruction (objective s1: the distillation loss)."""
+        import jax
+        from jax.sharding import NamedSharding, PartitionSpec as P
+
+        from unitok_jax import vae
+        from unitok_jax.training import vae_losses as L
+        from unitok_jax.training.distill_step import distill_loss
+
+        rep = NamedSharding(self.mesh, P())
+        vcfg, tcfg = self.vcfg, self.tcfg
+
         def replicated(x):  # every process holds the whole held-out batch
-            return jax.device_put(x, rep) if nproc == 1 else jax.make_array_from_process_local_data(rep, x)
+            return jax.device_put(x, rep) if self.nproc == 1 else jax.make_array_from_process_local_data(rep, x)
 
-        held_dev = tuple(replicated(held[k]) for k in batch_keys)
+        self.held_dev = tuple(replicated(self.held[k]) for k in self.batch_keys)
 
         def _reconstruct(gen_params, wave, lengths):
             enc = vae.encode(gen_params, vcfg, wave, lengths, sample=False)
@@ -356,108 +360,76 @@ def run(config, workdir: str, stop_after=None) -> int:
                                 teacher, teacher_frames, None)
             return m["distill_mse"], m["distill_cos"]
 
-        if distill:
-            reconstruct = jax.jit(_distill, in_shardings=(state_sh["gen_params"],) + (rep,) * 4,
-                                  out_shardings=(rep, rep))
+        params_sh = self.state_sh["gen_params"]
+        if self.distill:
+            self.reconstruct = jax.jit(_distill, in_shardings=(params_sh,) + (rep,) * 4, out_shardings=(rep, rep))
         else:
-            reconstruct = jax.jit(_reconstruct, in_shardings=(state_sh["gen_params"], rep, rep),
-                                  out_shardings=(rep, rep))
+            self.reconstruct = jax.jit(_reconstruct, in_shardings=(params_sh, rep, rep), out_shardings=(rep, rep))
 
-    writer = MetricWriter(workdir, tensorboard=config.tensorboard)
-    logged_refs: set = set()
+    # ---- what the loop calls
 
-    def sample(step: int, state) -> dict:
-        if distill:
-            mse, cos = reconstruct(state["gen_params"], *held_dev)
+    def init_state(self):
+        import jax
+
+        fixed = None if self._init_params is None else jax.device_put(self._init_params, self.state_sh["gen_params"])
+        self._init_params = None
+        return jax.jit(self._init, out_shardings=self.state_sh)(self._key, fixed)
+
+    def data_state(self) -> dict:
+        return {"speech": self.it.get_state(), "bad_records": self.bad_records}
+
+    def set_data_state(self, saved: dict) -> None:
+        self.it.set_state(saved.get("speech", saved))
+        self.bad_records = int(saved.get("bad_records", 0))
+
+    def next_step(self, step: int) -> Step:
+        from unitok_jax.training import sharded
+
+        local = next(self.it)
+        self.bad_records += int((~local["ok"]).sum())
+        batch = sharded.global_batch({k: local[k] for k in self.batch_keys}, self.mesh)
+        units = float(local["lengths"].sum()) * self.nproc / self.vcfg.sample_rate
+        return Step(self.warm_fn if step < self.gan_from else self.step_fn, batch, units, {})
+
+    def evaluate(self, step: int, state, writer) -> dict:
+        import jax
+        import numpy as np
+
+        from unitok_jax.training.monitor import mel_comparison
+
+        if self.distill:
+            mse, cos = self.reconstruct(state["gen_params"], *self.held_dev)
             return {"heldout/distill_mse": float(mse), "heldout/distill_cos": float(cos)}
-        rec, mel = reconstruct(state["gen_params"], *held_dev)
+        rec, mel = self.reconstruct(state["gen_params"], *self.held_dev)
         out = {"heldout/mel_l1": float(mel)}
-        if pid != 0:
+        if jax.process_index() != 0:
             return out
+        held, sr = self.held, self.vcfg.sample_rate
         rec = np.asarray(rec)
-        out.update(heldout_metrics(held["wave"], rec, held["lengths"], vcfg.sample_rate))
-        for i in range(min(int(config.sample_audio), len(rec))):
+        out.update(heldout_metrics(held["wave"], rec, held["lengths"], sr))
+        for i in range(min(int(self.config.sample_audio), len(rec))):
             n = int(held["lengths"][i])
-            if i not in logged_refs:
-                writer.audio(step, f"heldout/{i}/reference", held["wave"][i, :n], vcfg.sample_rate)
-                logged_refs.add(i)
-            writer.audio(step, f"heldout/{i}/reconstruction", rec[i, :n], vcfg.sample_rate)
-            writer.image(step, f"heldout/{i}/mel", mel_comparison(held["wave"][i, :n], rec[i, :n],
-                                                                  vcfg.sample_rate))
+            if i not in self._logged_refs:
+                writer.audio(step, f"heldout/{i}/reference", held["wave"][i, :n], sr)
+                self._logged_refs.add(i)
+            writer.audio(step, f"heldout/{i}/reconstruction", rec[i, :n], sr)
+            writer.image(step, f"heldout/{i}/mel", mel_comparison(held["wave"][i, :n], rec[i, :n], sr))
         return out
 
-    # ---- throughput / MFU: the clock skips the held-out evaluations
-    paused = [0.0]
-    thr = Throughput(skip=1, clock=lambda: time.perf_counter() - paused[0])  # first interval compiles
-    # float32 matmuls run as TF32 on NVIDIA tensor cores and as bf16 passes on TPU (default precision)
-    dev = jax.devices()[0]
-    peak = peak_flops_per_device(dev, "bfloat16" if dev.platform == "tpu" else "tfloat32")
-    flops = {}  # per step program
-    preempt = Preemption()
-    start = step = int(state["step"])
-    total = config.train.steps
-    bar = tqdm(total=total, initial=start, desc="train vae", unit="step", disable=pid != 0)
-    interval_audio, interval_steps = 0.0, 0
-    guard = BadSteps(config.train.max_bad_steps, report=lambda msg: pid == 0 and print(msg, file=sys.stderr))
-    try:
-        while step < total:
-            local = next(it)
-            bad_records += int((~local["ok"]).sum())
-            batch = sharded.global_batch({k: local[k] for k in batch_keys}, mesh)
-            fn = warm_fn if step < gan_from else step_fn
-            if fn not in flops and peak is not None:  # global matmul FLOPs of one step (traced once)
-                with shd.use_sharding(mesh, shd.DEFAULT_RULES):
-                    flops[fn] = float(matmul_flops(fn.raw, state, batch))
-            state, metrics = fn(state, batch)
-            step += 1
-            guard.add(step, metrics["skipped"])
-            interval_audio += float(local["lengths"].sum()) * nproc / vcfg.sample_rate
-            interval_steps += 1
-            held_m = {}
-            if reconstruct is not None and (step % config.sample_every == 0 or step == total):
-                jax.block_until_ready(state)
-                t0 = time.perf_counter()
-                held_m = sample(step, state)
-                paused[0] += time.perf_counter() - t0
-            if step % config.log_every == 0 or step == total:
-                m = {k: float(v) for k, v in jax.device_get(metrics).items()}  # waits for the step
-                guard.check()
-                t = thr.update(units=interval_audio, steps=interval_steps)
-                interval_audio, interval_steps = 0.0, 0
-                m.update(step=step, bad_records=bad_records)
-                if t is not None:
-                    m.update(step_s=t["step_s"], audio_s_per_s=t["units_per_s"])
-                    u = mfu(flops.get(fn), t["step_s"], jax.device_count(), peak)
-                    if u is not None:
-                        m["mfu"] = u
-                m.update(held_m)
-                writer.scalars(step, m)
-                extra = {"mel": f"{m['mel']:.3f}"} if "mel" in m else {"cos": f"{m['distill_cos']:.3f}"}
-                bar.set_postfix(loss=f"{m.get('loss_g', m.get('loss')):.3f}", **extra,
-                                step_s=f"{m['step_s']:.3f}" if "step_s" in m else "n/a",
-                                audio_s=f"{m['audio_s_per_s']:.1f}" if "audio_s_per_s" in m else "n/a",
-                                mfu=f"{m['mfu']:.1%}" if "mfu" in m else "n/a")
-            elif held_m:
-                writer.scalars(step, held_m)
-            if held_m:
-                writer.flush()
-            bar.update(1)
-            if ckpt.after_step(step, state, data_state(), preempt=preempt, stop_after=stop_after, start=start,
-                               total=total, say=say):
-                return 0
-        ckpt.save(step, state, data_state(), force=True)
-        ckpt.wait()
-    finally:
-        bar.close()
-        preempt.restore()
-        ckpt.close()
-        writer.close()
+    def postfix(self, m: dict) -> dict:
+        extra = {"mel": f"{m['mel']:.3f}"} if "mel" in m else {"cos": f"{m['distill_cos']:.3f}"}
+        return {"loss": f"{m.get('loss_g', m.get('loss')):.3f}", **extra,
+                "audio_s": f"{m['audio_s_per_s']:.1f}" if "audio_s_per_s" in m else "n/a"}
 
-    # ---- export for sample.py (process 0 writes)
-    host = sharded.to_host(state["gen_params"])
-    export = os.path.join(workdir, "export")
-    if pid == 0:
-        save(Checkpoint({"vae": vcfg}, {"vae": host}), export, overwrite=True)
-        print(f"done: {step} steps; checkpoints in {ckpt.directory}; inference params in {export} "
-              f"(python sample.py reconstruct --checkpoint {export} ...)")
-    return 0
+    def export(self, state, out: str, step: int) -> str:
+        import jax
+
+        from unitok_jax.convert import Checkpoint, save
+        from unitok_jax.training import sharded
+
+        host = sharded.to_host(state["gen_params"])
+        if jax.process_index() == 0:
+            save(Checkpoint({"vae": self.vcfg}, {"vae": host}, source=f"train.py vae, step {step}"), out,
+                 overwrite=True)
+        return f"inference params of step {step} in {out} (python sample.py reconstruct --checkpoint {out} ...)"
+
