@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml | $(PY)
 venv: $(STAMP)
 
 # The suite in TEST_WORKERS processes (pytest-xdist; a test module stays in one process, so its fixtures are built
-# once; the heaviest modules first: tests/conftest.py HEAVY_FIRST). TEST_WORKERS=0 runs it in this process.
+# once; the slowest modules first: tests/conftest.py SLOW_FIRST). TEST_WORKERS=0 runs it in this process.
 TEST_WORKERS ?= 2
 test: $(STAMP)
 	$(PY) -m pytest -q -rs -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder tests

@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import pathlib
-import platform
 import statistics
 import sys
 import time
@@ -35,6 +34,7 @@ import peak  # noqa: E402
 import reference  # noqa: E402
 from unitok_jax import flow  # noqa: E402
 from unitok_jax.flow import FlowConfig  # noqa: E402
+from unitok_jax.io import write_json  # noqa: E402
 
 PERF = REPO.parent / "shared" / "perf" / "small"
 STEPS = 10
@@ -221,22 +221,13 @@ def main(argv=None) -> int:
             "quick": args.quick,
             "steps": STEPS,
             "cfg": CFG_SCALE,
-            "cpu": reference.cpu_model(),
-            "same_cpu_as_reference": reference.same_cpu(),
-            "reference": reference.describe(),
-            "matmul_peak_gflop_s": peak_gflops,
-            "matmul_peak_n": peak.peak_size(args.quick),
-            "environment": {"jax": jax.__version__, "platform": jax.devices()[0].platform,
-                            "device_count": jax.device_count(), "cpu_count": os.cpu_count(),
-                            "python": platform.python_version(), "machine": platform.machine()},
+            **peak.run_info(args.quick, peak_gflops),
             "configs": {k: {"hidden_size": v.hidden_size, "depth": v.depth, "num_heads": v.num_heads,
                             "mlp_ratio": v.mlp_ratio, "llm_cond_dim": v.llm_cond_dim} for k, v in configs.items()},
             "rows": rows,
             "comparisons": comparisons,
         }
-        pathlib.Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
+        write_json(args.json, out, indent=2)
         print(f"\nwrote {args.json}")
     return 0
 

@@ -61,6 +61,7 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from unitok_jax import generate as G  # noqa: E402
 from unitok_jax import model  # noqa: E402
+from unitok_jax.io import write_json  # noqa: E402
 
 PERF_SMALL = REPO.parent / "shared" / "perf" / "small" / "config.json"
 
@@ -339,7 +340,8 @@ def main(argv=None):
                "stream_first_chunk_ms": lat * 1000, "stream_chunk_patches": args.chunk,
                "step_parts_ms": {str(b): v for b, v in parts.items()}, "cpu": reference.cpu_model(),
                "same_cpu_as_reference": reference.same_cpu()}
-        pathlib.Path(args.json).write_text(json.dumps(out, indent=2))
+        write_json(args.json, out, indent=2)
+        print(f"\nwrote {args.json}")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ import dataclasses
 import json
 import os
 import pathlib
-import platform
 import statistics
 import sys
 import time
@@ -43,6 +42,7 @@ import peak  # noqa: E402
 import reference  # noqa: E402
 
 from unitok_jax.configs.llm import TINY_LLM_CONFIG  # noqa: E402
+from unitok_jax.io import write_json  # noqa: E402
 from unitok_jax.llm import (  # noqa: E402
     BailingMoeLM,
     LLMConfig,
@@ -318,22 +318,13 @@ def main(argv=None) -> int:
         out = {
             "benchmark": "llm",
             "quick": args.quick,
-            "environment": {"jax": jax.__version__, "platform": jax.devices()[0].platform,
-                            "device_count": jax.device_count(), "cpu_count": os.cpu_count(),
-                            "python": platform.python_version(), "machine": platform.machine()},
-            "cpu": reference.cpu_model(),
-            "same_cpu_as_reference": reference.same_cpu(),
-            "reference": reference.describe(),
-            "matmul_peak_gflop_s": peak_gflops,
-            "matmul_peak_n": peak.peak_size(args.quick),
+            **peak.run_info(args.quick, peak_gflops),
             "configs": {"tiny": TINY_LLM_CONFIG, "small": small},
             "rows": rows,
             "while_loop": loops,
             "comparisons": comparisons,
         }
-        pathlib.Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
+        write_json(args.json, out, indent=2)
         print(f"\nwrote {args.json}")
     return 0
 

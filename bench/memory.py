@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 import pathlib
@@ -135,7 +134,8 @@ def _setup_devices(n: int) -> None:
 
 
 def _imports():
-    global jax, jnp, np, NamedSharding, P, shd, G, model, lm_configs, lm_train, sharded, init_lm_state, path_str
+    global jax, jnp, np, NamedSharding, P, shd, G, model, lm_configs, lm_data, lm_train, sharded, init_lm_state, \
+        path_str
     import jax  # noqa: F401
     import jax.numpy as jnp  # noqa: F401
     import numpy as np  # noqa: F401
@@ -145,7 +145,7 @@ def _imports():
     from unitok_jax import model  # noqa: F401
     from unitok_jax import sharding as shd  # noqa: F401
     from unitok_jax.configs import lm as lm_configs  # noqa: F401
-    from unitok_jax.training import lm_train, sharded  # noqa: F401
+    from unitok_jax.training import lm_data, lm_train, sharded  # noqa: F401
     from unitok_jax.training.lm_step import init_lm_state  # noqa: F401
     from unitok_jax.training.trees import path_str  # noqa: F401
 
@@ -322,13 +322,8 @@ def train_program(config, mesh, rules, rows_per_shard: int, seq: int, patches: i
     step = lm_train.step_function(config, cfg, opt)
     param_sh = sharded.param_shardings(cfg, params_abs, mesh, rules)
     state_sh = sharded.state_shardings(state_abs, opt, param_sh, mesh)
-    b, s, n, p, c = rows_per_shard * sharded.batch_shards(mesh), seq, patches, cfg.patch_size, cfg.vae.latent_dim
-    shapes = {"input_ids": ((b, s), jnp.int32), "valid": ((b, s), bool), "text_labels": ((b, s), jnp.int32),
-              "audio_patch_mask": ((b, s), bool), "audio_gate": ((b, s), bool),
-              "latents": ((b, n * p, c), jnp.float32), "latent_valid": ((b, n * p), bool),
-              "patch_start": ((b,), jnp.int32), "num_patches": ((b,), jnp.int32),
-              "gen_patches": ((b,), jnp.int32), "patch_cond_index": ((b, n), jnp.int32),
-              "flow_mask": ((b, n), bool)}
+    b, s = rows_per_shard * sharded.batch_shards(mesh), seq
+    shapes = lm_data.batch_shapes(b, s, patches, cfg.patch_size, cfg.vae.latent_dim)
     t0 = time.perf_counter()
     compiled = sharded.jit_step(step, state_sh, mesh, rules).lower(
         sharded.abstract_state(state_abs, state_sh), sharded.abstract_batch(shapes, mesh)).compile()
@@ -505,9 +500,9 @@ def main(argv=None) -> int:
                "environment": {"jax": jax.__version__, "python": platform.python_version(),
                                "cpu_count": os.cpu_count(), "xla_flags": os.environ.get("XLA_FLAGS", "")},
                "rows": rows}
-        pathlib.Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
+        from unitok_jax.io import write_json
+
+        write_json(args.json, out, indent=2)
         print(f"\nwrote {args.json}")
     return 0
 

@@ -90,3 +90,19 @@ def describe_peak(peak_gflops: float, quick: bool = False) -> str:
     return (f"same-run matmul peak: {peak_gflops:.1f} GFLOP/s (jitted float32 {n}x{n}x{n}, median of 5 after "
             f"warm-up, {jax.devices()[0].platform}; measured once at the start: on a shared machine whose load changes "
             f"during the run, a row above 100 % means the load eased after the peak was measured)")
+
+
+def run_info(quick: bool, peak_gflops: Optional[float]) -> dict:
+    """What every benchmark's JSON records about its run: the machine and software, the reference's CPU against
+    this one, and the same-run matmul peak."""
+    import os
+    import platform
+
+    import reference
+
+    return {"environment": {"jax": jax.__version__, "platform": jax.devices()[0].platform,
+                            "device_count": jax.device_count(), "cpu_count": os.cpu_count(),
+                            "python": platform.python_version(), "machine": platform.machine()},
+            "cpu": reference.cpu_model(), "same_cpu_as_reference": reference.same_cpu(),
+            "reference": reference.describe(), "matmul_peak_gflop_s": peak_gflops,
+            "matmul_peak_n": peak_size(quick)}

@@ -43,7 +43,13 @@ Issue 18 measurements (always run; ``--no-issue18`` skips them):
   and ``multihost_utils.process_allgather`` counting its calls; "before" runs the same harness on the code of
   ``--baseline-rev`` (read with ``git show``; skipped outside a git checkout).
 
-  python bench/train.py [--quick] [--sizes tiny,small|none] [--official] [--peak-tflops X] [--json PATH]
+* with ``--lm-plan WORKDIR`` (an LM-stage workdir, e.g. ``make demo``'s ``demo/work/lm``): the run's batches rebuilt
+  from its ``config.json`` as its loop builds them (no training step): compiled programs, padding fraction and host
+  time per step with its length buckets and with one fixed shape; ``--json`` then carries ``host_wait_fraction``,
+  ``compiled_programs`` and ``padding_fraction`` (of the bucketed run).
+
+  python bench/train.py [--quick] [--sizes tiny,small|none] [--official] [--peak-tflops X] [--lm-plan WORKDIR]
+                        [--json PATH]
 """
 from __future__ import annotations
 
@@ -69,6 +75,7 @@ from unitok_jax import demo, generate, model, moe, text, vae  # noqa: E402
 from unitok_jax.configs import llm as llm_configs  # noqa: E402
 from unitok_jax.configs import vae as vae_configs  # noqa: E402
 from unitok_jax.audio import load_audio  # noqa: E402
+from unitok_jax.io import write_json  # noqa: E402
 from unitok_jax.training import lm_data, lm_step, monitor  # noqa: E402
 from unitok_jax.training.discriminators import DiscConfig  # noqa: E402
 from unitok_jax.training.vae_step import (  # noqa: E402
@@ -284,13 +291,8 @@ def lm_step_memory(text_positions: int, remat: bool = False, batch: int = 8, seq
     opt = lm_train.optimizer(config, params_abs)
     state_abs = jax.eval_shape(lambda p: lm_step.init_lm_state(p, opt, jax.random.key(1)), params_abs)
     step = lm_train.step_function(config, cfg, opt)
-    b, s, n, p, c = batch, seq, patches, cfg.patch_size, cfg.vae.latent_dim
-    shapes = {"input_ids": ((b, s), jnp.int32), "valid": ((b, s), bool), "text_labels": ((b, s), jnp.int32),
-              "audio_patch_mask": ((b, s), bool), "audio_gate": ((b, s), bool),
-              "latents": ((b, n * p, c), jnp.float32), "latent_valid": ((b, n * p), bool),
-              "patch_start": ((b,), jnp.int32), "num_patches": ((b,), jnp.int32),
-              "gen_patches": ((b,), jnp.int32), "patch_cond_index": ((b, n), jnp.int32),
-              "flow_mask": ((b, n), bool)}
+    b, s = batch, seq
+    shapes = lm_data.batch_shapes(b, s, patches, cfg.patch_size, cfg.vae.latent_dim)
     batch_abs = {k: jax.ShapeDtypeStruct(shape, dt) for k, (shape, dt) in shapes.items()}
     t0 = time.perf_counter()
     compiled = jax.jit(step, donate_argnums=0).lower(state_abs, batch_abs).compile()
@@ -433,6 +435,67 @@ def issue18(quick: bool, baseline_rev: str) -> dict:
     return {"lm_step_memory": mem, "host_collectives": coll}
 
 
+def lm_plan(workdir: str, quick: bool) -> dict:
+    """The LM stage's batches of a run, built as its training loop builds them (``LMStage.next_step``, from the
+    run's ``config.json``; no training step): compiled step programs (distinct batch shapes), padding fraction and
+    host milliseconds per step, for the run's length buckets and for one fixed shape (``data.seq_len`` /
+    ``data.max_patches`` at the largest bucket the plan used), over the run's steps (the first 200 with
+    ``quick``). The host share of a step divides the host time by the median ``step_s`` the run logged."""
+    import statistics as st
+    import tempfile
+
+    from unitok_jax.training import loop
+    from unitok_jax.training.lm_train import LMStage
+
+    config = loop.load_config(workdir)
+    steps = min(int(config.train.steps), 200) if quick else int(config.train.steps)
+    logged = [json.loads(x) for x in open(os.path.join(workdir, "metrics.jsonl"))] if os.path.isfile(
+        os.path.join(workdir, "metrics.jsonl")) else []
+    step_s = st.median([r["step_s"] for r in logged if "step_s" in r]) if any("step_s" in r for r in logged) else None
+
+    def plan(cfg_overrides: dict) -> dict:
+        c = config.copy_and_resolve_references()
+        for k, v in cfg_overrides.items():
+            section, key = k.split(".")
+            c[section][key] = v
+        with tempfile.TemporaryDirectory() as tmp:
+            tok_dir = os.path.join(workdir, "tokenizer")
+            if not c.tokenizer.path and os.path.isdir(tok_dir):
+                c.tokenizer.path = tok_dir  # the run's own tokenizer (nothing is written to its workdir)
+            stage = LMStage(c, tmp)
+            if c.data.source == "audio":
+                stage.begin(stage.init_state())
+            shapes, padding, host = set(), [], []
+            for step in range(steps):
+                t0 = time.perf_counter()
+                todo = stage.next_step(step)
+                host.append(time.perf_counter() - t0)
+                shapes.add(tuple((k, v.shape) for k, v in sorted(todo.batch.items())))
+                padding.append(1.0 - float(np.mean(np.asarray(todo.batch["valid"]))))
+        dims = sorted({(dict(sh)["input_ids"][1], dict(sh)["latents"][1] // stage.cfg.patch_size) for sh in shapes})
+        return {"steps": steps, "compiled_programs": len(shapes), "padding_fraction": float(np.mean(padding)),
+                "host_ms_per_step": 1000 * float(np.median(host)), "rows_skipped": stage.bad_records,
+                "shapes": [list(d) for d in dims]}
+
+    buckets = plan({})
+    seq, patches = (max(d[i] for d in buckets["shapes"]) for i in (0, 1))
+    fixed = plan({"data.seq_len": seq, "data.max_patches": patches})
+    out = {"workdir": workdir, "logged_step_s": step_s, "buckets": buckets, "fixed": fixed,
+           "host_wait_fraction": (buckets["host_ms_per_step"] / 1000 / step_s) if step_s else None,
+           "compiled_programs": buckets["compiled_programs"], "padding_fraction": buckets["padding_fraction"]}
+    print(f"\nLM stage batches of {workdir} ({steps} steps, as its loop builds them; no training step):")
+    print(f"{'shapes':<32} {'programs':>8} {'padding':>8} {'host ms/step':>12} {'rows skipped':>12}")
+    for name, r in (("length buckets (as trained)", buckets), (f"fixed {seq} x {patches} patches", fixed)):
+        print(f"{name:<32} {r['compiled_programs']:>8} {r['padding_fraction']:>8.1%} {r['host_ms_per_step']:>12.1f} "
+              f"{r['rows_skipped']:>12}")
+    if step_s:
+        print(f"host share of the run's median logged step ({step_s * 1000:.0f} ms): "
+              f"{out['host_wait_fraction']:.1%} (an upper bound of the device's wait: async dispatch overlaps it)")
+    print(f"fixed shape vs buckets: {fixed['compiled_programs']} vs {buckets['compiled_programs']} programs, padding "
+          f"{fixed['padding_fraction'] / max(buckets['padding_fraction'], 1e-9):.2f}x")
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ main
 
 
@@ -451,6 +514,9 @@ def main(argv=None) -> int:
     ap.add_argument("--peak-tflops", type=float, help="peak TFLOP/s per device for MFU (default: from the table)")
     ap.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     ap.add_argument("--no-issue18", action="store_true", help="skip the LM step memory / host collectives section")
+    ap.add_argument("--lm-plan", metavar="WORKDIR",
+                    help="an LM-stage workdir (e.g. make demo's demo/work/lm): its batches' compiled programs, "
+                         "padding and host time per step, buckets vs one fixed shape")
     ap.add_argument("--baseline-rev", default="a002946",
                     help="git revision whose loop code is the 'before' of the host collectives count")
     args = ap.parse_args(argv)
@@ -553,17 +619,18 @@ def main(argv=None) -> int:
               f"{o['h100_bf16_step_ms_at_peak']:.1f} ms")
 
     i18 = None if args.no_issue18 else issue18(args.quick, args.baseline_rev)
+    plan = lm_plan(args.lm_plan, args.quick) if args.lm_plan else None
 
     if args.json:
-        out = {"benchmark": "train", "issue18": i18, "quick": args.quick, "sizes": sizes,
+        out = {"benchmark": "train", "issue18": i18, "quick": args.quick, "sizes": sizes, "lm_plan": plan,
+               **({k: plan[k] for k in ("host_wait_fraction", "compiled_programs", "padding_fraction")}
+                  if plan else {}),
                "environment": {"jax": jax.__version__, "platform": dev.platform, "device_kind": dev.device_kind,
                                "device_count": n_dev, "cpu_count": os.cpu_count(),
                                "python": platform.python_version(), "machine": platform.machine(),
                                "peak_flops_per_device": peak},
                "rows": rows, "comparisons": comparisons, "official": official}
-        pathlib.Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
+        write_json(args.json, out, indent=2)
         print(f"\nwrote {args.json}")
     return 0
 

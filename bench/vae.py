@@ -31,6 +31,7 @@ import peak  # noqa: E402
 import reference  # noqa: E402
 from unitok_jax import vae  # noqa: E402
 from unitok_jax.audio import load_audio  # noqa: E402
+from unitok_jax.io import write_json  # noqa: E402
 
 SHARED = os.path.join(os.path.dirname(REPO), "shared")
 REFERENCE_SECONDS = 10.0  # the reference timed the first 10 s of the same recording
@@ -206,11 +207,10 @@ def main():
     print("\n" + peak.describe_peak(peak_gflops, args.quick))
     print(reference.describe())
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": str(jax.devices()[0]), "quick": args.quick, "cpu": reference.cpu_model(),
-                       "same_cpu_as_reference": reference.same_cpu(), "reference": reference.describe(),
-                       "matmul_peak_gflop_s": peak_gflops, "matmul_peak_n": peak.peak_size(args.quick),
-                       "rows": rows, "vs_reference": versus}, f, indent=2)
+        write_json(args.json, {"device": str(jax.devices()[0]), "quick": args.quick,
+                               **peak.run_info(args.quick, peak_gflops), "rows": rows, "vs_reference": versus},
+                   indent=2)
+        print(f"\nwrote {args.json}")
 
 
 if __name__ == "__main__":

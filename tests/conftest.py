@@ -40,21 +40,6 @@ import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
-# The heaviest test files, heaviest first (setup + call times summed per file, `pytest --durations=0`, 2026-12-07).
-# `make test` runs `--dist loadfile --no-loadscope-reorder`: the two workers take whole files in collection order,
-# so these start first and the run does not end with one long file on one worker while the other idles
-# (longest-processing-time-first). xdist's default order (most tests first) put most of them last. Files not listed
-# keep their order, after these.
-HEAVY_FIRST = ("test_sample_mesh.py", "test_demo.py", "test_train_lm_cli.py", "test_preemption.py",
-               "test_lm_sharded.py", "test_generate.py", "test_train_s2.py", "test_lm_lean.py", "test_train_cli.py",
-               "test_generate_continuous.py", "test_sample_tasks.py", "test_sharding.py")
-
-
-def pytest_collection_modifyitems(session, config, items):
-    rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: files and tests keep their order
-
-
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FIXTURES = pathlib.Path(
     os.environ.get("UNITOK_REFERENCE_FIXTURES", str(REPO.parent / "shared" / "fixtures" / "reference"))
@@ -131,15 +116,45 @@ def save_tiny_checkpoint(path, tok, cfg, params) -> str:
     return str(path)
 
 
-# The slowest modules first (measured with --durations): ``make test`` runs modules whole on two workers
-# (``--dist loadfile``), so starting the long ones first leaves short modules for the end, where they fill both
-# workers, instead of one long module running alone at the tail. The rest keep their order.
-SLOW_FIRST = ("test_demo.py", "test_sample_mesh.py", "test_flow.py", "test_lm_sharded.py", "test_vae_training.py",
-              "test_vae_properties.py", "test_lm_training.py", "test_nn.py", "test_generate.py", "test_train_lm_cli.py",
-              "test_sharding.py", "test_train_cli.py", "test_moe.py", "test_preemption.py", "test_train_s2.py",
-              "test_generate_continuous.py", "test_llm.py", "test_bad_input.py")
+# The slowest modules first (setup + call times summed per module, `pytest --durations=0`, 2026-12-07): ``make test``
+# runs modules whole on two workers (``--dist loadfile``) in collection order (``--no-loadscope-reorder``: xdist's
+# default reorders modules by their number of tests, which put most of these last), so starting the long ones first
+# leaves short modules for the end, where they fill both workers, instead of one long module running alone at the
+# tail (longest-processing-time-first). The rest keep their order.
+SLOW_FIRST = ("test_sample_mesh.py", "test_demo.py", "test_train_lm_cli.py", "test_preemption.py",
+              "test_lm_sharded.py", "test_generate.py", "test_train_s2.py", "test_lm_lean.py", "test_train_cli.py",
+              "test_generate_continuous.py", "test_sample_tasks.py", "test_sharding.py", "test_convert_streaming.py",
+              "test_vae_training.py", "test_e2e_parity.py", "test_train_s1.py", "test_flow.py", "test_lm_training.py",
+              "test_vae_properties.py", "test_nn.py", "test_moe.py", "test_llm.py", "test_bad_input.py")
 
 
 def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(SLOW_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: modules and tests keep their order
+
+
+def tiny_vae(window=None):
+    """(VAEConfig, params) of a 32-wide, 2-layer random AudioVAE (8 latent channels, a 24-wide semantic module);
+    ``window``: a sliding attention window instead of full causal attention."""
+    from unitok_jax import vae
+
+    kw = {} if window is None else {"use_sliding_window": True, "sliding_window": window}
+    bb = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, **kw)
+    ref = {
+        "enc_kwargs": {"input_dim": 320, "hop_size": 320, "latent_dim": 8, "backbone": bb},
+        "dec_kwargs": {"output_dim": 320, "latent_dim": 8, "backbone": bb},
+        "semantic_module_kwargs": {"whisper_encoder": {"n_state": 24, "n_head": 2, "n_layer": 2}},
+    }
+    cfg = vae.VAEConfig.from_reference(ref)
+    return cfg, vae.init_params(cfg, jax.random.key(0))
+
+
+def shard_count(sharding) -> int:
+    """How many pieces a NamedSharding cuts an array into (the product of the mesh axes its spec uses)."""
+    n = 1
+    for axis in sharding.spec:
+        for a in (axis if isinstance(axis, tuple) else (axis,)):
+            if a is not None:
+                n *= sharding.mesh.shape[a]
+    return n

@@ -16,7 +16,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, xla_flags
+from conftest import REPO, shard_count, xla_flags
 
 
 def _tiny(accum_steps=1, flow_weight=1.0):
@@ -162,11 +162,10 @@ def _worker_official() -> dict:
     import time
 
     import jax
-    import jax.numpy as jnp
 
     from configs import lm as lm_configs
     from unitok_jax import model, sharding as shd
-    from unitok_jax.training import lm_train, sharded
+    from unitok_jax.training import lm_data, lm_train, sharded
     from unitok_jax.training.lm_step import init_lm_state
 
     assert jax.device_count() == 128
@@ -185,18 +184,13 @@ def _worker_official() -> dict:
         mesh = shd.make_mesh({"mesh": lm_configs.mesh_sizes(config)}, devices=devices)
         param_sh = sharded.param_shardings(cfg, params_abs, mesh, shd.DEFAULT_RULES)
         state_sh = sharded.state_shardings(state_abs, opt, param_sh, mesh)
-        b, s, n, p, c = 16 * sharded.batch_shards(mesh), 512, 64, cfg.patch_size, cfg.vae.latent_dim
-        shapes = {"input_ids": ((b, s), jnp.int32), "valid": ((b, s), bool), "text_labels": ((b, s), jnp.int32),
-                  "audio_patch_mask": ((b, s), bool), "audio_gate": ((b, s), bool),
-                  "latents": ((b, n * p, c), jnp.float32), "latent_valid": ((b, n * p), bool),
-                  "patch_start": ((b,), jnp.int32), "num_patches": ((b,), jnp.int32),
-                  "gen_patches": ((b,), jnp.int32), "patch_cond_index": ((b, n), jnp.int32),
-                  "flow_mask": ((b, n), bool)}
+        b, s = 16 * sharded.batch_shards(mesh), 512
+        shapes = lm_data.batch_shapes(b, s, 64, cfg.patch_size, cfg.vae.latent_dim)
         lowered = sharded.jit_step(step, state_sh, mesh, shd.DEFAULT_RULES).lower(
             sharded.abstract_state(state_abs, state_sh), sharded.abstract_batch(shapes, mesh))
         text = lowered.as_text()
         # bytes of one device's shard of the params + optimizer state
-        per_device = sum(x.size * x.dtype.itemsize / _shards(sh) for x, sh in
+        per_device = sum(x.size * x.dtype.itemsize / shard_count(sh) for x, sh in
                          zip(jax.tree.leaves(state_abs), jax.tree.leaves(state_sh)))
         res[preset] = {"mesh": dict(mesh.shape), "seconds": time.perf_counter() - t0, "hlo_chars": len(text),
                        "expert_parallel": "manual_computation" in text, "state_gib_per_device": per_device / 2**30,
@@ -221,15 +215,6 @@ def test_fsdp_spec_for_unnamed_params():
     assert fsdp_spec((8, 1024, 512), Mesh4, stacked=True) == P(None, "fsdp")  # never the layers axis
     assert fsdp_spec((64, 64), Mesh4) == P()  # small: replicated
     assert fsdp_spec((1023, 1025), Mesh4) == P()  # nothing divisible
-
-
-def _shards(sh) -> int:
-    n = 1
-    for axis in sh.spec:
-        for a in (axis if isinstance(axis, tuple) else (axis,)):
-            if a is not None:
-                n *= sh.mesh.shape[a]
-    return n
 
 
 def _run(which: str, devices: int, tmp_path) -> dict:

@@ -19,7 +19,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, SHARED_DATA, xla_flags
+from conftest import REPO, SHARED_DATA, shard_count, xla_flags
 
 
 def _official() -> dict:
@@ -52,7 +52,7 @@ def _official() -> dict:
     with shd.use_sharding(mesh, shd.DEFAULT_RULES):
         flops = float(matmul_flops(step.raw, state, batch))
     specs = {k: list(v) if v is not None else None for k, v in sharded.describe(state).items()}
-    per_device = sum(x.size * x.dtype.itemsize / _shards(sh) for x, sh in
+    per_device = sum(x.size * x.dtype.itemsize / shard_count(sh) for x, sh in
                      zip(jax.tree.leaves(state_abs), jax.tree.leaves(state_sh)))
     return {"mesh": dict(mesh.shape), "seconds": t_lower, "hlo_chars": len(text), "specs": specs,
             "donated": text.count("tf.aliasing_output"), "num_leaves": len(jax.tree.leaves(state_abs)),
@@ -60,15 +60,6 @@ def _official() -> dict:
             "disc_params_m": sum(x.size for x in jax.tree.leaves(state_abs["disc_params"])) / 1e6,
             "state_gib_per_device": per_device / 2**30, "tflops_per_step": flops / 1e12,
             "batch": [b, n], "batch_spec": list(batch["wave"].sharding.spec)}
-
-
-def _shards(sh) -> int:
-    n = 1
-    for axis in sh.spec:
-        for a in (axis if isinstance(axis, tuple) else (axis,)):
-            if a is not None:
-                n *= sh.mesh.shape[a]
-    return n
 
 
 def _heldout(tmp: str) -> dict:

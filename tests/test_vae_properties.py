@@ -6,25 +6,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import tiny_vae
 from unitok_jax import vae
-
-
-def _tiny(window=None):
-    kw = {} if window is None else {"use_sliding_window": True, "sliding_window": window}
-    bb = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, **kw)
-    ref = {
-        "enc_kwargs": {"input_dim": 320, "hop_size": 320, "latent_dim": 8, "backbone": bb},
-        "dec_kwargs": {"output_dim": 320, "latent_dim": 8, "backbone": bb},
-        "semantic_module_kwargs": {"whisper_encoder": {"n_state": 24, "n_head": 2, "n_layer": 2}},
-    }
-    cfg = vae.VAEConfig.from_reference(ref)
-    return cfg, vae.init_params(cfg, jax.random.key(0))
 
 
 @pytest.fixture(scope="module")
 def model():
-    return _tiny()
+    return tiny_vae()
 
 
 def _close(a, b, tol=1e-5):
@@ -38,7 +26,7 @@ def _close(a, b, tol=1e-5):
 @pytest.mark.parametrize("window, chunks", [(None, (2, 5, 5, 5, 3)), (4, (2, 5, 5, 5, 3)), (4, (7, 1, 1, 11)),
                                             (None, (20,)), (4, (3, 17)), (4, (5,) * 4)])
 def test_stream_equals_offline(window, chunks):
-    cfg, params = _tiny(window)
+    cfg, params = tiny_vae(window)
     z = jax.random.normal(jax.random.key(1), (2, sum(chunks), cfg.latent_dim))
     offline = vae.decode(params, cfg, z)
     state = vae.init_stream_state(cfg, 2, sum(chunks), max(chunks))
@@ -55,7 +43,7 @@ def test_stream_equals_offline(window, chunks):
 
 
 def test_stream_ring_buffer_is_bounded():
-    cfg, _ = _tiny(window=4)
+    cfg, _ = tiny_vae(window=4)
     state = vae.init_stream_state(cfg, 1, max_frames=10_000, max_chunk=5)
     assert state.cache["k"].shape[2] == 4 + 5 - 1
 

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from unitok_jax import vae
+from conftest import tiny_vae
 from unitok_jax.audio import load_audio
 from unitok_jax.training import vae_losses as L
 from unitok_jax.training import vae_step as S
@@ -22,18 +22,6 @@ SPEECH = "/work/shared/data/librispeech-1089-134686-0000.flac"
 MEL = L.MelLossConfig(resolutions=((512, 128, 64), (1024, 256, 80)))
 DISC = DiscConfig(periods=(2, 3), mpd_channels=(4, 8, 16), stft_resolutions=((512, 128), (256, 64)), stft_channels=4,
                   stft_layers=2)
-
-
-def _tiny_vae():
-    bb = {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4,
-          "num_key_value_heads": 2}
-    ref = {
-        "enc_kwargs": {"input_dim": 320, "hop_size": 320, "latent_dim": 8, "backbone": bb},
-        "dec_kwargs": {"output_dim": 320, "latent_dim": 8, "backbone": bb},
-        "semantic_module_kwargs": {"whisper_encoder": {"n_state": 24, "n_head": 2, "n_layer": 2}},
-    }
-    cfg = vae.VAEConfig.from_reference(ref)
-    return cfg, vae.init_params(cfg, jax.random.key(0))
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +153,7 @@ def test_discriminators_shapes_and_gradients():
 
 @pytest.fixture(scope="module")
 def trainer():
-    vcfg, params = _tiny_vae()
+    vcfg, params = tiny_vae()
     cfg = S.VAETrainConfig(vae=vcfg, mel=MEL, gan_loss="hinge")
     dcfg, ocfg = DISC, S.OptConfig(lr=1e-3)
     step = jax.jit(S.vae_train_step, static_argnums=(2, 3, 4), donate_argnums=0)

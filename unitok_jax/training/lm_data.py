@@ -158,6 +158,18 @@ def edit_example(tok: text_lib.TextTokenizer, source_latents, instruction: str, 
     }
 
 
+def batch_shapes(batch: int, seq: int, patches: int, patch_size: int, latent_dim: int) -> dict:
+    """``{key: (shape, dtype)}`` of a TTS / ASR batch as :func:`make_batch` builds it (without its optional
+    ``gen_start`` and the host-only ``is_tts``): for abstract batches (``jax.ShapeDtypeStruct``), e.g. to lower a
+    train step without data."""
+    b, s, n, p, c = batch, seq, patches, patch_size, latent_dim
+    return {"input_ids": ((b, s), np.int32), "valid": ((b, s), np.bool_), "text_labels": ((b, s), np.int32),
+            "audio_patch_mask": ((b, s), np.bool_), "audio_gate": ((b, s), np.bool_),
+            "latents": ((b, n * p, c), np.float32), "latent_valid": ((b, n * p), np.bool_),
+            "patch_start": ((b,), np.int32), "num_patches": ((b,), np.int32), "gen_patches": ((b,), np.int32),
+            "patch_cond_index": ((b, n), np.int32), "flow_mask": ((b, n), np.bool_)}
+
+
 def make_batch(examples: Sequence[dict], max_len: Optional[int] = None, max_patches: Optional[int] = None, *,
                batch_size: Optional[int] = None, pad_id: int = 0,
                len_buckets: Optional[Sequence[int]] = LEN_BUCKETS,

@@ -170,6 +170,7 @@ def lm_loss(params, cfg: UniAudioConfig, batch: dict, key: jax.Array, *, stop_we
         "text_tokens": n_text, "text_dropped": text_dropped, "text_acc": n_correct / jnp.maximum(n_text, 1),
         "flow_patches": jnp.sum(flow_mask), "stop_likely_pos": stop_aux["likely_pos"],
         "stop_likely_neg": stop_aux["likely_neg"], "tokens": jnp.sum(valid),
+        "padding": 1.0 - jnp.mean(valid.astype(jnp.float32)),  # the batch's padding positions, a fraction
     }
     return total, metrics
 

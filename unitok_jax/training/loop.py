@@ -10,9 +10,9 @@ A stage (:class:`Stage`: :class:`unitok_jax.training.vae_train.VAEStage`,
 * the steps: the stage hands over ``(compiled step, global batch)``; the loop runs it, counts non-finite steps
   (:class:`unitok_jax.training.guard.BadSteps`) and the work done (seconds of audio, tokens);
 * monitoring: a tqdm bar; every ``log_every`` steps the step's metrics, throughput, MFU (where the device's peak
-  is known; the matmul FLOPs are traced once per step program and batch shape) and ``data_s`` (seconds per step the
-  host spent building batches; the device waits for at most that, less what async dispatch overlaps) to
-  ``metrics.jsonl`` and
+  is known; the matmul FLOPs are traced once per step program and batch shape), ``data_s`` (seconds per step the
+  host spent building batches; the device waits for at most that, less what async dispatch overlaps) and
+  ``compiled_programs`` (step programs x batch shapes run so far, each a compilation) to ``metrics.jsonl`` and
   TensorBoard; every ``sample_every`` steps the stage's held-out evaluation (the throughput clock stops meanwhile);
 * checkpoints every ``checkpoint.every_steps`` and on SIGTERM / ``stop_after`` (:class:`TrainCheckpointer`), and at
   the end an inference export in ``DIR/export`` (the stage's :meth:`Stage.export`).
@@ -176,6 +176,7 @@ def run(stage: Stage, config, workdir: str, stop_after: Optional[int] = None) ->
     thr = Throughput(skip=1, clock=lambda: time.perf_counter() - paused[0])  # the first interval compiles
     peak = peak_flops_per_device(jax.devices()[0], stage.compute_dtype)
     flops: dict = {}  # (step program, batch shapes) -> global matmul FLOPs of one step (traced once each)
+    programs: set = set()  # the (step program, batch shapes) pairs run so far: each one compiled once
     preempt = Preemption()
     start = step = int(state["step"])
     total = int(config.train.steps)
@@ -189,6 +190,7 @@ def run(stage: Stage, config, workdir: str, stop_after: Optional[int] = None) ->
             todo = stage.next_step(step)
             interval_data += time.perf_counter() - t_data
             sig = (id(todo.fn), tuple((k, v.shape) for k, v in sorted(todo.batch.items())))
+            programs.add(sig)
             if peak is not None and sig not in flops:
                 with shd.use_sharding(stage.mesh, stage.rules):
                     flops[sig] = float(matmul_flops(todo.fn.raw, state, todo.batch))
@@ -208,7 +210,7 @@ def run(stage: Stage, config, workdir: str, stop_after: Optional[int] = None) ->
                 guard.check()
                 t = thr.update(units=interval_units, steps=interval_steps)
                 m.update(step=step, bad_records=stage.bad_records, data_s=interval_data / interval_steps,
-                         **todo.info)
+                         compiled_programs=len(programs), **todo.info)
                 interval_units, interval_steps, interval_data = 0.0, 0, 0.0
                 if t is not None:
                     m.update(step_s=t["step_s"], **{stage.units: t["units_per_s"]})
