@@ -25,7 +25,6 @@ import sys
 from typing import Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from unitok_jax import text as text_lib
@@ -348,8 +347,7 @@ class LMStage(Stage):
         self.local_rows = config.data.batch_size // self.nproc
         self.step_fn = sharded.jit_step(step_function(config, cfg, self.opt), self.state_sh, self.mesh, self.rules)
         self.sample_every = config.sample_every if config.data.heldout_manifest else 0
-        self._audio_params = None  # the frozen encoder's params on a local device (set when the state exists)
-        self._encode = jax.jit(lambda prm, w, n: vae_lib.encode(prm, cfg.vae, w, n, sample=False))
+        self._audio_params = self._encode = None  # the frozen encoder on the mesh (:meth:`begin`)
         self._heldout = None
 
     # ---- what the loop calls
@@ -384,27 +382,43 @@ class LMStage(Stage):
         if self.edit_it is not None and "edit" in saved:
             self.edit_it.set_state(saved["edit"])
 
-    def local_vae(self, state):
-        """The (frozen) VAE's params of ``state``, whole on a local device."""
+    def host_vae(self, state):
+        """The (frozen) VAE's params of ``state`` as host arrays, whole, on every process."""
         if self.nproc > 1:
             from jax.experimental import multihost_utils
 
-            host = multihost_utils.process_allgather(state["params"]["audio"], tiled=True)
-        else:
-            host = jax.device_get(state["params"]["audio"])
-        return jax.device_put(host, jax.local_devices()[0])
+            return multihost_utils.process_allgather(state["params"]["audio"], tiled=True)
+        return jax.device_get(state["params"]["audio"])
 
     def begin(self, state) -> None:
-        """With ``data.source=audio`` the frozen encoder runs per process on its own rows, with its own copy of the
-        VAE params (the state's buffers are donated to the train step)."""
-        if self.config.data.source == "audio":
-            self._audio_params = self.local_vae(state)
+        """With ``data.source=audio`` the frozen encoder runs on the whole mesh, inside one jitted function: its own
+        replicated copy of the VAE params (the state's buffers are donated to the train step), each device encoding
+        its rows of the global batch (the same batch split as the train step)."""
+        if self.config.data.source != "audio":
+            return
+        from jax.sharding import NamedSharding, PartitionSpec as P
 
-    def encode_rows(self, wave, lengths, ok, params=None):
-        """(posterior mean, std, frames) of rows of audio (``ok`` False: 0 frames) by the frozen encoder."""
-        params = self._audio_params if params is None else params
-        enc = self._encode(params, jnp.asarray(wave), jnp.asarray(lengths))
-        return np.asarray(enc.mean), np.asarray(enc.std), np.where(ok, np.asarray(enc.frame_num), 0)
+        from unitok_jax.training import sharded
+
+        rep, rows = NamedSharding(self.mesh, P()), sharded.batch_sharding(self.mesh)
+        self._audio_params = jax.device_put(self.host_vae(state), rep)
+        vcfg = self.cfg.vae
+
+        def encode(prm, wave, lengths):
+            enc = vae_lib.encode(prm, vcfg, wave, lengths, sample=False)
+            return enc.mean, enc.std, enc.frame_num
+
+        self._encode = jax.jit(encode, in_shardings=(rep, rows, rows), out_shardings=rows)
+
+    def encode_rows(self, wave, lengths, ok):
+        """(posterior mean, std, frames) of this process's rows of audio (``ok`` False: 0 frames) by the frozen
+        encoder on the mesh (host numpy, this process's rows)."""
+        from unitok_jax.training import sharded
+
+        g = sharded.global_batch({"wave": wave, "lengths": lengths}, self.mesh)
+        out = self._encode(self._audio_params, g["wave"], g["lengths"])
+        mean, std, frames = (sharded.local_rows(x, self.mesh) for x in out)
+        return mean, std, np.where(ok, frames, 0)
 
     def next_step(self, step: int) -> Step:
         from unitok_jax.training import sharded

@@ -109,6 +109,15 @@ def global_batch(local: dict, mesh: Mesh) -> dict:
     return {k: jax.make_array_from_process_local_data(sh, np.asarray(v)) for k, v in local.items()}
 
 
+def local_rows(x: jax.Array, mesh: Mesh) -> np.ndarray:
+    """The inverse of :func:`global_batch`: this process's rows of a batch-sharded global array, as host numpy."""
+    if jax.process_count() == 1:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.global_array_to_host_local_array(x, mesh, P(BATCH_AXES)))
+
+
 # ------------------------------------------------------------------------------------------------ state / step
 
 
