@@ -11,7 +11,7 @@ from safetensors.numpy import load_file, save_file
 
 from conftest import FIXTURES
 from unitok_jax import model
-from unitok_jax.convert import ConversionError, convert_reference, load, save
+from unitok_jax.convert import ConversionError, convert_reference, load, read_configs, read_vae_config, save
 
 
 def _full_state_dict():
@@ -51,6 +51,9 @@ def test_full_checkpoint_round_trip(tmp_path):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     vcfg, vparams = back.vae()
     assert vcfg == cfg.vae
+    # the configs alone, without the params (what an export of a run started from this checkpoint reads)
+    assert read_configs(str(tmp_path / "dst")) == {"uniaudio": cfg}
+    assert read_vae_config(str(tmp_path / "dst")) == cfg.vae
     # the loaded model runs: a pooled audio patch through the LLM, then a flow sample and a stop probability
     z = jax.random.normal(jax.random.key(0), (1, cfg.patch_size, cfg.vae.latent_dim))
     emb, _, _ = model.audio_inputs(b, cfg, z)

@@ -13,7 +13,7 @@ from safetensors.numpy import load_file, save_file
 
 from conftest import FIXTURES, REPO
 from unitok_jax import vae
-from unitok_jax.convert import ConversionError, convert_reference, load, save
+from unitok_jax.convert import ConversionError, convert_reference, load, read_vae_config, save
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +40,7 @@ def test_convert_save_load_round_trip_gives_identical_outputs(tmp_path, ref_weig
     save(ckpt, str(tmp_path / "dst"))
     back = load(str(tmp_path / "dst"))
     assert back.configs["vae"] == ckpt.configs["vae"]
+    assert read_vae_config(str(tmp_path / "dst")) == ckpt.configs["vae"]  # the config alone, no params read
     for a, b in zip(jax.tree.leaves(ckpt.params["vae"]), jax.tree.leaves(back.params["vae"])):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     cfg = back.configs["vae"]

@@ -299,6 +299,16 @@ def read_configs(path: str) -> dict:
     return _read_meta(os.path.abspath(path))[1]
 
 
+def read_vae_config(path: str) -> VAEConfig:
+    """The VAEConfig of either kind of checkpoint (as :meth:`Checkpoint.vae`), without reading its params."""
+    configs = read_configs(path)
+    if "vae" in configs:
+        return configs["vae"]
+    if "uniaudio" in configs:
+        return configs["uniaudio"].vae
+    raise ConversionError(f"{path}: the checkpoint holds no AudioVAE")
+
+
 def load(path: str, *, mesh=None, rules=None, dtype=None) -> Checkpoint:
     """Restore a checkpoint written by :func:`save` / :func:`convert` (or the CLI), VERSION 1 or 2.
 
@@ -356,4 +366,4 @@ def load(path: str, *, mesh=None, rules=None, dtype=None) -> Checkpoint:
     return Checkpoint(configs, {k: params[k] for k in configs}, source=meta.get("source", ""), path=path)
 
 
-__all__ = ["Checkpoint", "ConversionError", "check_params", "convert", "convert_reference", "load", "read_configs", "save"]
+__all__ = ["Checkpoint", "ConversionError", "check_params", "convert", "convert_reference", "load", "read_configs", "read_vae_config", "save"]

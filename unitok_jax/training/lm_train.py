@@ -243,7 +243,7 @@ class LMStage(Stage):
     def __init__(self, config, workdir: str, *, data: bool = True):
         from unitok_jax import model as model_lib
         from unitok_jax.configs import lm as lm_configs
-        from unitok_jax.convert import load, read_configs
+        from unitok_jax.convert import load, read_configs, read_vae_config
         from unitok_jax.training import sharded
         from unitok_jax.training.lm_step import init_lm_state
         from unitok_jax.training.loop import stage_mesh
@@ -271,7 +271,7 @@ class LMStage(Stage):
                 if data:
                     vae_cfg, vae_params = load(config.init.vae).vae()
                 else:
-                    vae_cfg = read_configs(config.init.vae)["vae"]
+                    vae_cfg = read_vae_config(config.init.vae)
             texts = None
             if data:
                 texts = [r["text"] for r in self.records]

@@ -237,7 +237,7 @@ class VAEStage(Stage):
         import jax
 
         from unitok_jax import sharding as shd
-        from unitok_jax.convert import ConversionError, load, read_configs
+        from unitok_jax.convert import ConversionError, load, read_vae_config
         from unitok_jax.training import sharded
         from unitok_jax.training.distill_step import DistillConfig
         from unitok_jax.training.loop import stage_mesh
@@ -252,7 +252,7 @@ class VAEStage(Stage):
                 if data:
                     init_vcfg, init_params = load(config.init.vae).vae()
                 else:  # an export needs the config only
-                    init_vcfg = read_configs(config.init.vae)["vae"]
+                    init_vcfg = read_vae_config(config.init.vae)
             except (ConversionError, KeyError, ValueError) as e:
                 raise SetupError(f"init.vae={config.init.vae}: {e}") from None
             if data:
