@@ -95,7 +95,7 @@ def test_wheel_holds_configs_cli_and_console_scripts(venv):
               "unitok_jax/cli/train.py", "unitok_jax/cli/sample.py", "unitok_jax/io.py", "unitok_jax/data/sentences.txt"):
         assert f in names
     assert not [n for n in names if n.startswith(("configs/", "tests/", "bench/")) or n in ("train.py", "sample.py")]
-    for script in ("unitok-train", "unitok-sample", "unitok-demo", "unitok-convert", "unitok-eval"):
+    for script in ("unitok-train", "unitok-sample", "unitok-demo", "unitok-convert", "unitok-eval", "unitok-export"):
         assert (bin_dir / script).is_file(), script
 
 

@@ -27,6 +27,7 @@ import soundfile as sf
 from conftest import REPO, SHARED_DATA, rel_err, speech_clip, tiny_uniaudio, xla_flags
 from test_sample_tasks import SENTENCES, ckpt_dir  # noqa: F401  (the same tiny checkpoint as sample.py's other tests)
 MESHES = {"dp_fsdp_ep": "data=2,fsdp=2,expert=2", "fsdp_tp": "fsdp=4,tensor=2"}
+MESH_TASKS = {"dp_fsdp_ep": ("tts", "asr", "edit"), "fsdp_tp": ("tts",)}
 
 
 def _env(devices: int, **kw) -> dict:
@@ -55,11 +56,14 @@ def _child(out_dir: str) -> None:
     texts = [SENTENCES[0], SENTENCES[1][:12], SENTENCES[2]]
     fast = Sampler(steps=2)  # 2 flow steps with guidance: the same program shape as 10, compiled and run faster
 
-    def run(m, name):
+    def run(m, name, tasks=("tts", "asr", "edit")):
         out = {}
         tts = m.tts(texts, waves, [SENTENCES[3]] * 3, seed=1, max_patches=6, min_steps=100, sampler=fast)
         for i, w in enumerate(tts):
             out[f"tts_wave{i}"] = w
+        if tasks == ("tts",):
+            np.savez(os.path.join(out_dir, f"{name}.npz"), **out)
+            return
         asr = m.asr(waves, max_new_tokens=6)
         ed = m.edit(waves, ["make it louder", "say it slower", "delete the word stew"], semantic=[False, False, True],
                     seed=2, max_text_tokens=6, max_patches=4, min_steps=100, sampler=fast)
@@ -76,7 +80,8 @@ def _child(out_dir: str) -> None:
         specs[name] = {jax.tree_util.keystr(k): [list(a) if isinstance(a, tuple) else a for a in v.sharding.spec]
                        for k, v in jax.tree_util.tree_leaves_with_path(m.params)
                        if isinstance(v.sharding, NamedSharding)}
-        run(m, name)
+        # tensor parallelism: TTS (LLM, flow head, VAE decode) only; ASR and edit run the same LLM on the other mesh
+        run(m, name, MESH_TASKS[name])
         if name == "dp_fsdp_ep":  # the streaming generator on the mesh == the offline waveform on the mesh
             ids, lengths = generate.pad_sequences([text.tts_prompt(tok, t, "", 2) for t in texts], dtype=np.int32)
             req = (ids, lengths, np.random.default_rng(0).standard_normal((3, 10, cfg.vae.latent_dim)).astype(
@@ -129,13 +134,16 @@ def _load(folder, name):
 @pytest.mark.parametrize("mesh", sorted(MESHES))
 def test_sampling_on_a_mesh_equals_one_device(mesh_runs, mesh):
     ref, ref_txt = _load(mesh_runs, "single")
-    got, got_txt = _load(mesh_runs, mesh)
+    got = dict(np.load(mesh_runs / f"{mesh}.npz"))
+    if MESH_TASKS[mesh] == ("tts",):
+        ref = {k: v for k, v in ref.items() if k.startswith("tts_")}
     assert sorted(got) == sorted(ref)
     for k in ref:
         assert got[k].shape == ref[k].shape, k
         assert ref[k].size == 0 or rel_err(got[k], ref[k]) <= 1e-5, (k, rel_err(got[k], ref[k]))
     assert any(ref[f"tts_wave{i}"].size for i in range(3))  # the comparison covers real audio
-    assert got_txt == ref_txt  # ASR transcripts (language, text) and edit texts
+    if "asr" in MESH_TASKS[mesh]:
+        assert _load(mesh_runs, mesh)[1] == ref_txt  # ASR transcripts (language, text) and edit texts
 
 
 def test_streaming_on_a_mesh_equals_offline(mesh_runs):
