@@ -25,8 +25,8 @@ class HeldOut:
     def __init__(self, stage, state):
         from jax.sharding import NamedSharding, PartitionSpec as P
 
+        from unitok_jax import shapes, vae
         from unitok_jax import text as text_lib
-        from unitok_jax import vae
         from unitok_jax.audio import AudioError, load_audio
         from unitok_jax.data.manifest import read_manifest, spread_order
         from unitok_jax.training import lm_data
@@ -56,13 +56,14 @@ class HeldOut:
         if not self.waves:
             raise SetupError(f"data.heldout_manifest {path}: no readable record of at least one patch")
 
-        # posterior means of the frozen encoder, one clip at a time on one device (held-out clips are few)
+        # posterior means of the frozen encoder: all clips in one padded batch, on one device (they are few)
         audio = jax.device_put(stage.host_vae(state), jax.local_devices()[0])
-        encode = jax.jit(lambda prm, w, n: vae.encode(prm, cfg.vae, w, n, sample=False))
+        waves, lengths = shapes.pad_waves(self.waves, cfg.vae.hop)
+        enc = jax.jit(lambda prm, w, n: vae.encode(prm, cfg.vae, w, n, sample=False))(audio, waves, lengths)
+        means, frames = np.asarray(enc.mean), np.asarray(enc.frame_num)
         examples, where = [], []
-        for k, (w, txt) in enumerate(zip(self.waves, self.texts)):
-            enc = encode(audio, w[None], np.array([len(w)], np.int32))
-            lat = np.asarray(enc.mean)[0, : int(enc.frame_num[0])]
+        for k, txt in enumerate(self.texts):
+            lat = means[k, : int(frames[k])]
             examples += [lm_data.tts_example(tok, txt, lat, p),
                          lm_data.asr_example(tok, lat, txt, text_lib.detect_lang(txt), p)]
             where += [2 * k, 2 * k + 1]

@@ -22,6 +22,7 @@ any checkpoint of the run into an export without the command line that made it.
 """
 from __future__ import annotations
 
+import abc
 import json
 import os
 import sys
@@ -42,10 +43,10 @@ class Step(NamedTuple):
     info: dict  # extra values for this step's log line
 
 
-class Stage:
-    """A training stage, as :func:`run` and :func:`export_checkpoint` use it. A subclass sets the attributes in its
-    constructor (built with ``data=False`` for an export: model, mesh and abstract state only) and implements the
-    methods."""
+class Stage(abc.ABC):
+    """A training stage, as :func:`run` and :func:`export_checkpoint` use it (an abstract base class). A subclass sets
+    the attributes in its constructor (built with ``data=False`` for an export: model, mesh and abstract state only)
+    and implements the abstract methods."""
 
     name = "stage"  # the progress bar's "train NAME"
     units = "units_per_s"  # the throughput metric's name
@@ -93,23 +94,24 @@ class Stage:
             raise SetupError(f"{path} has no usable records")
         return manifest.records
 
+    @abc.abstractmethod
     def init_state(self):
         """The initial train state, created in ``state_sh`` (a fresh workdir)."""
-        raise NotImplementedError
 
     def begin(self, state) -> None:
         """Called once the train state exists (created or restored), before the first step."""
 
+    @abc.abstractmethod
     def data_state(self) -> dict:
         """The data position (JSON), saved with each checkpoint."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def set_data_state(self, saved: dict) -> None:
-        raise NotImplementedError
+        """Move the data iterator to a position :meth:`data_state` returned (a resumed run)."""
 
+    @abc.abstractmethod
     def next_step(self, step: int) -> Step:
         """The program and global batch of step ``step`` (0-based: the number of steps done)."""
-        raise NotImplementedError
 
     def evaluate(self, step: int, state, writer) -> dict:
         """Held-out metrics at ``step`` (may also log audio / images / text through ``writer``)."""
@@ -119,9 +121,9 @@ class Stage:
         """The progress bar's fields of a logged step."""
         return {}
 
+    @abc.abstractmethod
     def export(self, state, out: str, step: int) -> str:
         """Write the inference export of ``state`` to ``out`` (process 0 writes); returns a line for the user."""
-        raise NotImplementedError
 
 
 def save_config(config, workdir: str) -> None:
