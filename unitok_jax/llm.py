@@ -281,6 +281,8 @@ class BailingMoeLM(nn.Module):
     * ``audio_mask`` / ``image_mask`` [B, T] bool: route those tokens with ``audio_gate`` / ``image_gate``
       (``multi_gate`` configs).
     * ``logits_index`` [B] int: compute logits only at that position of each row (-> [B, 1, V]).
+    * ``segment_ids`` [B, T] int with ``positions`` restarting per segment: packed training rows (each token
+      attends within its own segment only; no cache).
     * ``output_router`` / ``output_hidden_states``: per-layer router choices / the reference's hidden-states tuple.
 
     Returns a dict: ``logits`` [B, T, V] float32 (or None with ``return_logits=False``), ``hidden`` [B, T, D]
@@ -361,6 +363,7 @@ class BailingMoeLM(nn.Module):
         return_logits: bool = True,
         output_router: bool = False,
         output_hidden_states: bool = False,
+        segment_ids=None,
     ):
         cfg = self.cfg
         if (input_ids is None) == (inputs_embeds is None):
@@ -380,7 +383,8 @@ class BailingMoeLM(nn.Module):
             sub = None
             if cache is not None:
                 sub = {**cache, "k": cache["k"][start : start + n], "v": cache["v"][start : start + n]}
-            x, sub_new, lo = stack(x, positions=stack_positions, valid=valid, cache=sub, angles=angles, extra=extra)
+            x, sub_new, lo = stack(x, positions=stack_positions, valid=valid, cache=sub, angles=angles, extra=extra,
+                                  segment_ids=segment_ids)
             if cache is not None:
                 kvs.append(sub_new)
                 new_cache = sub_new

@@ -299,11 +299,13 @@ class Decoder(nn.Module):
         self.backbone = Stack(cfg.decoder)
         self.head = dense(cfg.n_fft + 2, True, ("embed", "spectrum"), "head", jnp.float32, pdt)
 
-    def unified(self, z, cache=None, valid=None):
-        """Latents [B, T, C] -> unified embedding [B, T, U] (and the new semantic cache)."""
+    def unified(self, z, cache=None, valid=None, positions=None, segment_ids=None):
+        """Latents [B, T, C] -> unified embedding [B, T, U] (and the new semantic cache). ``positions`` /
+        ``segment_ids`` [B, T]: packed rows (each segment's frames attend within the segment, positions restarting
+        per segment)."""
         h = self.fc2(jax.nn.gelu(self.fc1(z), approximate=False))
         self.sow("intermediates", "semantic_in", h)
-        y, cache, layers = self.semantic(h, cache=cache, valid=valid)
+        y, cache, layers = self.semantic(h, positions=positions, cache=cache, valid=valid, segment_ids=segment_ids)
         if self.capture_layers:
             self.sow("intermediates", "semantic_layers", layers)
         return y, cache
@@ -341,8 +343,8 @@ class AudioVAE(nn.Module):
     def encode_frames(self, frames, cache=None):
         return self.encoder(frames, cache)
 
-    def unified(self, z, cache=None, valid=None):
-        return self.decoder.unified(z, cache, valid)
+    def unified(self, z, cache=None, valid=None, positions=None, segment_ids=None):
+        return self.decoder.unified(z, cache, valid, positions, segment_ids)
 
     def spectrum(self, z, cache=None, valid=None):
         return self.decoder.spectrum(z, cache, valid)
@@ -433,14 +435,16 @@ def init_semantic_cache(cfg: VAEConfig, batch: int, max_frames: int) -> dict:
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
-def unified_embedding(params, cfg: VAEConfig, latent: jax.Array, cache: Optional[dict] = None, valid=None):
+def unified_embedding(params, cfg: VAEConfig, latent: jax.Array, cache: Optional[dict] = None, valid=None,
+                      positions=None, segment_ids=None):
     """Latents [B, T, C] -> (unified embedding [B, T, U], new cache or None).
 
     Whole-sequence with ``cache=None``; incremental when given a cache from :func:`init_semantic_cache` (chunks
     continue at the cache length; chunk-by-chunk equals whole-sequence). ``valid`` [B, T] marks real frames of a
-    right-padded chunk.
+    right-padded chunk. ``positions`` / ``segment_ids`` [B, T] (no cache): packed rows of several utterances, each
+    computed as if alone.
     """
-    emb, cache = _apply(params, cfg, AudioVAE.unified, latent, cache, valid)
+    emb, cache = _apply(params, cfg, AudioVAE.unified, latent, cache, valid, positions, segment_ids)
     return emb, cache
 
 

@@ -150,7 +150,8 @@ class Stack(nn.Module):
     Call: ``x`` [B, T, D]; ``positions`` [B, T] (default ``0..T-1`` or continuing the cache); ``valid`` [B, T] bool
     (tokens that exist; default all); ``cache`` from :func:`init_cache` or None; ``angles`` [B, T, d/2] to override
     the rotary angles (e.g. multi-component rotary); ``extra``: any pytree handed unchanged to every block (e.g. a
-    per-token modality mask for a custom block). Returns ``(y, new_cache, layer_outputs)`` where ``layer_outputs``
+    per-token modality mask for a custom block); ``segment_ids`` [B, T] int (packed rows, training only: with
+    ``positions`` restarting per segment, a token attends only to keys of its own segment). Returns ``(y, new_cache, layer_outputs)`` where ``layer_outputs``
     is whatever the blocks emit as their second output, stacked over layers: for :class:`Block`, [L, B, T, D] (the
     residual stream after each block) when ``emit_hidden`` else None.
 
@@ -165,9 +166,11 @@ class Stack(nn.Module):
     emit_hidden: bool = False
 
     @nn.compact
-    def __call__(self, x, positions=None, valid=None, cache=None, angles=None, extra=None):
+    def __call__(self, x, positions=None, valid=None, cache=None, angles=None, extra=None, segment_ids=None):
         cfg = self.cfg
         b, t = x.shape[:2]
+        if segment_ids is not None and (positions is None or cache is not None):
+            raise ValueError("segment_ids (packed sequences) need explicit positions and no cache")
         explicit_positions = positions is not None
         if positions is None:
             positions = kvcache.default_positions(b, t, cache)
@@ -193,6 +196,10 @@ class Stack(nn.Module):
             if need_mask:
                 full = kvcache.position_mask(positions, k_pos, cfg.causal, None)
                 win = kvcache.position_mask(positions, k_pos, cfg.causal, cfg.sliding_window) if flags.any() else None
+                if segment_ids is not None:  # packed rows: a query sees only keys of its own segment
+                    same = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+                    full = full & same
+                    win = None if win is None else win & same
             else:
                 full = win = None
             if flags.all() and flags.size:

@@ -251,3 +251,92 @@ def mix_examples(tts: Sequence[dict], asr: Sequence[dict], batch_size: int, tts_
     if (~is_tts).any() and not asr:
         raise ValueError("tts_fraction < 1 but there are no ASR examples")
     return [tts[rng.integers(len(tts))] if t else asr[rng.integers(len(asr))] for t in is_tts]
+
+
+def packed_shapes(rows: int, seq_len: int, patches: int, patch_size: int, latent_dim: int) -> dict:
+    """``{key: (shape, dtype)}`` of a packed batch (:func:`pack_examples`), e.g. to lower a train step without
+    data."""
+    r, s, n, p = rows, seq_len, patches, patch_size
+    out = {k: v for k, v in batch_shapes(r, s, n, p, latent_dim).items()
+           if k not in ("patch_start", "num_patches", "gen_patches")}
+    out.update({"positions": ((r, s), np.int32), "segment_ids": ((r, s), np.int32),
+                "seg_patch_start": ((r, s), np.int32), "seg_gen_patches": ((r, s), np.int32),
+                "latent_positions": ((r, n * p), np.int32), "latent_segment_ids": ((r, n * p), np.int32),
+                "history_reset": ((r, n), np.bool_), "patch_ids": ((r, n), np.int32)})
+    return out
+
+
+def pack_examples(examples: Sequence[dict], rows: int, seq_len: int, max_patches: int, *, pad_id: int = 0,
+                  where: Optional[Sequence[int]] = None, ids: Optional[Sequence[int]] = None,
+                  text_cap: int = 0, max_example_patches: int = 4096) -> tuple[dict, list[int]]:
+    """Pack examples into ``rows`` rows of ``seq_len`` tokens and ``max_patches`` audio patches each (training
+    with one batch shape). Example j goes to row ``where[j]`` when given, else to the first row with room (in the
+    given order). Returns (batch, indices of the examples that did not fit: a row's tokens, patches, or with
+    ``text_cap`` > 0 its labelled positions, which :func:`unitok_jax.training.lm_step.text_loss_at_labels` keeps
+    to ``text_cap`` per row).
+
+    Within a row the examples follow each other (tokens and latents in the same order, so the j-th
+    ``<audioPatch>`` of the row takes the row's j-th latent patch); each is a *segment* (ids 1, 2, ... in its row,
+    0 = padding) whose positions restart at 0, and attention (LLM and semantic module) stays inside a segment, so
+    every segment is computed as if it were alone in its row. Keys: those of :func:`make_batch` except the per-row
+    ``patch_start`` / ``num_patches`` / ``gen_patches`` / ``gen_start`` / ``is_tts``, plus ``positions``,
+    ``segment_ids``, ``seg_patch_start`` / ``seg_gen_patches`` (per position, its segment's first target patch
+    position in the row and target count: the stop labels) [rows, seq_len]; ``latent_positions``,
+    ``latent_segment_ids`` [rows, max_patches * p]; ``history_reset`` [rows, max_patches] (patches whose flow
+    history is zero: each segment's first patch and first generated patch); ``patch_ids`` [rows, max_patches]
+    (example id x ``max_example_patches`` + patch index, ``ids`` default 0, 1, ...: the per-patch flow noise)."""
+    if not examples:
+        raise ValueError("pack_examples needs at least one example")
+    c = examples[0]["latents"].shape[1]
+    p = examples[0]["latents"].shape[0] // max(int(examples[0]["num_patches"]), 1)
+    r, s, n = int(rows), int(seq_len), int(max_patches)
+    out = {k: np.full((r, s), v, np.int32 if k in ("input_ids", "text_labels") else bool) for k, v in _SEQ_KEYS.items()}
+    out["input_ids"][:] = pad_id
+    out["valid"] = np.zeros((r, s), bool)
+    for k in ("positions", "segment_ids", "seg_patch_start", "seg_gen_patches"):
+        out[k] = np.zeros((r, s), np.int32)
+    out["latents"] = np.zeros((r, n * p, c), np.float32)
+    out["latent_valid"] = np.zeros((r, n * p), bool)
+    out["latent_positions"] = np.zeros((r, n * p), np.int32)
+    out["latent_segment_ids"] = np.zeros((r, n * p), np.int32)
+    for k in ("patch_cond_index", "patch_ids"):
+        out[k] = np.zeros((r, n), np.int32)
+    out["flow_mask"] = np.zeros((r, n), bool)
+    out["history_reset"] = np.zeros((r, n), bool)
+    used = np.zeros((r, 3), np.int64)  # tokens, patches, labelled positions per row
+    unfit = []
+    for j, e in enumerate(examples):
+        if e["latents"].shape[1] != c or e["latents"].shape[0] != int(e["num_patches"]) * p:
+            raise ValueError(f"example {j} disagrees on the latent channels / patch size")
+        L, P = len(e["input_ids"]), int(e["num_patches"])
+        need = np.array([L, P, int(np.sum(e["text_labels"] != IGNORE))])
+        cap = np.array([s, n, text_cap if text_cap > 0 else np.iinfo(np.int64).max])
+        room = np.all(used + need <= cap, axis=1)
+        row = (int(where[j]) if room[int(where[j])] else -1) if where is not None else \
+            (int(np.argmax(room)) if room.any() else -1)
+        if row < 0:
+            unfit.append(j)
+            continue
+        if P > max_example_patches:
+            raise ValueError(f"example {j} has {P} patches > max_example_patches={max_example_patches}")
+        o, q = (int(x) for x in used[row, :2])
+        seg = int(np.max(out["segment_ids"][row])) + 1
+        used[row] += need
+        for k in _SEQ_KEYS:
+            out[k][row, o:o + L] = e[k]
+        out["valid"][row, o:o + L] = True
+        out["positions"][row, o:o + L] = np.arange(L)
+        out["segment_ids"][row, o:o + L] = seg
+        out["seg_patch_start"][row, o:o + L] = o + int(e["patch_start"])
+        out["seg_gen_patches"][row, o:o + L] = int(e["gen_patches"])
+        f0, f1 = q * p, (q + P) * p
+        out["latents"][row, f0:f1] = e["latents"]
+        out["latent_valid"][row, f0:f1] = True
+        out["latent_positions"][row, f0:f1] = np.arange(P * p)
+        out["latent_segment_ids"][row, f0:f1] = seg
+        out["patch_cond_index"][row, q:q + P] = o + np.asarray(e["patch_cond_index"])
+        g0 = int(e.get("gen_start", 0))
+        out["flow_mask"][row, q + g0:q + g0 + int(e["gen_patches"])] = True
+        out["history_reset"][row, q] = out["history_reset"][row, q + g0] = True
+        out["patch_ids"][row, q:q + P] = (j if ids is None else int(ids[j])) * max_example_patches + np.arange(P)
+    return out, unfit

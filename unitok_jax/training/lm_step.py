@@ -85,6 +85,17 @@ def text_loss_at_labels(params, cfg: UniAudioConfig, hidden, labels, valid, coun
     return loss, n, correct, dropped
 
 
+def flow_draws(key: jax.Array, patch_ids: jax.Array, shape: tuple, config: flow.FlowConfig):
+    """Flow-matching time [N] (:func:`flow.sample_time`) and noise [N, *shape] of N patches, each drawn from
+    ``fold_in(key, patch id)``: the same draw for a patch wherever the batch puts it (packed or one sequence per
+    row)."""
+    def one(i):
+        kt, kn = jax.random.split(jax.random.fold_in(key, i))
+        return flow.sample_time(kt, 1, config)[0], jax.random.normal(kn, shape, jnp.float32)
+
+    return jax.vmap(one)(patch_ids)
+
+
 def lm_loss(params, cfg: UniAudioConfig, batch: dict, key: jax.Array, *, stop_weight: float = 0.01,
             flow_weight: float = 1.0, text_weight: float = 1.0, aux_weight: float = 0.0, z_weight: float = 0.0,
             freeze_semantic: bool = True, deterministic: bool = False, mel_weight: float = 0.0,
@@ -105,8 +116,14 @@ def lm_loss(params, cfg: UniAudioConfig, batch: dict, key: jax.Array, *, stop_we
 
     # 1. semantic module (frozen by default) + pooling
     latents = batch["latents"].astype(jnp.float32)
+    packed = "segment_ids" in batch  # rows of several sequences (lm_data.pack_examples)
     if mel_weight > 0:  # stage S2: the full decoder path from the same unified embedding
+        if packed:
+            raise ValueError("the full-path mel loss (stage S2) takes unpacked batches")
         recon, unified = vae.decode_full(params["audio"], cfg.vae, latents)
+    elif packed:
+        unified, _ = vae.unified_embedding(params["audio"], cfg.vae, latents, positions=batch["latent_positions"],
+                                           segment_ids=batch["latent_segment_ids"])
     else:
         unified, _ = vae.unified_embedding(params["audio"], cfg.vae, latents)
     if freeze_semantic:
@@ -117,8 +134,9 @@ def lm_loss(params, cfg: UniAudioConfig, batch: dict, key: jax.Array, *, stop_we
     # 2. splice + one LLM forward
     embeds = model.splice_by_mask(model.embed_tokens(params, cfg, ids), pooled, batch["audio_patch_mask"])
     gate = batch["audio_gate"] & valid if cfg.llm.multi_gate else None
+    seq = {"positions": batch["positions"], "segment_ids": batch["segment_ids"]} if packed else {}
     out = model.llm_module(cfg).apply(model.llm_vars(params), inputs_embeds=embeds, valid=valid, audio_mask=gate,
-                                      return_logits=text_positions <= 0)
+                                      return_logits=text_positions <= 0, **seq)
     hidden = out["hidden"]  # [B, S, D], final-normed
 
     # 3a. text CE
@@ -133,18 +151,27 @@ def lm_loss(params, cfg: UniAudioConfig, batch: dict, key: jax.Array, *, stop_we
     cond = jnp.take_along_axis(hidden, batch["patch_cond_index"][:, :, None], axis=1)  # [B, N, D]
     target = latents.reshape(b, n, p, latents.shape[-1])
     history = jnp.concatenate([jnp.zeros_like(target[:, :1]), target[:, :-1]], axis=1)
-    if "gen_start" in batch:  # the first generated patch (an edit's first target patch) has a zero history
+    if packed:  # each segment's first patch and first generated patch have a zero history
+        history = jnp.where(batch["history_reset"][:, :, None, None], 0.0, history)
+    elif "gen_start" in batch:  # the first generated patch (an edit's first target patch) has a zero history
         first = jnp.arange(n)[None, :] == batch["gen_start"][:, None]
         history = jnp.where(first[:, :, None, None], 0.0, history)
     flow_mask = batch["flow_mask"]
+    t = noise = None
+    if "patch_ids" in batch:  # noise and time drawn per patch id: independent of the batch layout
+        t, noise = flow_draws(key, batch["patch_ids"].reshape(b * n), target.shape[2:], cfg.flow)
     flow_loss, _ = flow.dit_loss(params["flowloss"], cfg.flow, key, cond.reshape(b * n, 1, -1),
                                  target.reshape(b * n, p, -1), history.reshape(b * n, p, -1),
-                                 flow_mask.reshape(b * n), deterministic=deterministic)
+                                 flow_mask.reshape(b * n), deterministic=deterministic, t=t, noise=noise)
 
     # 3c. stop loss on the hiddens at the patch positions (TTS rows only: gen_patches is 0 for ASR)
-    labels = heads.stop_labels(batch["patch_start"], batch["gen_patches"], s)
+    if packed:
+        labels = heads.stop_labels(batch["seg_patch_start"], batch["seg_gen_patches"], s)
+    else:
+        labels = heads.stop_labels(batch["patch_start"], batch["gen_patches"], s)
     labels = jnp.where(valid, labels, IGNORE)
-    stop, stop_aux = heads.stop_loss(model.stop_logits(params, cfg, hidden), labels)
+    stop, stop_aux = heads.stop_loss(model.stop_logits(params, cfg, hidden), labels,
+                                     batch["segment_ids"] if packed else None)
 
     # 3d. MoE aux losses
     moe = out.get("moe")
