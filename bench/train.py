@@ -45,8 +45,10 @@ Issue 18 measurements (always run; ``--no-issue18`` skips them):
 
 * with ``--lm-plan WORKDIR`` (an LM-stage workdir, e.g. ``make demo``'s ``demo/work/lm``): the run's batches rebuilt
   from its ``config.json`` as its loop builds them (no training step): compiled programs, padding fraction and host
-  time per step with its length buckets and with one fixed shape; ``--json`` then carries ``host_wait_fraction``,
-  ``compiled_programs`` and ``padding_fraction`` (of the bucketed run).
+  time per step with its length buckets, with one fixed shape and (latent source) packed (``data.pack``: half as
+  many rows of the largest bucket's length, each holding several sequences); ``--json`` then carries
+  ``host_wait_fraction``, ``compiled_programs`` and ``padding_fraction`` (of the packed run; of the bucketed run
+  for an audio-source run).
 
   python bench/train.py [--quick] [--sizes tiny,small|none] [--official] [--peak-tflops X] [--lm-plan WORKDIR]
                         [--json PATH]
@@ -465,34 +467,50 @@ def lm_plan(workdir: str, quick: bool) -> dict:
             stage = LMStage(c, tmp)
             if c.data.source == "audio":
                 stage.begin(stage.init_state())
-            shapes, padding, host = set(), [], []
+            shapes, padding, host, seqs = set(), [], [], []
             for step in range(steps):
                 t0 = time.perf_counter()
                 todo = stage.next_step(step)
                 host.append(time.perf_counter() - t0)
-                shapes.add(tuple((k, v.shape) for k, v in sorted(todo.batch.items())))
-                padding.append(1.0 - float(np.mean(np.asarray(todo.batch["valid"]))))
+                b = todo.batch
+                shapes.add(tuple((k, v.shape) for k, v in sorted(b.items())))
+                valid = np.asarray(b["valid"])
+                padding.append(1.0 - float(np.mean(valid)))
+                seqs.append(sum(len(np.unique(r[r > 0])) for r in np.asarray(b["segment_ids"]))
+                            if "segment_ids" in b else int(np.sum(valid.any(axis=1))))
         dims = sorted({(dict(sh)["input_ids"][1], dict(sh)["latents"][1] // stage.cfg.patch_size) for sh in shapes})
         return {"steps": steps, "compiled_programs": len(shapes), "padding_fraction": float(np.mean(padding)),
                 "host_ms_per_step": 1000 * float(np.median(host)), "rows_skipped": stage.bad_records,
+                "sequences_per_step": float(np.mean(seqs)), "rows": int(c.data.batch_size),
                 "shapes": [list(d) for d in dims]}
 
     buckets = plan({})
     seq, patches = (max(d[i] for d in buckets["shapes"]) for i in (0, 1))
     fixed = plan({"data.seq_len": seq, "data.max_patches": patches})
-    out = {"workdir": workdir, "logged_step_s": step_s, "buckets": buckets, "fixed": fixed,
-           "host_wait_fraction": (buckets["host_ms_per_step"] / 1000 / step_s) if step_s else None,
-           "compiled_programs": buckets["compiled_programs"], "padding_fraction": buckets["padding_fraction"]}
+    # packed: rows of the largest bucket's length, half as many as the bucketed batch (each holds several sequences)
+    rows = max(1, int(config.data.batch_size) // 2)
+    packed = plan({"data.pack": True, "data.seq_len": seq, "data.max_patches": seq, "data.batch_size": rows}) \
+        if config.data.source == "latents" else None
+    main = packed or buckets
+    out = {"workdir": workdir, "logged_step_s": step_s, "buckets": buckets, "fixed": fixed, "packed": packed,
+           "host_wait_fraction": (main["host_ms_per_step"] / 1000 / step_s) if step_s else None,
+           "compiled_programs": main["compiled_programs"], "padding_fraction": main["padding_fraction"],
+           "of": "packed" if packed else "buckets"}
     print(f"\nLM stage batches of {workdir} ({steps} steps, as its loop builds them; no training step):")
-    print(f"{'shapes':<32} {'programs':>8} {'padding':>8} {'host ms/step':>12} {'rows skipped':>12}")
-    for name, r in (("length buckets (as trained)", buckets), (f"fixed {seq} x {patches} patches", fixed)):
-        print(f"{name:<32} {r['compiled_programs']:>8} {r['padding_fraction']:>8.1%} {r['host_ms_per_step']:>12.1f} "
-              f"{r['rows_skipped']:>12}")
+    print(f"{'shapes':<36} {'programs':>8} {'padding':>8} {'seqs/step':>9} {'host ms/step':>12} {'rows skipped':>12}")
+    cases = [("length buckets (as trained)", buckets), (f"fixed {seq} x {patches} patches", fixed)]
+    if packed:
+        cases.append((f"packed: {rows} rows x {seq} tokens", packed))
+    for name, r in cases:
+        print(f"{name:<36} {r['compiled_programs']:>8} {r['padding_fraction']:>8.1%} {r['sequences_per_step']:>9.1f} "
+              f"{r['host_ms_per_step']:>12.1f} {r['rows_skipped']:>12}")
     if step_s:
-        print(f"host share of the run's median logged step ({step_s * 1000:.0f} ms): "
+        print(f"host share of the run's median logged step ({step_s * 1000:.0f} ms), {out['of']}: "
               f"{out['host_wait_fraction']:.1%} (an upper bound of the device's wait: async dispatch overlaps it)")
-    print(f"fixed shape vs buckets: {fixed['compiled_programs']} vs {buckets['compiled_programs']} programs, padding "
-          f"{fixed['padding_fraction'] / max(buckets['padding_fraction'], 1e-9):.2f}x")
+    for name, r in (("fixed shape", fixed), ("packed", packed)):
+        if r:
+            print(f"{name} vs buckets: {r['compiled_programs']} vs {buckets['compiled_programs']} programs, padding "
+                  f"{r['padding_fraction'] / max(buckets['padding_fraction'], 1e-9):.2f}x")
     return out
 
 

@@ -30,15 +30,10 @@ def setup():
            lm_data.edit_example(tok, lat[200:260], "Delete the word 'there'.", lat[260:330],
                                 "he hoped <edit></edit> would be stew", P),
            lm_data.tts_example(tok, SENTENCES[2], lat[330:395])]
-    return tok, cfg, params, exs
-
-
-def _loss_and_grads(params, cfg, batch):
-    def f(prm):
-        return lm_step.lm_loss(prm, cfg, batch, jax.random.key(3), deterministic=True, aux_weight=0.1,
-                               z_weight=0.01)
-
-    return jax.jit(jax.value_and_grad(f, has_aux=True))(params)
+    # one jitted function for the module: a batch shape seen before is not compiled again
+    fn = jax.jit(jax.value_and_grad(lambda prm, batch: lm_step.lm_loss(
+        prm, cfg, batch, jax.random.key(3), deterministic=True, aux_weight=0.1, z_weight=0.01), has_aux=True))
+    return tok, cfg, params, exs, fn
 
 
 def _rel(a, b):
@@ -47,15 +42,15 @@ def _rel(a, b):
 
 
 def test_packed_batch_equals_one_sequence_per_row(setup):
-    tok, cfg, params, exs = setup
+    tok, cfg, params, exs, loss_and_grads = setup
     flat = lm_data.make_batch(exs, max_len=160, max_patches=32)
     flat.pop("is_tts")
     flat["patch_ids"] = (np.arange(len(exs))[:, None] * 4096 + np.arange(32)[None, :]).astype(np.int32)
     packed, unfit = lm_data.pack_examples(exs, rows=2, seq_len=400, max_patches=96, pad_id=tok.id("eos"))
     assert unfit == []
     assert packed["segment_ids"].max(axis=1).tolist() == [4, 2]  # first fit: four sequences, then two
-    (l0, m0), g0 = _loss_and_grads(params, cfg, flat)
-    (l1, m1), g1 = _loss_and_grads(params, cfg, packed)
+    (l0, m0), g0 = loss_and_grads(params, flat)
+    (l1, m1), g1 = loss_and_grads(params, packed)
     for k in ("loss", "text_ce", "flow", "stop", "text_acc", "stop_likely_pos", "stop_likely_neg", "moe_aux",
               "moe_z"):
         assert abs(float(m1[k]) - float(m0[k])) <= 1e-5 * max(1.0, abs(float(m0[k]))), (k, m0[k], m1[k])
@@ -71,17 +66,17 @@ def test_packed_batch_equals_one_sequence_per_row(setup):
 
 def test_without_segments_the_rows_would_mix(setup):
     """The segment mask is what keeps a packed row equal: the same row seen as one sequence gives another loss."""
-    tok, cfg, params, exs = setup
+    tok, cfg, params, exs, loss_and_grads = setup
     packed, _ = lm_data.pack_examples(exs, rows=2, seq_len=400, max_patches=96, pad_id=tok.id("eos"))
-    (l1, _), _ = _loss_and_grads(params, cfg, packed)
+    (l1, _), _ = loss_and_grads(params, packed)
     mixed = {**packed, "segment_ids": np.minimum(packed["segment_ids"], 1),
              "latent_segment_ids": np.minimum(packed["latent_segment_ids"], 1)}
-    (l2, _), _ = _loss_and_grads(params, cfg, mixed)
+    (l2, _), _ = loss_and_grads(params, mixed)
     assert abs(float(l2) - float(l1)) > 1e-4
 
 
 def test_pack_layout_and_what_does_not_fit(setup):
-    tok, cfg, params, exs = setup
+    tok, cfg, params, exs, loss_and_grads = setup
     lens = [len(e["input_ids"]) for e in exs]
     b, unfit = lm_data.pack_examples(exs, rows=1, seq_len=lens[0] + lens[1], max_patches=64)
     assert unfit == [2, 3, 4, 5] or all(lens[0] + lens[1] + lens[j] > lens[0] + lens[1] for j in unfit)

@@ -169,3 +169,71 @@ def test_edit_pairs_through_the_latent_cache(corpus):
     no_target = [{k: v for k, v in r.items() if k != "target_latents"} for r in recs]
     with pytest.raises(ValueError, match="target_latents"):
         lm_batches(no_target, batch_size=2, seed=0, source="latents", process_index=0, process_count=1)
+
+
+def test_packed_plans_fill_rows_and_split_over_processes(corpus, cache):
+    """Packed batches (issue 18, item 2): each batch is the records the plan placed in its rows (none over a row's
+    tokens), the processes' pieces make the one-process batch, every record comes once per epoch, and a restored
+    iterator continues exactly."""
+    from unitok_jax.data.pipeline import plan_packed
+
+    root, cfg, _ = corpus
+    sizes = [10 + r["frames"] // 5 for r in cache]  # 6 records of 15 .. 45 tokens
+    kw = dict(batch_size=2, seed=1, source="latents", hop=cfg.hop, row_sizes=[10] * len(cache), pack_len=60)
+    plan = plan_packed(sizes, rows=2, seq_len=60, seed=1, epoch=0)
+    assert sorted(i for b in plan for i, _ in b) == list(range(6))  # once per epoch
+    for b in plan:
+        for row in range(2):
+            assert sum(sizes[i] for i, r in b if r == row) <= 60
+    longer = plan_packed(sizes + [61], rows=2, seq_len=60, seed=1, epoch=0)  # the 61-token record is left out
+    assert sorted(i for b in longer for i, _ in b) == list(range(6))
+    whole = iter(lm_batches(cache, process_index=0, process_count=1, **kw))
+    parts = [iter(lm_batches(cache, process_index=i, process_count=2, **kw)) for i in range(2)]
+    seen = []
+    for j in range(len(plan)):
+        w, a, b = next(whole), next(parts[0]), next(parts[1])
+        assert [cache[i]["id"] for i, _ in plan[j]] == list(w["id"])
+        for part, row in ((a, 0), (b, 1)):  # process i loads the records of its row only
+            assert list(part["id"]) == [cache[i]["id"] for i, r in plan[j] if r == row]
+        assert set(a["pack_row"]) <= {0} and set(b["pack_row"]) <= {0}  # one row each, local index 0
+        for k in range(len(w["id"])):
+            rec = next(r for r in cache if r["id"] == w["id"][k])
+            assert int(w["lengths"][k]) == rec["frames"]
+            np.testing.assert_array_equal(w["mean"][k, :rec["frames"]], np.load(rec["latents"])[:, 0])
+        seen += list(w["id"])
+    assert sorted(seen) == sorted(r["id"] for r in cache)
+    state = whole.get_state()
+    after = [next(whole)["id"].tolist() for _ in range(3)]
+    again = iter(lm_batches(cache, process_index=0, process_count=1, **kw))
+    again.set_state(state)
+    assert [next(again)["id"].tolist() for _ in range(3)] == after
+    with pytest.raises(ValueError, match="latent cache"):
+        lm_batches(cache, batch_size=2, seed=1, hop=cfg.hop, row_sizes=[10] * len(cache), pack_len=60,
+                   process_index=0, process_count=1)
+    with pytest.raises(ValueError, match="0 of 6 records fit 12 tokens"):
+        lm_batches(cache, **{**kw, "pack_len": 12}, process_index=0, process_count=1)
+
+
+def test_packed_lm_run_compiles_one_step_program(corpus, cache, tmp_path):
+    """A whole LM run on packed rows (data.pack): one batch shape, so one compiled step program; the rows are mostly
+    sequences, not padding; every record fits (none skipped)."""
+    from unitok_jax.configs import lm as lm_configs
+    from unitok_jax.training import loop
+
+    root = corpus[0]
+    config = lm_configs.get_config("tiny")
+    config.data.manifest = str(root / "cache" / "manifest.jsonl")
+    config.init.vae = str(root / "vae")
+    config.data.update(source="latents", pack=True, seq_len=256, max_patches=64, batch_size=2)
+    config.train.update(steps=4, warmup_steps=0)
+    config.update(log_every=1)
+    stage = loop.build_stage(config, str(tmp_path))
+    assert loop.run(stage, config, str(tmp_path)) == 0
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl") if '"loss"' in line]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert {r["compiled_programs"] for r in rows} == {1}
+    assert all(np.isfinite(r["loss"]) for r in rows) and stage.bad_records == 0
+    assert min(r["padding"] for r in rows) < 0.4  # 2 rows of 256 tokens: the sequences share them
+    config.data.source = "audio"
+    with pytest.raises(Exception, match="data.source=latents"):
+        loop.build_stage(config, str(tmp_path / "audio"))

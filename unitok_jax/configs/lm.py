@@ -71,6 +71,9 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     # Fixed batch shapes (one compilation; rows that do not fit are skipped and counted). 0: length buckets.
     c.data.seq_len = 0
     c.data.max_patches = 0
+    # Packing (data.source=latents): each of the batch_size rows of seq_len tokens / max_patches patches holds as
+    # many whole sequences as fit (attention stays inside each); one step program, little padding.
+    c.data.pack = False
     # Held-out evaluation every `sample_every` steps (and at the end) when set: `heldout_size` records spread over
     # this manifest ({id, audio, text}, not trained on), as TTS + ASR sequences through the loss (heldout/*), and the
     # first `sample_audio` of them transcribed and spoken by the model (TensorBoard text and audio, heldout/asr_cer).

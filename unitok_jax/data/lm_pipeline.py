@@ -37,7 +37,7 @@ import grain
 import numpy as np
 
 from unitok_jax.audio import SAMPLE_RATE
-from unitok_jax.data.pipeline import EpochPlans, load_record_audio, shard_range
+from unitok_jax.data.pipeline import EpochPlans, bucket_plans, load_record_audio, plan_packed, shard_range
 from unitok_jax.io import load_npy
 from unitok_jax.shapes import bucket
 
@@ -57,10 +57,17 @@ def lm_batches(records: Sequence[dict], *, batch_size: int, seed: int, source: s
                hop: int = 320, buckets_seconds: Sequence[float] = (2.0, 4.0, 8.0, 16.0, 32.0),
                max_seconds: float = 32.0, sample_rate: int = SAMPLE_RATE, process_index: Optional[int] = None,
                process_count: Optional[int] = None, num_epochs: int = 1000, window: int = 64,
-               row_sizes: Optional[Sequence[int]] = None):
+               row_sizes: Optional[Sequence[int]] = None, pack_len: int = 0, patch_size: int = 5):
     """This process's ``batch_size / process_count`` rows of each global batch of ``batch_size`` (see the module
     docstring). ``hop``: waveform samples per latent frame (latent source: the bucket length in frames). Records need
-    ``duration`` (``read_manifest(add_durations=True)``; the latent cache writes it)."""
+    ``duration`` (``read_manifest(add_durations=True)``; the latent cache writes it).
+
+    ``pack_len`` > 0 (latent source, with ``row_sizes``): packed batches of ``batch_size`` rows of ``pack_len``
+    tokens (:func:`unitok_jax.data.pipeline.plan_packed`; a record's size is its ``row_sizes`` entry plus the
+    patches of ``patch_size`` frames of its audio, an edit's source and target both). Each batch holds a varying
+    number of records: this process's are those planned in its rows, each whole (up to ``max_seconds``), with
+    ``"pack_row"`` [k] (its row among this process's rows) and ``"row"`` [k] (its place in the global batch's plan,
+    for seeding)."""
     if source not in ("audio", "latents"):
         raise ValueError(f"source={source!r}: choose 'audio' or 'latents'")
     index, count = shard_range(process_index, process_count)
@@ -76,7 +83,6 @@ def lm_batches(records: Sequence[dict], *, batch_size: int, seed: int, source: s
             raise ValueError(f"{len(missing)} records have no 'latents' file (first: {missing[0]!r}); "
                              f"build the cache with python -m unitok_jax.data.latent_cache")
     durations = [min(float(r["duration"]), max_seconds) for r in recs]
-    plans = grain.MapDataset.source(EpochPlans(durations, batch_size, seed, window, num_epochs))
 
     edit = any("target_audio" in r for r in recs)
     if edit:
@@ -91,14 +97,35 @@ def lm_batches(records: Sequence[dict], *, batch_size: int, seed: int, source: s
                                  f"python -m unitok_jax.data.latent_cache")
         durations = [min(max(float(r["duration"]), float(r.get("target_duration", r["duration"]))), max_seconds)
                      for r in recs]
-        plans = grain.MapDataset.source(EpochPlans(durations, batch_size, seed, window, num_epochs))
 
     if row_sizes is not None and len(row_sizes) != len(recs):
         raise ValueError(f"row_sizes has {len(row_sizes)} entries for {len(recs)} records")
+    max_frames = int(math.ceil(max_seconds * sample_rate / hop))
+
+    def packed_frames(r: dict, pre: str) -> int:
+        """The latent frames a packed batch takes of a record (``pre`` "target_": an edit's target): the cache's
+        ``frames`` (else ceil(duration * rate / hop)), up to ``max_seconds``."""
+        n = r.get(pre + "frames")
+        if n is None:
+            n = math.ceil(round(float(r.get(pre + "duration", r["duration"])) * sample_rate / hop, 6))
+        return min(int(n), max_frames)
+
+    if pack_len:
+        if source != "latents" or row_sizes is None:
+            raise ValueError("packed batches (pack_len > 0) read the latent cache (source='latents') and need "
+                             "row_sizes")
+
+        sizes = [int(row_sizes[i]) + packed_frames(r, "") // patch_size
+                 + (packed_frames(r, "target_") // patch_size if edit else 0) for i, r in enumerate(recs)]
+        plans = grain.MapDataset.source(EpochPlans(
+            lambda e: plan_packed(sizes, rows=batch_size, seq_len=pack_len, seed=seed, epoch=e), num_epochs,
+            f"one packed batch ({sum(s <= pack_len for s in sizes)} of {len(recs)} records fit {pack_len} tokens)"))
+    else:
+        plans = grain.MapDataset.source(bucket_plans(durations, batch_size, seed, window, num_epochs))
 
     def meta(rows: list[int], idx: list[int], plan: list[int]) -> dict:
         extra = {}
-        if row_sizes is not None:
+        if row_sizes is not None and plan:
             extra["plan_size"] = np.int64(max(int(row_sizes[i]) for i in plan))
         if edit:
             extra.update({k: np.array([recs[i].get(k) for i in idx], dtype=object)
@@ -138,17 +165,17 @@ def lm_batches(records: Sequence[dict], *, batch_size: int, seed: int, source: s
 
     c = None
 
-    def latents_into(paths: list, frames: int):
-        """(mean, std [local, frames, C], lengths [local], readable [local]) of the cache files."""
+    def latents_into(paths: list, frames: int, rows: int = local):
+        """(mean, std [rows, frames, C], lengths [rows], readable [rows]) of the cache files."""
         nonlocal c
         loaded = [load_latents(p) for p in paths]
         if c is None:
             c = next((x.shape[2] for x in loaded if x is not None), None)
         ch = c or 1
-        mean = np.zeros((local, frames, ch), np.float32)
-        std = np.zeros((local, frames, ch), np.float32)
-        lengths = np.zeros((local,), np.int32)
-        ok = np.zeros((local,), bool)
+        mean = np.zeros((rows, frames, ch), np.float32)
+        std = np.zeros((rows, frames, ch), np.float32)
+        lengths = np.zeros((rows,), np.int32)
+        ok = np.zeros((rows,), bool)
         for k, x in enumerate(loaded):
             if x is not None and x.shape[2] == ch and len(x):
                 x = x[:frames]
@@ -168,4 +195,24 @@ def lm_batches(records: Sequence[dict], *, batch_size: int, seed: int, source: s
             out.update(target_mean=tm, target_std=ts, target_lengths=tl, ok=ok & t_ok)
         return out
 
+    def packed_latents(idx: list, pre: str):
+        """latents_into for packed records: each cut to the frames its plan counted."""
+        planned = np.asarray([packed_frames(recs[i], pre) for i in idx], np.int32)
+        mean, std, lengths, ok = latents_into([recs[i][pre + "latents"] for i in idx],
+                                              max([1] + planned.tolist()), len(idx))
+        return mean, std, np.minimum(lengths, planned), ok
+
+    def load_packed_batch(plan: list) -> dict:
+        mine = [(g, i, r - index * local) for g, (i, r) in enumerate(plan) if index * local <= r < (index + 1) * local]
+        idx = [i for _, i, _ in mine]
+        mean, std, lengths, ok = packed_latents(idx, "")
+        out = {"mean": mean, "std": std, "lengths": lengths, "ok": ok, **meta([g for g, _, _ in mine], idx, [])}
+        out["pack_row"] = np.asarray([r for _, _, r in mine], np.int32)
+        if edit:
+            tm, ts, tl, t_ok = packed_latents(idx, "target_")
+            out.update(target_mean=tm, target_std=ts, target_lengths=tl, ok=ok & t_ok)
+        return out
+
+    if pack_len:
+        return plans.map(load_packed_batch).to_iter_dataset()
     return plans.map(load_audio_batch if source == "audio" else load_latent_batch).to_iter_dataset()

@@ -15,7 +15,7 @@ shapes never change and training counts and skips it.
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import grain
 import numpy as np
@@ -153,27 +153,57 @@ def plan_buckets(durations: Sequence[float], *, batch_size: int, seed: int, epoc
     return batches
 
 
-class EpochPlans:
-    """A grain random-access source: batch ``i`` of ``num_epochs`` epochs, each planned by :func:`plan_buckets`
-    on demand (only the current epoch's plan is kept)."""
+def plan_packed(sizes: Sequence[int], *, rows: int, seq_len: int, seed: int, epoch: int) -> list[list[tuple]]:
+    """One epoch of packed batches: shuffle, then place each record (its size: the most tokens its sequence can
+    take) in the first of the current batch's ``rows`` rows of ``seq_len`` tokens with room, opening the next batch
+    when none has room. A batch is a list of ``(record index, row)``. Records larger than ``seq_len`` are left out.
+    Deterministic in (seed, epoch)."""
+    rng = np.random.default_rng([seed, epoch])
+    batches, current, free = [], [], np.full(rows, seq_len, np.int64)
+    for i in rng.permutation(len(sizes)):
+        size = int(sizes[i])
+        if size > seq_len:
+            continue
+        room = np.flatnonzero(free >= size)
+        if not len(room):
+            batches.append(current)
+            current, free = [], np.full(rows, seq_len, np.int64)
+            room = [0]
+        free[room[0]] -= size
+        current.append((int(i), int(room[0])))
+    if current:
+        batches.append(current)
+    return batches
 
-    def __init__(self, durations, batch_size, seed, window, num_epochs):
-        self.durations, self.batch_size, self.seed, self.window = list(durations), batch_size, seed, window
-        self.per_epoch = len(plan_buckets(self.durations, batch_size=batch_size, seed=seed, epoch=0, window=window))
+
+class EpochPlans:
+    """A grain random-access source: batch ``i`` of ``num_epochs`` epochs, each planned by ``plan_epoch(epoch)``
+    (a list of batches) on demand; only the current epoch's plan is kept. Every epoch counts as many batches as
+    epoch 0: a shorter one starts over from its first batch, a longer one is cut."""
+
+    def __init__(self, plan_epoch: Callable[[int], list], num_epochs: int, what: str = "one batch"):
+        self.plan_epoch = plan_epoch
+        self._cache: dict[int, list] = {0: plan_epoch(0)}
+        self.per_epoch = len(self._cache[0])
         if self.per_epoch == 0:
-            raise ValueError(f"fewer records ({len(self.durations)}) than one batch ({batch_size})")
+            raise ValueError(f"the records do not fill {what}")
         self.num_epochs = num_epochs
-        self._cache: dict[int, list] = {}
 
     def __len__(self) -> int:
         return self.per_epoch * self.num_epochs
 
-    def __getitem__(self, i: int) -> list[int]:
+    def __getitem__(self, i: int) -> list:
         epoch, j = divmod(int(i), self.per_epoch)
         if epoch not in self._cache:
-            self._cache = {epoch: plan_buckets(self.durations, batch_size=self.batch_size, seed=self.seed,
-                                               epoch=epoch, window=self.window)}
-        return self._cache[epoch][j]
+            self._cache = {epoch: self.plan_epoch(epoch)}
+        plan = self._cache[epoch]
+        return plan[j % len(plan)]
+
+
+def bucket_plans(durations: Sequence[float], batch_size: int, seed: int, window: int, num_epochs: int) -> EpochPlans:
+    """:class:`EpochPlans` of :func:`plan_buckets`."""
+    return EpochPlans(lambda e: plan_buckets(durations, batch_size=batch_size, seed=seed, epoch=e, window=window),
+                      num_epochs, f"one batch of {batch_size} ({len(durations)} records)")
 
 
 def bucketed_batches(records: Sequence[dict], *, batch_size: int, seed: int,
@@ -185,7 +215,7 @@ def bucketed_batches(records: Sequence[dict], *, batch_size: int, seed: int,
     index, count = shard_range(shard_index, shard_count)
     recs = list(records)
     durations = [min(float(r["duration"]), max_seconds) for r in recs]
-    plans = grain.MapDataset.source(EpochPlans(durations, batch_size, seed, window, num_epochs))[index::count]
+    plans = grain.MapDataset.source(bucket_plans(durations, batch_size, seed, window, num_epochs))[index::count]
 
     def load_batch(idx: list[int]) -> dict:
         length = int(bucket(max(durations[i] for i in idx), buckets_seconds, clamp=True) * sample_rate)

@@ -268,7 +268,8 @@ def packed_shapes(rows: int, seq_len: int, patches: int, patch_size: int, latent
 
 def pack_examples(examples: Sequence[dict], rows: int, seq_len: int, max_patches: int, *, pad_id: int = 0,
                   where: Optional[Sequence[int]] = None, ids: Optional[Sequence[int]] = None,
-                  text_cap: int = 0, max_example_patches: int = 4096) -> tuple[dict, list[int]]:
+                  text_cap: int = 0, max_example_patches: int = 4096, latent_dim: Optional[int] = None,
+                  patch_size: Optional[int] = None) -> tuple[dict, list[int]]:
     """Pack examples into ``rows`` rows of ``seq_len`` tokens and ``max_patches`` audio patches each (training
     with one batch shape). Example j goes to row ``where[j]`` when given, else to the first row with room (in the
     given order). Returns (batch, indices of the examples that did not fit: a row's tokens, patches, or with
@@ -284,11 +285,15 @@ def pack_examples(examples: Sequence[dict], rows: int, seq_len: int, max_patches
     position in the row and target count: the stop labels) [rows, seq_len]; ``latent_positions``,
     ``latent_segment_ids`` [rows, max_patches * p]; ``history_reset`` [rows, max_patches] (patches whose flow
     history is zero: each segment's first patch and first generated patch); ``patch_ids`` [rows, max_patches]
-    (example id x ``max_example_patches`` + patch index, ``ids`` default 0, 1, ...: the per-patch flow noise)."""
-    if not examples:
-        raise ValueError("pack_examples needs at least one example")
-    c = examples[0]["latents"].shape[1]
-    p = examples[0]["latents"].shape[0] // max(int(examples[0]["num_patches"]), 1)
+    (example id x ``max_example_patches`` + patch index, ``ids`` default 0, 1, ...: the per-patch flow noise).
+    ``latent_dim`` / ``patch_size``: the latent shape when there may be no example (an all-padding batch)."""
+    if examples:
+        c = examples[0]["latents"].shape[1]
+        p = examples[0]["latents"].shape[0] // max(int(examples[0]["num_patches"]), 1)
+    elif latent_dim is None or patch_size is None:
+        raise ValueError("pack_examples needs at least one example, or latent_dim and patch_size")
+    else:
+        c, p = int(latent_dim), int(patch_size)
     r, s, n = int(rows), int(seq_len), int(max_patches)
     out = {k: np.full((r, s), v, np.int32 if k in ("input_ids", "text_labels") else bool) for k, v in _SEQ_KEYS.items()}
     out["input_ids"][:] = pad_id

@@ -317,6 +317,13 @@ class LMStage(Stage):
             self.edits = self.read_manifest("edit_manifest", "edit pairs", require_text=True, add_durations=True)
         if self.s2 and config.data.source != "audio":
             raise SetupError("train.objective=s2 decodes the waveform: it needs data.source=audio")
+        if config.data.get("pack", False):
+            if config.data.source != "latents":
+                raise SetupError("data.pack=True reads the latent cache: set data.source=latents (python -m "
+                                 "unitok_jax.data.latent_cache builds it)")
+            if config.data.seq_len <= 0 or config.data.max_patches <= 0:
+                raise SetupError("data.pack=True needs the packed row size: data.seq_len > 0 and "
+                                 "data.max_patches > 0")
         if self.s2 and config.data.edit_manifest:
             raise SetupError("train.objective=s2 trains on ASR sequences only: unset data.edit_manifest")
         if self.s2 and not config.init.checkpoint:
@@ -334,9 +341,13 @@ class LMStage(Stage):
             return lm_batches(records, batch_size=config.data.batch_size, seed=seed, source=config.data.source,
                               hop=cfg.vae.hop, buckets_seconds=tuple(config.data.buckets_seconds),
                               max_seconds=config.data.max_seconds, sample_rate=cfg.vae.sample_rate,
-                              row_sizes=row_sizes(records, tok, p, edit=edit))
+                              row_sizes=row_sizes(records, tok, p, edit=edit),
+                              pack_len=config.data.seq_len if config.data.get("pack", False) else 0, patch_size=p)
 
-        self.it = iter(batches(self.records, config.seed, False))
+        try:
+            self.it = iter(batches(self.records, config.seed, False))
+        except ValueError as e:
+            raise SetupError(f"{config.data.manifest}: {e}") from None
         self.edit_it = None
         if self.edits is not None:
             try:
@@ -442,14 +453,21 @@ class LMStage(Stage):
         else:
             examples, where, skipped = examples_from_rows(rows, mean, std, frames, tok, p, seed=config.seed,
                                                           step=step, tts_fraction=self.tts_fraction)
-        examples, where, unfit = fit_examples(config, examples, where)
-        self.bad_records += skipped + unfit
-        # shapes from the plan (the bucket's patches, the global batch's longest text): no agreement needed
-        patches = mean.shape[1] // p + (tgt[0].shape[1] // p if use_edit else 0)
-        max_len, max_patches = planned_sizes(rows["plan_size"], patches, config.data.seq_len,
-                                             config.data.max_patches)
-        local = place(examples, where, self.local_rows, max_len, max_patches, tok.id("eos"), c, p)
-        local.pop("is_tts")
+        if config.data.get("pack", False):  # the rows the plan gave each record; one batch shape for the whole run
+            local, unfit = lm_data.pack_examples(
+                examples, self.local_rows, config.data.seq_len, config.data.max_patches, pad_id=tok.id("eos"),
+                where=[int(rows["pack_row"][k]) for k in where], ids=[int(rows["row"][k]) for k in where],
+                text_cap=config.train.get("text_positions", 0), latent_dim=c, patch_size=p)
+            self.bad_records += skipped + len(unfit)
+        else:
+            examples, where, unfit = fit_examples(config, examples, where)
+            self.bad_records += skipped + unfit
+            # shapes from the plan (the bucket's patches, the global batch's longest text): no agreement needed
+            patches = mean.shape[1] // p + (tgt[0].shape[1] // p if use_edit else 0)
+            max_len, max_patches = planned_sizes(rows["plan_size"], patches, config.data.seq_len,
+                                                 config.data.max_patches)
+            local = place(examples, where, self.local_rows, max_len, max_patches, tok.id("eos"), c, p)
+            local.pop("is_tts")
         if self.s2:  # the waveform each row's latents came from, for the full-path mel loss
             local.update(row_waves(rows, where, local["latent_valid"], max_patches * p * cfg.vae.hop, cfg.vae.hop))
         units = float(local["valid"].sum()) * self.nproc
