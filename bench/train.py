@@ -45,13 +45,14 @@ Issue 18 measurements (always run; ``--no-issue18`` skips them):
 
 * with ``--lm-plan WORKDIR`` (an LM-stage workdir, e.g. ``make demo``'s ``demo/work/lm``): the run's batches rebuilt
   from its ``config.json`` as its loop builds them (no training step): compiled programs, padding fraction and host
-  time per step with its length buckets, with one fixed shape and (latent source) packed (``data.pack``: half as
-  many rows of the largest bucket's length, each holding several sequences); ``--json`` then carries
+  time per step with its length buckets, with one fixed shape and (latent source) packed (``data.pack``, rows x
+  tokens x patches from ``--pack-shape``, default the run's batch size x 256 x 96); ``--json`` then carries
   ``host_wait_fraction``, ``compiled_programs`` and ``padding_fraction`` (of the packed run; of the bucketed run
-  for an audio-source run).
+  for an audio-source run). ``--lm-plan-steps N`` also runs the first N steps of each (random params; every batch
+  shape compiled first, not timed): ms per step and real (non-padding) tokens per second, the ratio to the buckets.
 
   python bench/train.py [--quick] [--sizes tiny,small|none] [--official] [--peak-tflops X] [--lm-plan WORKDIR]
-                        [--json PATH]
+                        [--pack-shape ROWSxTOKENSxPATCHES] [--json PATH]
 """
 from __future__ import annotations
 
@@ -437,7 +438,28 @@ def issue18(quick: bool, baseline_rev: str) -> dict:
     return {"lm_step_memory": mem, "host_collectives": coll}
 
 
-def lm_plan(workdir: str, quick: bool) -> dict:
+def time_steps_of(stage, todos: list) -> dict:
+    """Train steps of the first batches of a plan, each batch shape compiled first (not timed): real (non-padding)
+    tokens per second and ms per step."""
+    state = stage.init_state()
+    seen = set()
+    for t in todos:
+        shape = tuple((k, v.shape) for k, v in sorted(t.batch.items()))
+        if shape not in seen:
+            seen.add(shape)
+            state, m = t.fn(state, t.batch)
+            jax.block_until_ready(m)
+    t0 = time.perf_counter()
+    real = 0.0
+    for t in todos:
+        state, m = t.fn(state, t.batch)
+        real += float(np.sum(np.asarray(t.batch["valid"])))
+    jax.block_until_ready(state)
+    dt = time.perf_counter() - t0
+    return {"timed_steps": len(todos), "step_ms": 1000 * dt / len(todos), "real_tokens_per_s": real / dt}
+
+
+def lm_plan(workdir: str, quick: bool, pack_shape: tuple = (0, 256, 96), time_steps: int = 0) -> dict:
     """The LM stage's batches of a run, built as its training loop builds them (``LMStage.next_step``, from the
     run's ``config.json``; no training step): compiled step programs (distinct batch shapes), padding fraction and
     host milliseconds per step, for the run's length buckets and for one fixed shape (``data.seq_len`` /
@@ -467,19 +489,22 @@ def lm_plan(workdir: str, quick: bool) -> dict:
             stage = LMStage(c, tmp)
             if c.data.source == "audio":
                 stage.begin(stage.init_state())
-            shapes, padding, host, seqs = set(), [], [], []
+            shapes, padding, host, seqs, todos = set(), [], [], [], []
             for step in range(steps):
                 t0 = time.perf_counter()
                 todo = stage.next_step(step)
                 host.append(time.perf_counter() - t0)
+                if step < time_steps:
+                    todos.append(todo)
                 b = todo.batch
                 shapes.add(tuple((k, v.shape) for k, v in sorted(b.items())))
                 valid = np.asarray(b["valid"])
                 padding.append(1.0 - float(np.mean(valid)))
                 seqs.append(sum(len(np.unique(r[r > 0])) for r in np.asarray(b["segment_ids"]))
                             if "segment_ids" in b else int(np.sum(valid.any(axis=1))))
+            timed = time_steps_of(stage, todos) if todos else {}
         dims = sorted({(dict(sh)["input_ids"][1], dict(sh)["latents"][1] // stage.cfg.patch_size) for sh in shapes})
-        return {"steps": steps, "compiled_programs": len(shapes), "padding_fraction": float(np.mean(padding)),
+        return {**timed, "steps": steps, "compiled_programs": len(shapes), "padding_fraction": float(np.mean(padding)),
                 "host_ms_per_step": 1000 * float(np.median(host)), "rows_skipped": stage.bad_records,
                 "sequences_per_step": float(np.mean(seqs)), "rows": int(c.data.batch_size),
                 "shapes": [list(d) for d in dims]}
@@ -487,30 +512,37 @@ def lm_plan(workdir: str, quick: bool) -> dict:
     buckets = plan({})
     seq, patches = (max(d[i] for d in buckets["shapes"]) for i in (0, 1))
     fixed = plan({"data.seq_len": seq, "data.max_patches": patches})
-    # packed: rows of the largest bucket's length, half as many as the bucketed batch (each holds several sequences)
-    rows = max(1, int(config.data.batch_size) // 2)
-    packed = plan({"data.pack": True, "data.seq_len": seq, "data.max_patches": seq, "data.batch_size": rows}) \
-        if config.data.source == "latents" else None
+    # packed: pack_shape = (rows, tokens, patches) of a packed batch (rows 0: the run's batch size)
+    rows, pack_seq, pack_patches = pack_shape
+    rows = rows or int(config.data.batch_size)
+    packed = plan({"data.pack": True, "data.seq_len": pack_seq, "data.max_patches": pack_patches,
+                   "data.batch_size": rows}) if config.data.source == "latents" else None
     main = packed or buckets
     out = {"workdir": workdir, "logged_step_s": step_s, "buckets": buckets, "fixed": fixed, "packed": packed,
            "host_wait_fraction": (main["host_ms_per_step"] / 1000 / step_s) if step_s else None,
            "compiled_programs": main["compiled_programs"], "padding_fraction": main["padding_fraction"],
            "of": "packed" if packed else "buckets"}
     print(f"\nLM stage batches of {workdir} ({steps} steps, as its loop builds them; no training step):")
-    print(f"{'shapes':<36} {'programs':>8} {'padding':>8} {'seqs/step':>9} {'host ms/step':>12} {'rows skipped':>12}")
+    print(f"{'shapes':<36} {'programs':>8} {'padding':>8} {'seqs/step':>9} {'host ms/step':>12} {'rows skipped':>12}"
+          + (f" {'step ms':>8} {'real tok/s':>10}" if time_steps else ""))
     cases = [("length buckets (as trained)", buckets), (f"fixed {seq} x {patches} patches", fixed)]
     if packed:
-        cases.append((f"packed: {rows} rows x {seq} tokens", packed))
+        cases.append((f"packed: {rows} x {pack_seq} tok / {pack_patches} patches", packed))
     for name, r in cases:
+        timed = (f" {r['step_ms']:>8.0f} {r['real_tokens_per_s']:>10.0f}" if "step_ms" in r else "")
         print(f"{name:<36} {r['compiled_programs']:>8} {r['padding_fraction']:>8.1%} {r['sequences_per_step']:>9.1f} "
-              f"{r['host_ms_per_step']:>12.1f} {r['rows_skipped']:>12}")
+              f"{r['host_ms_per_step']:>12.1f} {r['rows_skipped']:>12}{timed}")
     if step_s:
         print(f"host share of the run's median logged step ({step_s * 1000:.0f} ms), {out['of']}: "
               f"{out['host_wait_fraction']:.1%} (an upper bound of the device's wait: async dispatch overlaps it)")
     for name, r in (("fixed shape", fixed), ("packed", packed)):
         if r:
+            speed = (f", real tokens/s {r['real_tokens_per_s'] / buckets['real_tokens_per_s']:.2f}x"
+                     if "real_tokens_per_s" in r else "")
             print(f"{name} vs buckets: {r['compiled_programs']} vs {buckets['compiled_programs']} programs, padding "
-                  f"{r['padding_fraction'] / max(buckets['padding_fraction'], 1e-9):.2f}x")
+                  f"{r['padding_fraction'] / max(buckets['padding_fraction'], 1e-9):.2f}x{speed}")
+            if speed:
+                out[f"{name.split()[0]}_vs_buckets_tokens_per_s"] = r["real_tokens_per_s"] / buckets["real_tokens_per_s"]
     return out
 
 
@@ -532,6 +564,11 @@ def main(argv=None) -> int:
     ap.add_argument("--peak-tflops", type=float, help="peak TFLOP/s per device for MFU (default: from the table)")
     ap.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     ap.add_argument("--no-issue18", action="store_true", help="skip the LM step memory / host collectives section")
+    ap.add_argument("--pack-shape", default="0x256x96", metavar="ROWSxTOKENSxPATCHES",
+                    help="--lm-plan's packed batch (rows 0: the run's batch size; default 0x256x96)")
+    ap.add_argument("--lm-plan-steps", type=int, default=0, metavar="N",
+                    help="with --lm-plan: also run N train steps of each plan (every shape compiled first) and report "
+                         "real tokens/s (minutes on CPU)")
     ap.add_argument("--lm-plan", metavar="WORKDIR",
                     help="an LM-stage workdir (e.g. make demo's demo/work/lm): its batches' compiled programs, "
                          "padding and host time per step, buckets vs one fixed shape")
@@ -637,7 +674,8 @@ def main(argv=None) -> int:
               f"{o['h100_bf16_step_ms_at_peak']:.1f} ms")
 
     i18 = None if args.no_issue18 else issue18(args.quick, args.baseline_rev)
-    plan = lm_plan(args.lm_plan, args.quick) if args.lm_plan else None
+    plan = lm_plan(args.lm_plan, args.quick, tuple(int(x) for x in args.pack_shape.split("x")),
+                   args.lm_plan_steps) if args.lm_plan else None
 
     if args.json:
         out = {"benchmark": "train", "issue18": i18, "quick": args.quick, "sizes": sizes, "lm_plan": plan,

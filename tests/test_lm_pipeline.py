@@ -179,7 +179,8 @@ def test_packed_plans_fill_rows_and_split_over_processes(corpus, cache):
 
     root, cfg, _ = corpus
     sizes = [10 + r["frames"] // 5 for r in cache]  # 6 records of 15 .. 45 tokens
-    kw = dict(batch_size=2, seed=1, source="latents", hop=cfg.hop, row_sizes=[10] * len(cache), pack_len=60)
+    kw = dict(batch_size=2, seed=1, source="latents", hop=cfg.hop, row_sizes=[10] * len(cache), pack_len=60,
+              pack_patches=60)
     plan = plan_packed(sizes, rows=2, seq_len=60, seed=1, epoch=0)
     assert sorted(i for b in plan for i, _ in b) == list(range(6))  # once per epoch
     for b in plan:
@@ -187,6 +188,13 @@ def test_packed_plans_fill_rows_and_split_over_processes(corpus, cache):
             assert sum(sizes[i] for i, r in b if r == row) <= 60
     longer = plan_packed(sizes + [61], rows=2, seq_len=60, seed=1, epoch=0)  # the 61-token record is left out
     assert sorted(i for b in longer for i, _ in b) == list(range(6))
+    # a patch budget per row too: no row holds more than 12 patches, and records of more are left out
+    frames = [r["frames"] // 5 for r in cache]
+    capped = plan_packed(sizes, rows=2, seq_len=60, seed=1, epoch=0, patches=frames, max_patches=12)
+    assert sorted(i for b in capped for i, _ in b) == [i for i in range(6) if frames[i] <= 12]
+    for b in capped:
+        for row in range(2):
+            assert sum(frames[i] for i, r in b if r == row) <= 12
     whole = iter(lm_batches(cache, process_index=0, process_count=1, **kw))
     parts = [iter(lm_batches(cache, process_index=i, process_count=2, **kw)) for i in range(2)]
     seen = []
@@ -210,7 +218,7 @@ def test_packed_plans_fill_rows_and_split_over_processes(corpus, cache):
     with pytest.raises(ValueError, match="latent cache"):
         lm_batches(cache, batch_size=2, seed=1, hop=cfg.hop, row_sizes=[10] * len(cache), pack_len=60,
                    process_index=0, process_count=1)
-    with pytest.raises(ValueError, match="0 of 6 records fit 12 tokens"):
+    with pytest.raises(ValueError, match="0 of 6 records fit 12 tokens / 60 patches"):
         lm_batches(cache, **{**kw, "pack_len": 12}, process_index=0, process_count=1)
 
 

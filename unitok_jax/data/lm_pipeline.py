@@ -31,7 +31,7 @@ from the plan alone, so that batch shapes need no agreement between processes at
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import grain
 import numpy as np
@@ -57,14 +57,16 @@ def lm_batches(records: Sequence[dict], *, batch_size: int, seed: int, source: s
                hop: int = 320, buckets_seconds: Sequence[float] = (2.0, 4.0, 8.0, 16.0, 32.0),
                max_seconds: float = 32.0, sample_rate: int = SAMPLE_RATE, process_index: Optional[int] = None,
                process_count: Optional[int] = None, num_epochs: int = 1000, window: int = 64,
-               row_sizes: Optional[Sequence[int]] = None, pack_len: int = 0, patch_size: int = 5):
+               row_sizes: Optional[Sequence[int]] = None, pack_len: int = 0, pack_patches: int = 0,
+               patch_size: int = 5, note: Optional[Callable[[str], None]] = None):
     """This process's ``batch_size / process_count`` rows of each global batch of ``batch_size`` (see the module
     docstring). ``hop``: waveform samples per latent frame (latent source: the bucket length in frames). Records need
     ``duration`` (``read_manifest(add_durations=True)``; the latent cache writes it).
 
     ``pack_len`` > 0 (latent source, with ``row_sizes``): packed batches of ``batch_size`` rows of ``pack_len``
-    tokens (:func:`unitok_jax.data.pipeline.plan_packed`; a record's size is its ``row_sizes`` entry plus the
-    patches of ``patch_size`` frames of its audio, an edit's source and target both). Each batch holds a varying
+    tokens and ``pack_patches`` audio patches (:func:`unitok_jax.data.pipeline.plan_packed`; a record's size is its
+    ``row_sizes`` entry plus its patches of ``patch_size`` frames, an edit's source and target both). Each batch
+    holds a varying
     number of records: this process's are those planned in its rows, each whole (up to ``max_seconds``), with
     ``"pack_row"`` [k] (its row among this process's rows) and ``"row"`` [k] (its place in the global batch's plan,
     for seeding)."""
@@ -115,11 +117,19 @@ def lm_batches(records: Sequence[dict], *, batch_size: int, seed: int, source: s
             raise ValueError("packed batches (pack_len > 0) read the latent cache (source='latents') and need "
                              "row_sizes")
 
-        sizes = [int(row_sizes[i]) + packed_frames(r, "") // patch_size
-                 + (packed_frames(r, "target_") // patch_size if edit else 0) for i, r in enumerate(recs)]
+        if pack_patches <= 0:
+            raise ValueError("packed batches need pack_patches > 0 (the audio patches a row holds)")
+        patches = [packed_frames(r, "") // patch_size + (packed_frames(r, "target_") // patch_size if edit else 0)
+                   for r in recs]
+        sizes = [int(row_sizes[i]) + patches[i] for i in range(len(recs))]
+        fit = sum(s <= pack_len and n <= pack_patches for s, n in zip(sizes, patches))
+        if note is not None and 0 < fit < len(recs):
+            note(f"warning: {len(recs) - fit} of {len(recs)} records do not fit a packed row of {pack_len} tokens / "
+                 f"{pack_patches} patches and are left out")
         plans = grain.MapDataset.source(EpochPlans(
-            lambda e: plan_packed(sizes, rows=batch_size, seq_len=pack_len, seed=seed, epoch=e), num_epochs,
-            f"one packed batch ({sum(s <= pack_len for s in sizes)} of {len(recs)} records fit {pack_len} tokens)"))
+            lambda e: plan_packed(sizes, rows=batch_size, seq_len=pack_len, seed=seed, epoch=e, patches=patches,
+                                  max_patches=pack_patches), num_epochs,
+            f"one packed batch ({fit} of {len(recs)} records fit {pack_len} tokens / {pack_patches} patches)"))
     else:
         plans = grain.MapDataset.source(bucket_plans(durations, batch_size, seed, window, num_epochs))
 

@@ -153,23 +153,26 @@ def plan_buckets(durations: Sequence[float], *, batch_size: int, seed: int, epoc
     return batches
 
 
-def plan_packed(sizes: Sequence[int], *, rows: int, seq_len: int, seed: int, epoch: int) -> list[list[tuple]]:
+def plan_packed(sizes: Sequence[int], *, rows: int, seq_len: int, seed: int, epoch: int,
+                patches: Optional[Sequence[int]] = None, max_patches: int = 0) -> list[list[tuple]]:
     """One epoch of packed batches: shuffle, then place each record (its size: the most tokens its sequence can
-    take) in the first of the current batch's ``rows`` rows of ``seq_len`` tokens with room, opening the next batch
-    when none has room. A batch is a list of ``(record index, row)``. Records larger than ``seq_len`` are left out.
-    Deterministic in (seed, epoch)."""
+    take; with ``patches``, also the most audio patches, up to ``max_patches`` a row) in the first of the current
+    batch's ``rows`` rows of ``seq_len`` tokens with room, opening the next batch when none has room. A batch is a
+    list of ``(record index, row)``. Records larger than a row are left out. Deterministic in (seed, epoch)."""
     rng = np.random.default_rng([seed, epoch])
-    batches, current, free = [], [], np.full(rows, seq_len, np.int64)
+    cap = np.array([seq_len, max_patches if patches is not None else 0], np.int64)
+    need = np.stack([np.asarray(sizes, np.int64),
+                     np.asarray(patches if patches is not None else np.zeros(len(sizes)), np.int64)], axis=1)
+    batches, current, free = [], [], np.tile(cap, (rows, 1))
     for i in rng.permutation(len(sizes)):
-        size = int(sizes[i])
-        if size > seq_len:
+        if np.any(need[i] > cap):
             continue
-        room = np.flatnonzero(free >= size)
+        room = np.flatnonzero(np.all(free >= need[i], axis=1))
         if not len(room):
             batches.append(current)
-            current, free = [], np.full(rows, seq_len, np.int64)
+            current, free = [], np.tile(cap, (rows, 1))
             room = [0]
-        free[room[0]] -= size
+        free[room[0]] -= need[i]
         current.append((int(i), int(room[0])))
     if current:
         batches.append(current)

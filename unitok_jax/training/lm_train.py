@@ -342,7 +342,9 @@ class LMStage(Stage):
                               hop=cfg.vae.hop, buckets_seconds=tuple(config.data.buckets_seconds),
                               max_seconds=config.data.max_seconds, sample_rate=cfg.vae.sample_rate,
                               row_sizes=row_sizes(records, tok, p, edit=edit),
-                              pack_len=config.data.seq_len if config.data.get("pack", False) else 0, patch_size=p)
+                              pack_len=config.data.seq_len if config.data.get("pack", False) else 0,
+                              pack_patches=config.data.max_patches, patch_size=p,
+                              note=lambda msg: self.say(msg, file=sys.stderr))
 
         try:
             self.it = iter(batches(self.records, config.seed, False))
