@@ -519,7 +519,9 @@ def lm_plan(workdir: str, quick: bool, pack_shape: tuple = (0, 256, 96), time_st
                    "data.batch_size": rows}) if config.data.source == "latents" else None
     main = packed or buckets
     out = {"workdir": workdir, "logged_step_s": step_s, "buckets": buckets, "fixed": fixed, "packed": packed,
-           "host_wait_fraction": (main["host_ms_per_step"] / 1000 / step_s) if step_s else None,
+           # the host's share of a step: of the run's median logged step, else of this bench's timed steps
+           "host_wait_fraction": (main["host_ms_per_step"] / 1000 / step_s) if step_s else (
+               main["host_ms_per_step"] / main["step_ms"] if "step_ms" in main else None),
            "compiled_programs": main["compiled_programs"], "padding_fraction": main["padding_fraction"],
            "of": "packed" if packed else "buckets"}
     print(f"\nLM stage batches of {workdir} ({steps} steps, as its loop builds them; no training step):")
@@ -532,9 +534,10 @@ def lm_plan(workdir: str, quick: bool, pack_shape: tuple = (0, 256, 96), time_st
         timed = (f" {r['step_ms']:>8.0f} {r['real_tokens_per_s']:>10.0f}" if "step_ms" in r else "")
         print(f"{name:<36} {r['compiled_programs']:>8} {r['padding_fraction']:>8.1%} {r['sequences_per_step']:>9.1f} "
               f"{r['host_ms_per_step']:>12.1f} {r['rows_skipped']:>12}{timed}")
-    if step_s:
-        print(f"host share of the run's median logged step ({step_s * 1000:.0f} ms), {out['of']}: "
-              f"{out['host_wait_fraction']:.1%} (an upper bound of the device's wait: async dispatch overlaps it)")
+    if out["host_wait_fraction"] is not None:
+        of = f"the run's median logged step ({step_s * 1000:.0f} ms)" if step_s else "a timed step"
+        print(f"host share of {of}, {out['of']}: {out['host_wait_fraction']:.1%} (an upper bound of the device's "
+              "wait: async dispatch overlaps it)")
     for name, r in (("fixed shape", fixed), ("packed", packed)):
         if r:
             speed = (f", real tokens/s {r['real_tokens_per_s'] / buckets['real_tokens_per_s']:.2f}x"
@@ -542,7 +545,8 @@ def lm_plan(workdir: str, quick: bool, pack_shape: tuple = (0, 256, 96), time_st
             print(f"{name} vs buckets: {r['compiled_programs']} vs {buckets['compiled_programs']} programs, padding "
                   f"{r['padding_fraction'] / max(buckets['padding_fraction'], 1e-9):.2f}x{speed}")
             if speed:
-                out[f"{name.split()[0]}_vs_buckets_tokens_per_s"] = r["real_tokens_per_s"] / buckets["real_tokens_per_s"]
+                ratio = r["real_tokens_per_s"] / buckets["real_tokens_per_s"]
+                out[f"{name.split()[0]}_vs_buckets_tokens_per_s"] = ratio
     return out
 
 

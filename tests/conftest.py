@@ -122,8 +122,8 @@ def save_tiny_checkpoint(path, tok, cfg, params) -> str:
 # leaves short modules for the end, where they fill both workers, instead of one long module running alone at the
 # tail (longest-processing-time-first). The rest keep their order.
 SLOW_FIRST = ("test_sample_mesh.py", "test_demo.py", "test_train_lm_cli.py", "test_preemption.py",
-              "test_lm_sharded.py", "test_generate.py", "test_train_s2.py", "test_lm_lean.py", "test_train_cli.py",
-              "test_generate_continuous.py", "test_sample_tasks.py", "test_sharding.py", "test_convert_streaming.py",
+              "test_lm_sharded.py", "test_generate.py", "test_train_s2.py", "test_lm_lean.py", "test_lm_packing.py",
+              "test_train_cli.py", "test_generate_continuous.py", "test_sample_tasks.py", "test_sharding.py", "test_convert_streaming.py",
               "test_vae_training.py", "test_e2e_parity.py", "test_train_s1.py", "test_flow.py", "test_lm_training.py",
               "test_vae_properties.py", "test_nn.py", "test_moe.py", "test_llm.py", "test_bad_input.py")
 

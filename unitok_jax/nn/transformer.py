@@ -151,9 +151,9 @@ class Stack(nn.Module):
     (tokens that exist; default all); ``cache`` from :func:`init_cache` or None; ``angles`` [B, T, d/2] to override
     the rotary angles (e.g. multi-component rotary); ``extra``: any pytree handed unchanged to every block (e.g. a
     per-token modality mask for a custom block); ``segment_ids`` [B, T] int (packed rows, training only: with
-    ``positions`` restarting per segment, a token attends only to keys of its own segment). Returns ``(y, new_cache, layer_outputs)`` where ``layer_outputs``
-    is whatever the blocks emit as their second output, stacked over layers: for :class:`Block`, [L, B, T, D] (the
-    residual stream after each block) when ``emit_hidden`` else None.
+    ``positions`` restarting per segment, a token attends only to keys of its own segment). Returns ``(y, new_cache,
+    layer_outputs)`` where ``layer_outputs`` is whatever the blocks emit as their second output, stacked over
+    layers: for :class:`Block`, [L, B, T, D] (the residual stream after each block) when ``emit_hidden`` else None.
 
     Custom blocks (``block_cls``, subclasses of :class:`Block`) are constructed as
     ``block_cls(cfg, emit_hidden=..., attn_mode=..., name=...)`` and called as
