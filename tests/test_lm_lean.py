@@ -135,7 +135,7 @@ def test_planned_sizes_hold_every_example(setup):
     assert lm_train.planned_sizes(10, 3, seq_len=256, max_patches=32) == (256, 32)
 
 
-def test_config_keys_remat_attention_rules():
+def test_config_keys_remat_attention_dispatch_rules():
     config = lm_configs.get_config("tiny")
     assert lm_configs.sharding_rules(config) == shd.DEFAULT_RULES
     config.rules.vocab = ""
@@ -149,14 +149,20 @@ def test_config_keys_remat_attention_rules():
     config = lm_configs.get_config("tiny")
     base = lm_train.with_training_options(config, lm_train.model_config(config))
     assert not base.llm.remat and base.llm.attention_impl is None
+    assert base.llm.moe_dispatch == "psum"
     config.model.remat = True
     config.model.attention = "xla"
+    config.model.moe_dispatch = "a2a"
     cfg = lm_train.with_training_options(config, lm_train.model_config(config))
-    assert cfg.llm.remat and cfg.llm.attention_impl == "xla"
+    assert cfg.llm.remat and cfg.llm.attention_impl == "xla" and cfg.llm.moe_dispatch == "a2a"
     exported = lm_train.with_training_options(config, cfg, export=True)
-    assert not exported.llm.remat and exported.llm.attention_impl is None
+    assert not exported.llm.remat and exported.llm.attention_impl is None and exported.llm.moe_dispatch == "psum"
     config.model.attention = "flash"
     with pytest.raises(lm_train.SetupError, match="flash"):
+        lm_train.with_training_options(config, cfg)
+    config.model.attention = "xla"
+    config.model.moe_dispatch = "ring"
+    with pytest.raises(lm_train.SetupError, match="ring"):
         lm_train.with_training_options(config, cfg)
 
 

@@ -108,6 +108,21 @@ def _worker_mesh() -> dict:
         s8, m = fn(s8, gbatch)
         sharded_losses.append(float(m["loss"]))
     res["losses"] = [single_losses, sharded_losses]
+    # the same two steps with expert parallelism by exchange (model.moe_dispatch=a2a): the routed rows to their
+    # experts' devices and back instead of every token on every expert device
+    import dataclasses
+
+    cfg_a2a = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, moe_dispatch="a2a"))
+    fn_a2a = sharded.jit_step(lm_train.step_function(config, cfg_a2a, opt), state_sh, mesh, shd.DEFAULT_RULES,
+                              donate=False)
+    s8a = sharded.place_state(state0, state_sh)
+    a2a_losses = []
+    for _ in range(2):
+        s8a, m = fn_a2a(s8a, gbatch)
+        a2a_losses.append(float(m["loss"]))
+    res["a2a_losses"] = a2a_losses
+    res["a2a_param_max_diff"] = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+                                    for a, b in zip(jax.tree.leaves(s1["params"]), jax.tree.leaves(s8a["params"])))
     res["param_max_diff"] = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
                                 for a, b in zip(jax.tree.leaves(s1["params"]), jax.tree.leaves(s8["params"])))
     res["params_moved"] = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
@@ -241,6 +256,10 @@ def test_sharded_step_equals_single_device(mesh_results):
     assert r["params_moved"] > 1e-4  # the steps really updated the params...
     assert r["param_max_diff"] < 1e-5, r["param_max_diff"]  # ...identically on 1 and on 8 devices
     assert r["hlo_expert_parallel"] is True
+    # expert parallelism by exchange (model.moe_dispatch=a2a) trains the same
+    for a, b in zip(single, r["a2a_losses"]):
+        assert abs(a - b) <= 1e-5 * max(1.0, abs(a)), (single, r["a2a_losses"])
+    assert r["a2a_param_max_diff"] < 1e-5, r["a2a_param_max_diff"]
 
 
 def test_sharded_state_follows_rules(mesh_results):

@@ -153,6 +153,49 @@ def _worker(tmp: str) -> dict:
             "grad": max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0))),
         }
 
+    # Expert parallelism by exchange (dispatch "a2a": the routed rows to their experts' devices and back) against
+    # one device, values and gradients: top-2 on data 2 x expert 4; top-1 with every token on expert 0 (a zero
+    # router: the other devices receive nothing); with the expert width split over a tensor axis. On CPU the ragged
+    # all-to-all runs as its all-gather emulation; with the backend check pointed at a GPU the same layer lowers
+    # to ragged_all_to_all (forward and backward).
+    from unitok_jax import moe as moe_lib
+
+    res["ep_a2a"] = {}
+    for name, axes, k, impl, zero in (("data2_expert4_top2", {"data": 2, "expert": 4}, 2, "tiled", False),
+                                      ("data2_expert4_top1_empty", {"data": 2, "expert": 4}, 1, "dense", True),
+                                      ("fsdp2_tensor2_expert2", {"fsdp": 2, "tensor": 2, "expert": 2}, 2, "tiled",
+                                       False)):
+        mesh = shd.make_mesh({"mesh": axes})
+        m = MoE(num_experts=8, top_k=k, expert_dim=24, shared_dim=8, impl=impl, dispatch="a2a")
+        boxed = shd.abstract_init(m, x)
+        params = jax.jit(lambda r, m=m: nn.unbox(m.init(r, x)))(jax.random.PRNGKey(2))
+        if zero:
+            params = jax.tree_util.tree_map_with_path(lambda p, v: v * 0 if p[-1].key == "gate" else v, params)
+
+        def loss(p, x, m=m):
+            y, info = m.apply(p, x)
+            return jnp.sum(jnp.sin(y)) + info["aux_loss"], (y, info["counts"])
+
+        f = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)
+        (_, (y0, counts)), g0 = jax.jit(f)(params, x)
+        with shd.use_sharding(mesh, rules):
+            placed = shd.put_sharded(params, boxed, mesh, rules)
+            jf = jax.jit(f)
+            text = jf.lower(placed, x).as_text()
+            (_, (y1, _)), g1 = jf(placed, x)
+            backend = moe_lib.jax.default_backend
+            moe_lib.jax.default_backend = lambda: "gpu"
+            try:
+                gpu_text = jax.jit(lambda p, x, f=f: f(p, x)).lower(placed, x).as_text()
+            finally:
+                moe_lib.jax.default_backend = backend
+        res["ep_a2a"][name] = {
+            "exchange": "all_to_all" in text, "ragged_ops": gpu_text.count("ragged_all_to_all"),
+            "empty_experts": int(np.sum(np.asarray(counts) == 0)),
+            "y": float(jnp.max(jnp.abs(y1 - y0))),
+            "grad": max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0))),
+        }
+
     # Rules come from the config: dropping the expert rule replicates the expert axis.
     mesh = shd.make_mesh({"mesh": MESHES["data2_fsdp2_expert2"]})
     sc = shd.ShardingConfig.from_dict({"mesh": MESHES["data2_fsdp2_expert2"],
@@ -239,6 +282,28 @@ def test_sharding_expert_parallel_moe(results):
     for impl, r in results["ep_module"].items():
         assert r["manual"], impl
         assert r["y"] < 1e-5 and r["grad"] < 1e-4, (impl, r)
+
+
+def test_expert_parallel_exchange_equals_one_device(results):
+    """Issue 18: the ragged all-to-all dispatch == one device (values and gradients), top-1 / top-2, empty experts,
+    a tensor-split expert width; it exchanges rows (all_to_all of the counts) and lowers to ragged_all_to_all."""
+    r = results["ep_a2a"]
+    assert set(r) == {"data2_expert4_top2", "data2_expert4_top1_empty", "fsdp2_tensor2_expert2"}
+    for name, v in r.items():
+        assert v["exchange"] and v["ragged_ops"] >= 4, (name, v)  # there and back, forward and backward
+        assert v["y"] < 1e-5 and v["grad"] < 1e-4, (name, v)
+    assert r["data2_expert4_top1_empty"]["empty_experts"] == 7  # every token on expert 0
+
+
+def test_moe_dispatch_is_checked():
+    import jax
+    import jax.numpy as jnp
+
+    from unitok_jax.moe import MoE
+
+    x = jnp.zeros((1, 4, 8))
+    with pytest.raises(ValueError, match="dispatch='ring'"):
+        MoE(num_experts=2, top_k=1, expert_dim=4, dispatch="ring").init(jax.random.PRNGKey(0), x)
 
 
 def test_sharding_rules_are_config(results):

@@ -97,6 +97,9 @@ class LLMConfig(TransformerConfig):
     moe_impl: str = "auto"  # "auto" | "ragged" | "tiled" | "dense" (see unitok_jax.moe)
     moe_tile: Optional[int] = None
     expert_parallel: bool = True  # under a mesh whose rules shard "expert": shard_map expert parallelism
+    # how expert parallelism moves tokens: "psum" (tokens on every expert device, partial outputs summed) or
+    # "a2a" (only the routed rows sent to their experts' devices and back: unitok_jax.moe.expert_parallel_a2a_ffn)
+    moe_dispatch: str = "psum"
     aux_loss_coef: float = 0.0  # load-balancing loss weight (off, as in the release)
     z_loss_coef: float = 0.0  # router z-loss weight (off)
 
@@ -243,6 +246,7 @@ class LLMBlock(Block):
             impl=cfg.moe_impl,
             tile=cfg.moe_tile,
             expert_parallel=cfg.expert_parallel,
+            dispatch=cfg.moe_dispatch,
             dtype=jnp.dtype(cfg.dtype),
             param_dtype=jnp.dtype(cfg.param_dtype),
             name="moe",

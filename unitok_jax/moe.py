@@ -259,6 +259,115 @@ def expert_parallel_active(num_experts: int) -> bool:
     return bool(axes) and num_experts % size == 0
 
 
+def ragged_exchange(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, axis: str):
+    """``jax.lax.ragged_all_to_all`` over the mesh axis ``axis`` (same arguments; ``output_offsets`` are the
+    sender's: where each chunk lands in its receiver's ``output``). XLA:CPU has no kernel for the op, so on CPU
+    the same exchange is built from an all-gather (every device receives every device's buffer and keeps its chunks:
+    the same values and gradients, ``ep`` times the bytes): what the tests on simulated CPU devices run."""
+    if jax.default_backend() != "cpu":
+        return jax.lax.ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes,
+                                         axis_name=axis)
+    me = jax.lax.axis_index(axis)
+    ops = jax.lax.all_gather(operand, axis)  # [ep, M, D]
+    src, size, dst = (jax.lax.all_gather(a, axis)[:, me] for a in (input_offsets, send_sizes, output_offsets))
+    pos = jnp.arange(output.shape[0])
+    inside = (pos[None, :] >= dst[:, None]) & (pos[None, :] < (dst + size)[:, None])  # [ep, P]: from source s
+    row = jnp.clip(src[:, None] + pos[None, :] - dst[:, None], 0, operand.shape[0] - 1)
+    got = jnp.take_along_axis(ops, row[:, :, None], axis=1)  # [ep, P, D]
+    got = jnp.sum(jnp.where(inside[..., None], got, jnp.zeros((), got.dtype)), axis=0)
+    return jnp.where(jnp.any(inside, axis=0)[:, None], got, output)
+
+
+def _gather_expert_weights(wg, wu, wd, emb: tuple, bat: tuple):
+    """Inside the expert-parallel shard_map: all-gather the FSDP (``embed``) slices of this device's experts, and
+    mark the weights device-varying over the batch axes ``bat``, so that the sum of their gradients over the batch
+    shards (the transpose of this cast) happens once, outside the grouped matmul. Left implicit, it lands inside the
+    loop implementation's lax.cond, where devices whose tiles differ take different branches and the collective
+    deadlocks."""
+    for a in emb:
+        wg = jax.lax.all_gather(wg, a, axis=1, tiled=True)
+        wu = jax.lax.all_gather(wu, a, axis=1, tiled=True)
+        wd = jax.lax.all_gather(wd, a, axis=2, tiled=True)
+    if bat:
+        def vary(w):
+            axes = tuple(a for a in bat if a not in jax.typeof(w).mat.varying)
+            return jax.lax.pcast(w, axes, to="varying") if axes else w
+
+        wg, wu, wd = vary(wg), vary(wu), vary(wd)
+    return wg, wu, wd
+
+
+def _ep_layout():
+    """(expert, embed, mlp, batch) mesh axes of the context mesh and rules for expert parallelism."""
+    mesh = jax.sharding.get_abstract_mesh()
+    rules = nn.get_logical_axis_rules()
+    ex, emb, mlp = (_mesh_axes(n, rules, mesh) for n in ("expert", "embed", "mlp"))
+    return mesh, ex, emb, mlp, tuple(a for a in _mesh_axes("batch", rules, mesh) if a not in ex + mlp)
+
+
+def _axes_size(mesh, axes) -> int:
+    n = 1
+    for a in axes:
+        n *= mesh.shape[a]
+    return n
+
+
+def expert_parallel_a2a_ffn(x, idx, weights, w_gate, w_up, w_down, impl: str = "auto",
+                            tile: Optional[int] = None):
+    """Dropless MoE with expert parallelism by exchange (:func:`expert_parallel_ffn`'s contract): tokens are split
+    over the batch axes *and* the ``expert`` axis; each device sorts its token-slots by expert and sends each
+    expert's rows, in the compute dtype, to the device holding it (:func:`ragged_exchange`, a ragged all-to-all),
+    which runs its experts over what it received and sends the results back the same way. Only the routed rows
+    travel (about k / E of each token's experts per device), not every token to every expert device. One ``expert``
+    mesh axis; otherwise (or when the tokens do not split evenly) :func:`expert_parallel_ffn`."""
+    from jax.sharding import PartitionSpec as P
+
+    mesh, ex, emb, mlp, bat = _ep_layout()
+    if len(ex) != 1 or x.shape[0] % (_axes_size(mesh, bat) * _axes_size(mesh, ex)):
+        return expert_parallel_ffn(x, idx, weights, w_gate, w_up, w_down, impl, tile)
+    axis = ex[0]
+    ep = mesh.shape[axis]
+    tok = P(bat + ex, None)
+    ax = lambda axes: (axes if len(axes) > 1 else axes[0]) if axes else None  # noqa: E731
+    w_in = P(ax(ex), ax(emb), ax(mlp))
+    w_out = P(ax(ex), ax(mlp), ax(emb))
+
+    def body(x, idx, weights, wg, wu, wd):
+        wg, wu, wd = _gather_expert_weights(wg, wu, wd, emb, bat)
+        n, k = idx.shape
+        e_loc = wg.shape[0]
+        e = e_loc * ep
+        order, token, counts = sort_slots(idx, e)  # this device's slots by expert; counts [E]
+        sent = x[token]  # [n k, D]: the routed rows, grouped by destination device
+        per_dest = counts.reshape(ep, e_loc)
+        send_sizes = jnp.sum(per_dest, axis=1)
+        in_off = jnp.cumsum(send_sizes) - send_sizes
+        all_sizes = jax.lax.all_gather(send_sizes, axis)  # [source, destination]
+        me = jax.lax.axis_index(axis)
+        out_off = jnp.sum(jnp.where(jnp.arange(ep)[:, None] < me, all_sizes, 0), axis=0)  # in each receiver
+        recv_sizes = all_sizes[:, me]
+        cap = n * k * ep  # worst case: every slot of every device routed here (static, dropless)
+        got = ragged_exchange(sent, jnp.zeros((cap, x.shape[1]), x.dtype), in_off, send_sizes, out_off,
+                              recv_sizes, axis)
+        # the local expert of each received row: sources in order, each source's rows sorted by expert
+        recv_counts = jax.lax.all_to_all(per_dest, axis, 0, 0, tiled=True)  # [source, local expert]
+        local = jnp.repeat(jnp.tile(jnp.arange(e_loc), ep), recv_counts.reshape(-1), total_repeat_length=cap)
+        local = jnp.where(jnp.arange(cap) < jnp.sum(recv_counts), local, e_loc)  # empty rows: no expert
+        y = sorted_moe_ffn(got, local[:, None], jnp.ones((cap, 1), jnp.float32), wg, wu, wd, impl, tile)
+        if mlp:
+            y = jax.lax.psum(y, mlp)
+        # back to the sources, each row to where it was sent from
+        back_off = jax.lax.all_to_all(in_off[:, None], axis, 0, 0, tiled=True)[:, 0]
+        recv_off = jnp.cumsum(recv_sizes) - recv_sizes
+        ys = ragged_exchange(y.astype(x.dtype), jnp.zeros((n * k, x.shape[1]), x.dtype), recv_off, recv_sizes,
+                             back_off, send_sizes, axis)
+        y_slots = jnp.zeros_like(ys).at[order].set(ys).reshape(n, k, -1).astype(jnp.float32)
+        return jnp.einsum("nkd,nk->nd", y_slots, weights.astype(jnp.float32))
+
+    return jax.shard_map(body, in_specs=(tok, tok, tok, w_in, w_in, w_out), out_specs=tok)(
+        x, idx, weights, w_gate, w_up, w_down)
+
+
 def expert_parallel_ffn(x, idx, weights, w_gate, w_up, w_down, impl: str = "auto", tile: Optional[int] = None):
     """Dropless MoE with expert parallelism (``shard_map`` over the context mesh and logical-axis rules).
 
@@ -269,15 +378,9 @@ def expert_parallel_ffn(x, idx, weights, w_gate, w_up, w_down, impl: str = "auto
     factor, no dropped tokens. Same contract as :func:`sorted_moe_ffn`."""
     from jax.sharding import PartitionSpec as P
 
-    mesh = jax.sharding.get_abstract_mesh()
-    rules = nn.get_logical_axis_rules()
-    ex, emb, mlp = (_mesh_axes(n, rules, mesh) for n in ("expert", "embed", "mlp"))
     # Tokens may be split over the batch axes, but must be whole over the axes the partial sums run over.
-    bat = tuple(a for a in _mesh_axes("batch", rules, mesh) if a not in ex + mlp)
-    n_shards = 1
-    for a in bat:
-        n_shards *= mesh.shape[a]
-    if x.shape[0] % n_shards:
+    mesh, ex, emb, mlp, bat = _ep_layout()
+    if x.shape[0] % _axes_size(mesh, bat):
         bat = ()  # e.g. one decoding sequence on a data-parallel mesh: every replica computes it
     tok = P(bat or None, None)
     ax = lambda axes: (axes if len(axes) > 1 else axes[0]) if axes else None  # noqa: E731
@@ -285,20 +388,7 @@ def expert_parallel_ffn(x, idx, weights, w_gate, w_up, w_down, impl: str = "auto
     w_out = P(ax(ex), ax(mlp), ax(emb))
 
     def body(x, idx, weights, wg, wu, wd):
-        for a in emb:  # FSDP: gather the embed slices of this device's experts
-            wg = jax.lax.all_gather(wg, a, axis=1, tiled=True)
-            wu = jax.lax.all_gather(wu, a, axis=1, tiled=True)
-            wd = jax.lax.all_gather(wd, a, axis=2, tiled=True)
-        if bat:
-            # The weights are the same on every batch shard; mark them device-varying over the batch axes here, so
-            # that the sum of their gradients over the batch shards (the transpose of this cast) happens once,
-            # outside the grouped matmul. Left implicit, it lands inside the loop implementation's lax.cond,
-            # where devices whose tiles differ take different branches and the collective deadlocks.
-            def vary(w):
-                axes = tuple(a for a in bat if a not in jax.typeof(w).mat.varying)
-                return jax.lax.pcast(w, axes, to="varying") if axes else w
-
-            wg, wu, wd = vary(wg), vary(wu), vary(wd)
+        wg, wu, wd = _gather_expert_weights(wg, wu, wd, emb, bat)
         e_loc = wg.shape[0]
         shard = 0
         for a in ex:
@@ -347,6 +437,7 @@ class MoE(nn.Module):
     impl: str = "auto"
     tile: Optional[int] = None
     expert_parallel: bool = True  # under a mesh with an expert axis: shard_map expert parallelism
+    dispatch: str = "psum"  # expert parallelism: "psum" (expert_parallel_ffn) or "a2a" (expert_parallel_a2a_ffn)
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -384,7 +475,11 @@ class MoE(nn.Module):
         w_down = self.param("wo", nn.with_logical_partitioning(init, ("expert", "mlp", "embed")), (e, f, d),
                             self.param_dtype)
         cast = lambda w: w.astype(self.dtype)  # noqa: E731
-        ffn = expert_parallel_ffn if self.expert_parallel and expert_parallel_active(e) else sorted_moe_ffn
+        if self.dispatch not in ("psum", "a2a"):
+            raise ValueError(f"MoE dispatch={self.dispatch!r}: choose 'psum' or 'a2a'")
+        ffn = sorted_moe_ffn
+        if self.expert_parallel and expert_parallel_active(e):
+            ffn = expert_parallel_a2a_ffn if self.dispatch == "a2a" else expert_parallel_ffn
         y = ffn(
             x.reshape(b * t, d).astype(self.dtype), idx.reshape(b * t, k), weights.reshape(b * t, k),
             cast(w_gate), cast(w_up), cast(w_down), self.impl, self.tile,

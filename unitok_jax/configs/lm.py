@@ -45,6 +45,9 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     }
     c.model.dtype = "float32" if tiny else "bfloat16"  # compute dtype of the LLM and the flow head
     c.model.moe_impl = "auto"  # "auto" | "ragged" | "tiled" | "dense"
+    # expert parallelism (mesh.expert > 1): "psum" replicates tokens over the expert axis and sums partial outputs;
+    # "a2a" sends only the routed rows to their experts' devices and back (a ragged all-to-all, compute dtype)
+    c.model.moe_dispatch = "psum"
     c.model.remat = False  # rematerialise each LLM block in the backward pass (activation memory for compute)
     # jax.nn.dot_product_attention's implementation: "auto" (jax picks: XLA today), "xla", or "cudnn" (fused flash
     # attention on NVIDIA GPUs, bf16 / fp16 compute)

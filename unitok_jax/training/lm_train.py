@@ -56,14 +56,18 @@ def model_config(config, vae_cfg=None, vocab_size: Optional[int] = None) -> UniA
 
 
 def with_training_options(config, cfg: UniAudioConfig, *, export: bool = False) -> UniAudioConfig:
-    """``cfg`` with the LLM's ``model.remat`` and ``model.attention`` of the config (``export``: reset to the
-    defaults, which an export for sampling should carry)."""
+    """``cfg`` with the LLM's ``model.remat``, ``model.attention`` and ``model.moe_dispatch`` of the config
+    (``export``: reset to the defaults, which an export for sampling should carry)."""
     attention = config.model.get("attention", "auto")
     if attention not in ("auto", "xla", "cudnn"):
         raise SetupError(f"model.attention={attention!r}: choose 'auto', 'xla' or 'cudnn'")
     remat = False if export else bool(config.model.get("remat", False))
     impl = None if export or attention == "auto" else attention
-    return dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, remat=remat, attention_impl=impl))
+    dispatch = "psum" if export else config.model.get("moe_dispatch", "psum")
+    if dispatch not in ("psum", "a2a"):
+        raise SetupError(f"model.moe_dispatch={dispatch!r}: choose 'psum' or 'a2a'")
+    return dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, remat=remat, attention_impl=impl,
+                                                            moe_dispatch=dispatch))
 
 
 def tokenizer(config, texts, workdir: str) -> text_lib.TextTokenizer:
