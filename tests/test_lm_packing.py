@@ -10,12 +10,9 @@ import jax
 import numpy as np
 import pytest
 from conftest import tiny_uniaudio
+from test_lm_lean import P, SENTENCES
 
 from unitok_jax.training import lm_data, lm_step
-
-SENTENCES = ["he hoped there would be stew for dinner", "turnips and carrots and bruised potatoes",
-             "fat mutton pieces to be ladled out", "please translate the text to speech"]
-P = 5
 
 
 @pytest.fixture(scope="module")
