@@ -88,8 +88,8 @@ FULL_LM = {
     "model.moe_impl": "dense",
     # packed rows (issue 18): 8 rows of 256 tokens / 96 patches, each holding about two sequences (14.7 a step,
     # 30% padding against 8 and 47% with length buckets): 1.42x the real tokens per second of the buckets, one
-    # compiled step (bench/train.py --lm-plan, docs/benchmarks.md); 1500 steps take about the time of 2000 bucketed
-    # ones and see about 1.4x their sequences
+    # compiled step (bench/train.py --lm-plan, docs/benchmarks.md). 1500 steps took 21 minutes in the full demo
+    # against 29.5 for 2000 bucketed ones, saw about 1.4x their sequences and scored the same (docs/demo.md)
     "data.pack": True,
     "data.seq_len": 256,
     "data.max_patches": 96,
