@@ -66,10 +66,9 @@ def lm_batches(records: Sequence[dict], *, batch_size: int, seed: int, source: s
     ``pack_len`` > 0 (latent source, with ``row_sizes``): packed batches of ``batch_size`` rows of ``pack_len``
     tokens and ``pack_patches`` audio patches (:func:`unitok_jax.data.pipeline.plan_packed`; a record's size is its
     ``row_sizes`` entry plus its patches of ``patch_size`` frames, an edit's source and target both). Each batch
-    holds a varying
-    number of records: this process's are those planned in its rows, each whole (up to ``max_seconds``), with
-    ``"pack_row"`` [k] (its row among this process's rows) and ``"row"`` [k] (its place in the global batch's plan,
-    for seeding)."""
+    holds a varying number of records: this process's are those planned in its rows, each whole (up to
+    ``max_seconds``), with ``"pack_row"`` [k] (its row among this process's rows) and ``"row"`` [k] (its place in the
+    global batch's plan, for seeding). ``note``: told how many records fit no row (they are left out)."""
     if source not in ("audio", "latents"):
         raise ValueError(f"source={source!r}: choose 'audio' or 'latents'")
     index, count = shard_range(process_index, process_count)
@@ -116,7 +115,6 @@ def lm_batches(records: Sequence[dict], *, batch_size: int, seed: int, source: s
         if source != "latents" or row_sizes is None:
             raise ValueError("packed batches (pack_len > 0) read the latent cache (source='latents') and need "
                              "row_sizes")
-
         if pack_patches <= 0:
             raise ValueError("packed batches need pack_patches > 0 (the audio patches a row holds)")
         patches = [packed_frames(r, "") // patch_size + (packed_frames(r, "target_") // patch_size if edit else 0)
