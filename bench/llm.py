@@ -10,6 +10,9 @@ Comparisons measured in the same run (interleaved repeats):
   ragged_dot on TPU/GPU) vs the dense reference path (every expert on every token), same weights and inputs
   (the full run adds rows for the batched "tiled" form and for ``jax.lax.ragged_dot``, which XLA:CPU lowers to a
   masked product over all experts);
+* ``stacked vs sliced``: inference's MoE read (``prefill`` / ``decode_step``: each tile's expert read out of the
+  layer-stacked weights, ``stacked_experts=True``) vs the per-layer params of the layer scan (``"sliced"``, what a
+  training forward uses: on CPU XLA copies each layer's slice before the expert loop), same impl ``"auto"``;
 * ``vs reference``: the small config at batch 1 against the PyTorch reference's raw runs, read through
   ``bench/reference.py`` (mean of the runs' medians of ``llm_prefill_200_b1``, the 200-position prefill, and of
   ``tts_step_b1.llm``, the LLM part of a TTS step: one position with a cache of ~60); "n/a" where absent.
@@ -91,7 +94,9 @@ class Case:
     """Compiled prefill and decode-step calls for one config / MoE impl / batch size."""
 
     def __init__(self, hf: dict, impl: str, batch: int, prompt: int, steps: int, seed: int = 0, **overrides):
-        self.cfg = LLMConfig.from_hf(hf, moe_impl=impl, **overrides)
+        # "sliced": impl "auto" with the per-layer expert params (stacked_experts=False)
+        stacked = impl != "sliced"
+        self.cfg = LLMConfig.from_hf(hf, moe_impl="auto" if impl == "sliced" else impl, **overrides)
         self.model = BailingMoeLM(self.cfg)
         self.params = jax.tree.map(jnp.asarray, random_params(self.cfg, seed))
         self.batch, self.prompt = batch, prompt
@@ -102,10 +107,10 @@ class Case:
         model = self.model
 
         def pre(p, c, x):
-            return prefill(model, p, c, inputs_embeds=x)
+            return prefill(model, p, c, inputs_embeds=x, stacked_experts=stacked)
 
         def step(p, c, x):
-            logits, hidden, c = decode_step(model, p, c, inputs_embeds=x)
+            logits, hidden, c = decode_step(model, p, c, inputs_embeds=x, stacked_experts=stacked)
             return logits, hidden, c
 
         cache = init_cache(self.cfg, batch, self.size)
@@ -158,7 +163,8 @@ def compiled_flops_per_token(hf: dict, impl: str, batch: int, prompt: int) -> fl
     params = jax.eval_shape(lambda: random_params(one, 0))
     x = jax.ShapeDtypeStruct((batch, prompt, cfg.width), jnp.float32)
     cache = jax.eval_shape(lambda: init_cache(one, batch, prompt))
-    c = jax.jit(lambda p, c, x: prefill(model, p, c, inputs_embeds=x)).lower(params, cache, x).compile()
+    c = jax.jit(lambda p, c, x: prefill(model, p, c, inputs_embeds=x, stacked_experts=False)).lower(
+        params, cache, x).compile()
     c1 = peak.xla_flops(c)  # cost_analysis() is a dict or a list of dicts depending on the jax version
     if c1 is None:
         return float("nan")
@@ -245,7 +251,7 @@ def main(argv=None) -> int:
     plan = [("tiny", TINY_LLM_CONFIG, 1, 64), ("tiny", TINY_LLM_CONFIG, 16, 64), ("small", small, 1, 200)]
     if not args.quick:
         plan += [("small", small, 16, 200)]
-    impls = ("auto", "dense") if args.quick else ("auto", "dense", "tiled", "ragged")
+    impls = ("auto", "sliced", "dense") if args.quick else ("auto", "sliced", "dense", "tiled", "ragged")
     # measured first, in this process: the same machine load and XLA build as the timings below
     peak_gflops = peak.matmul_peak_gflops(quick=args.quick)
 
@@ -284,11 +290,15 @@ def main(argv=None) -> int:
     for name, batch, prompt in {(r["config"], r["batch"], r["prompt"]) for r in rows}:
         a = next(r for r in rows if (r["config"], r["batch"], r["impl"]) == (name, batch, "auto"))
         b = next(r for r in rows if (r["config"], r["batch"], r["impl"]) == (name, batch, "dense"))
+        s = next(r for r in rows if (r["config"], r["batch"], r["impl"]) == (name, batch, "sliced"))
         for what in ("prefill", "step"):
             key = f"grouped_vs_dense/{name}/b{batch}/{what}"
             comparisons[key] = {"a_median_ms": a[what]["median_ms"], "b_median_ms": b[what]["median_ms"],
                                 "speedup": b[what]["median_ms"] / a[what]["median_ms"],
                                 "flops_ratio": b["flops_per_token_compiled"] / a["flops_per_token_compiled"]}
+            comparisons[f"stacked_vs_sliced/{name}/b{batch}/{what}"] = {
+                "a_median_ms": a[what]["median_ms"], "b_median_ms": s[what]["median_ms"],
+                "speedup": s[what]["median_ms"] / a[what]["median_ms"]}
     # vs the reference: ours is always timed (the GFLOP/s stands without it); its figure is "n/a" where absent
     ours = next(r for r in rows if (r["config"], r["batch"], r["impl"]) == ("small", 1, "auto"))
     step60 = Case(small, "auto", 1, 60, hi + 4)
@@ -306,6 +316,7 @@ def main(argv=None) -> int:
     for key in sorted(comparisons):
         c = comparisons[key]
         extra = f"   (dense/grouped compiled prefill FLOPs {c['flops_ratio']:.2f}x)" if "flops_ratio" in c else \
+            "   (B = the per-layer expert params)" if key.startswith("stacked") else \
             (f"   (B = reference {c['reference_keys']}; ours {peak.fmt(c['gflop_s'])} GFLOP/s, "
              f"{peak.fmt(c['pct_of_peak'])} % of peak)")
         print(f"{key:<{w}} {c['a_median_ms']:>12.2f} {peak.fmt(c['b_median_ms'], '.2f'):>10} "

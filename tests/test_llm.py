@@ -259,6 +259,24 @@ def test_llm_dense_first_layers_and_cache():
         np.testing.assert_allclose(lg, full["logits"][:, s], rtol=1e-4, atol=1e-4)
 
 
+def test_llm_inference_reads_experts_out_of_the_stack():
+    # prefill / decode_step on CPU read each routed expert with one (layer, expert) slice of the stacked weights
+    # [L, E, D, F] (moe.MoE's `stacked`); a training forward keeps the per-layer params. Equality of the two paths
+    # is what test_llm_dense_first_layers_and_cache and the cached parity test check.
+    cfg = _tiny(first_k_dense_replace=1, num_layers=3)
+    model = BailingMoeLM(cfg)
+    params = _init(model, 3)
+    f = params["params"]["moe"]["layers"]["moe"]["wi_gate"].shape[-1]
+    stacked_read = f"slice_sizes=(1, 1, {cfg.width}, {f})"
+    x = np.ones((2, 4), np.int32)
+    cache = init_cache(cfg, 2, 6)
+    pre = str(jax.make_jaxpr(lambda p, c: prefill(model, p, c, input_ids=x))(params, cache))
+    dec = str(jax.make_jaxpr(lambda p, c: decode_step(model, p, c, input_ids=x[:, 0]))(params, cache))
+    train = str(jax.make_jaxpr(lambda p: model.apply(p, x))(params))
+    assert stacked_read in pre and stacked_read in dec
+    assert stacked_read not in train
+
+
 def test_llm_moe_metrics_and_aux_loss_off_by_default(tiny):
     cfg, model, params, fwd = tiny
     x = np.random.default_rng(4).integers(1, cfg.vocab_size, size=(3, 12)).astype(np.int32)

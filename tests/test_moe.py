@@ -137,6 +137,36 @@ def test_moe_module_impls_agree_including_param_grads():
     assert int(np.sum(i0["counts"])) == int(valid.sum()) * 2
 
 
+@pytest.mark.parametrize("tile", [None, 1, 4])
+def test_moe_loop_reads_its_layer_out_of_the_stacked_weights(tile):
+    # three layers' experts stacked [L, E, ...]; the loop with layer=1 must use exactly layer 1's experts
+    x, idx, w, layer1 = _case(11, 9, 5, 2, used=[0, 2, 3])
+    rng = np.random.default_rng(3)
+    others = [_weights(rng, 5, 16, 24) for _ in range(2)]
+    stacked = [jnp.stack([others[0][i], layer1[i], others[1][i]]) for i in range(3)]
+    f = jax.jit(lambda x, idx, w, layer: sorted_moe_ffn(x, idx, w, *stacked, impl="loop", tile=tile, layer=layer))
+    want = dense_moe_ffn(x, idx, w, *layer1)
+    np.testing.assert_allclose(f(x, idx, w, jnp.int32(1)), want, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(f(x, idx, w, jnp.int32(0)), want, atol=1e-3)  # another layer gives another answer
+
+
+def test_moe_module_stacked_read_equals_its_own_params():
+    x = jnp.asarray(np.random.default_rng(4).standard_normal((2, 5, 16)), jnp.float32)
+    m = _module("auto")
+    params = jax.jit(lambda r: nn.unbox(m.init(r, x)))(jax.random.PRNGKey(1))
+    p = params["params"]
+    y0, _ = m.apply(params, x)
+    # the stack holds this layer at index 2 of 3; the module's own expert params are then ignored
+    junk = jax.tree.map(jnp.zeros_like, p)
+    stacked = tuple(jnp.stack([p[n] * 0.5, p[n] * 2.0, p[n]]) for n in ("wi_gate", "wi_up", "wo"))
+    y1, _ = m.apply({"params": {**p, **{n: junk[n] for n in ("wi_gate", "wi_up", "wo")}}}, x,
+                    stacked=(*stacked, jnp.int32(2)))
+    np.testing.assert_allclose(y1, y0, rtol=1e-5, atol=1e-5)
+    # an explicit non-loop implementation keeps reading its own params (the stack is ignored)
+    y2, _ = _module("dense").apply(params, x, stacked=(*stacked, jnp.int32(0)))
+    np.testing.assert_allclose(y2, y0, rtol=1e-5, atol=1e-5)
+
+
 def _moe_flops(impl, e, k, n_tokens=1024, d=64, f=128):
     m = MoE(num_experts=e, top_k=k, expert_dim=f, impl=impl)
     x = jax.ShapeDtypeStruct((4, n_tokens // 4, d), jnp.float32)

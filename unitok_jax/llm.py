@@ -231,11 +231,12 @@ class LLMBlock(Block):
     cfg: LLMConfig
     use_moe: bool = True
 
-    def feed_forward(self, h, extra, deterministic: bool):
+    def feed_forward(self, h, extra, deterministic: bool, layer=None):
         if not self.use_moe:
-            return super().feed_forward(h, extra, deterministic)
+            return super().feed_forward(h, extra, deterministic, layer)
         cfg = self.cfg
         extra = extra or {}
+        stacked = extra.get("experts")
         y, info = MoE(
             num_experts=cfg.num_experts,
             top_k=cfg.num_experts_per_tok,
@@ -250,7 +251,8 @@ class LLMBlock(Block):
             dtype=jnp.dtype(cfg.dtype),
             param_dtype=jnp.dtype(cfg.param_dtype),
             name="moe",
-        )(h, audio_mask=extra.get("audio_mask"), image_mask=extra.get("image_mask"), valid=extra.get("valid"))
+        )(h, audio_mask=extra.get("audio_mask"), image_mask=extra.get("image_mask"), valid=extra.get("valid"),
+          stacked=None if stacked is None or layer is None else (*stacked, layer))
         return y, info
 
     def layer_output(self, x, info):
@@ -288,6 +290,8 @@ class BailingMoeLM(nn.Module):
     * ``segment_ids`` [B, T] int with ``positions`` restarting per segment: packed training rows (each token
       attends within its own segment only; no cache).
     * ``output_router`` / ``output_hidden_states``: per-layer router choices / the reference's hidden-states tuple.
+    * ``stacked_experts``: inference only (what :func:`prefill` / :func:`decode_step` pass): on CPU each MoE layer
+      reads its routed experts out of the layer-stacked weights in place (:class:`unitok_jax.moe.MoE`).
 
     Returns a dict: ``logits`` [B, T, V] float32 (or None with ``return_logits=False``), ``hidden`` [B, T, D]
     (after the final norm), ``cache``, ``aux_loss`` (weighted by the config coefficients; 0 by default), ``moe``
@@ -368,6 +372,7 @@ class BailingMoeLM(nn.Module):
         output_router: bool = False,
         output_hidden_states: bool = False,
         segment_ids=None,
+        stacked_experts: bool = False,
     ):
         cfg = self.cfg
         if (input_ids is None) == (inputs_embeds is None):
@@ -381,6 +386,10 @@ class BailingMoeLM(nn.Module):
             positions = kvcache.default_positions(b, t, cache)
         angles = self.rotary(positions if rope_positions is None else rope_positions)
         extra = {"audio_mask": audio_mask, "image_mask": image_mask, "valid": valid}
+        if stacked_experts and cfg.num_moe_layers and not self.is_initializing():
+            # inference: each MoE layer reads its routed experts out of the unsliced stack (see moe.MoE)
+            w = self.variables["params"]["moe"]["layers"]["moe"]
+            extra["experts"] = tuple(nn.meta.unbox(w[name]) for name in ("wi_gate", "wi_up", "wo"))
 
         layer_outs, kvs, new_cache, start = [], [], None, 0
         for name, n, stack in self._stacks():
@@ -485,11 +494,13 @@ def prefill(
     lengths=None,
     audio_mask=None,
     rope_positions=None,
+    stacked_experts: bool = True,
 ):
     """Write right-padded prompts [B, T] (``lengths`` [B] valid tokens each; default all T) into ``cache``.
 
     Returns ``(logits [B, V] at each row's last valid token, hidden [B, D] there, cache)``. Works for an empty
-    cache or to append a chunk to a non-empty one."""
+    cache or to append a chunk to a non-empty one. ``stacked_experts``: see :class:`BailingMoeLM` (False: the
+    per-layer expert params, as in training; same output)."""
     x = input_ids if input_ids is not None else inputs_embeds
     b, t = x.shape[:2]
     if lengths is None:
@@ -504,6 +515,7 @@ def prefill(
         audio_mask=audio_mask,
         rope_positions=rope_positions,
         logits_index=jnp.maximum(lengths - 1, 0),
+        stacked_experts=stacked_experts,
     )
     last_h = jnp.take_along_axis(out["hidden"], jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)[:, 0]
     return out["logits"][:, 0], last_h, out["cache"]
@@ -519,11 +531,13 @@ def decode_step(
     active=None,
     audio_mask=None,
     rope_offset=None,
+    stacked_experts: bool = True,
 ):
     """One token per sequence: ``input_ids`` [B] (or [B, 1]) or ``inputs_embeds`` [B, 1, D] (e.g. a pooled audio
     patch). ``active`` [B] bool: rows that really take a step (others leave the cache unchanged). RoPE positions
     are the cache length (+ ``rope_offset`` [B], e.g. the reference's rope_deltas). Pure and shape-stable: usable
-    inside ``lax.while_loop``. Returns ``(logits [B, V], hidden [B, D], cache)``."""
+    inside ``lax.while_loop``. Returns ``(logits [B, V], hidden [B, D], cache)``. ``stacked_experts``: as
+    :func:`prefill`."""
     if input_ids is not None and input_ids.ndim == 1:
         input_ids = input_ids[:, None]
     valid = None if active is None else active[:, None]
@@ -538,6 +552,7 @@ def decode_step(
         valid=valid,
         cache=cache,
         audio_mask=None if audio_mask is None else audio_mask.reshape(-1, 1),
+        stacked_experts=stacked_experts,
     )
     return out["logits"][:, 0], out["hidden"][:, 0], out["cache"]
 

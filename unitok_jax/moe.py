@@ -17,7 +17,9 @@ contiguous group goes through a grouped matmul. Implementations (``impl``):
   config). XLA's cost analysis counts a loop body once, so its compiled FLOP count is not meaningful; ``"tiled"``
   is the form whose cost analysis shows the work.
 * ``"auto"`` (default): ``"ragged"`` on TPU/GPU; on CPU ``"tiled"`` when there are no more tiles than experts
-  (decoding: only the chosen experts' weights are read) and ``"loop"`` otherwise (prefill).
+  (decoding: only the chosen experts' weights are read) and ``"loop"`` otherwise (prefill). At inference
+  (:func:`unitok_jax.llm.prefill` / :func:`~unitok_jax.llm.decode_step`, ``stacked`` below) ``"auto"`` on CPU is
+  ``"loop"`` reading each tile's expert straight out of the layer-stacked weights.
 * ``"dense"``: the reference path (every expert on every token, combined with a masked weight matrix). Only for
   tests and benchmarks.
 
@@ -177,11 +179,24 @@ def loop_tile(rows: int, num_experts: int) -> int:
     return int(min(1 << (t - 1).bit_length(), 64))
 
 
-def grouped_ffn_loop(xs, group_sizes, w_gate, w_up, w_down, tile: Optional[int] = None):
+def _expert(w, g, layer=None):
+    """Expert ``g``'s weights out of ``w`` [E, ...], or with ``layer`` out of the layer-stacked ``w`` [L, E, ...]
+    (one dynamic slice by (layer, expert): only that expert is read)."""
+    if layer is None:
+        return w[g]
+    return jax.lax.dynamic_slice(w, (layer, g) + (0,) * (w.ndim - 2), (1, 1) + w.shape[2:])[0, 0]
+
+
+def grouped_ffn_loop(xs, group_sizes, w_gate, w_up, w_down, tile: Optional[int] = None, layer=None):
     """Same contract as :func:`grouped_ffn_ragged`: rows padded per expert to whole tiles, then a loop over the
-    tiles (a static worst-case count; unoccupied tiles are skipped by ``lax.cond``). Differentiable."""
+    tiles (a static worst-case count; unoccupied tiles are skipped by ``lax.cond``). Differentiable.
+
+    ``layer`` (int32 scalar): the weights are the whole stack's [L, E, ...] and each tile reads its expert of that
+    layer in place. Inside a layer scan this is what keeps the loop cheap on CPU: a loop over the scan's own
+    per-layer slice makes XLA materialise the slice (every expert of the layer, each layer) before the loop, which
+    costs more than the experts' matmuls (`bench/llm.py`, "stacked vs sliced")."""
     rows, d = xs.shape
-    e = w_gate.shape[0]
+    e = w_gate.shape[0 if layer is None else 1]
     tile = tile or loop_tile(rows, e)
     dest, tile_group, n_tiles = _tiled_layout(group_sizes, rows, tile)
     xp = jnp.zeros((n_tiles * tile, d), xs.dtype).at[dest].set(xs, mode="drop")
@@ -191,7 +206,7 @@ def grouped_ffn_loop(xs, group_sizes, w_gate, w_up, w_down, tile: Optional[int] 
         def work(out):
             g = tile_group[i]
             x = jax.lax.dynamic_slice_in_dim(xp, i * tile, tile)
-            y = _swiglu(x @ w_gate[g], x @ w_up[g]) @ w_down[g]
+            y = _swiglu(x @ _expert(w_gate, g, layer), x @ _expert(w_up, g, layer)) @ _expert(w_down, g, layer)
             return jax.lax.dynamic_update_slice_in_dim(out, y.astype(out.dtype), i * tile, 0)
 
         return jax.lax.cond(i < occupied, work, lambda o: o, out)
@@ -200,15 +215,19 @@ def grouped_ffn_loop(xs, group_sizes, w_gate, w_up, w_down, tile: Optional[int] 
     return out.at[dest].get(mode="fill", fill_value=0)
 
 
-def sorted_moe_ffn(x, idx, weights, w_gate, w_up, w_down, impl: str = "auto", tile: Optional[int] = None):
+def sorted_moe_ffn(x, idx, weights, w_gate, w_up, w_down, impl: str = "auto", tile: Optional[int] = None,
+                   layer=None):
     """Dropless MoE over tokens x [N, D] with choices idx [N, k] and weights [N, k]: sum_j w_j E_{idx_j}(x),
     returned in float32 [N, D]. A choice outside ``[0, E)`` (an expert held by another device:
-    :func:`expert_parallel_ffn`) contributes nothing and costs no expert compute."""
+    :func:`expert_parallel_ffn`) contributes nothing and costs no expert compute.
+
+    ``layer``: the weights are a whole stack's [L, E, ...] and this is the layer's index; only the ``"loop"`` form
+    reads them (see :func:`grouped_ffn_loop`)."""
     n, k = idx.shape
-    e = w_gate.shape[0]
+    e = w_gate.shape[0 if layer is None else 1]
     mine = (idx >= 0) & (idx < e)
     idx = jnp.where(mine, idx, e)  # sentinel: sorted last, in no group (and a zero one_hot on the dense path)
-    impl = resolve_impl(impl, n * k, e)
+    impl = "loop" if layer is not None else resolve_impl(impl, n * k, e)
     if impl == "dense":
         return dense_moe_ffn(x, idx, weights, w_gate, w_up, w_down)
     order, token, group_sizes = sort_slots(idx, e)
@@ -216,7 +235,7 @@ def sorted_moe_ffn(x, idx, weights, w_gate, w_up, w_down, impl: str = "auto", ti
     if impl == "ragged":
         ys = grouped_ffn_ragged(xs, group_sizes, w_gate, w_up, w_down)
     elif impl == "loop":
-        ys = grouped_ffn_loop(xs, group_sizes, w_gate, w_up, w_down, tile)
+        ys = grouped_ffn_loop(xs, group_sizes, w_gate, w_up, w_down, tile, layer)
     else:
         ys = grouped_ffn_tiled(xs, group_sizes, w_gate, w_up, w_down, tile)
     y_slots = jnp.zeros_like(ys).at[order].set(ys).reshape(n, k, -1).astype(jnp.float32)
@@ -450,7 +469,12 @@ class MoE(nn.Module):
         )
 
     @nn.compact
-    def __call__(self, x, audio_mask=None, image_mask=None, valid=None):
+    def __call__(self, x, audio_mask=None, image_mask=None, valid=None, stacked=None):
+        """``stacked``: optional ``(wi_gate, wi_up, wo, layer)``, the whole stack's expert weights [L, E, ...] (the
+        same arrays as this layer's params, unsliced) and this layer's index. On CPU with ``impl`` "auto" or "loop",
+        no expert parallelism and ``dtype == param_dtype``, the experts are read from them in place
+        (:func:`grouped_ffn_loop`); otherwise they are ignored. For inference only: under a gradient, reading
+        the broadcast stack in a layer scan would accumulate a whole-stack gradient in every layer."""
         b, t, d = x.shape
         e, k, f = self.num_experts, self.top_k, self.expert_dim
         if k > e:
@@ -478,12 +502,17 @@ class MoE(nn.Module):
         if self.dispatch not in ("psum", "a2a"):
             raise ValueError(f"MoE dispatch={self.dispatch!r}: choose 'psum' or 'a2a'")
         ffn = sorted_moe_ffn
-        if self.expert_parallel and expert_parallel_active(e):
+        parallel = self.expert_parallel and expert_parallel_active(e)
+        if parallel:
             ffn = expert_parallel_a2a_ffn if self.dispatch == "a2a" else expert_parallel_ffn
-        y = ffn(
-            x.reshape(b * t, d).astype(self.dtype), idx.reshape(b * t, k), weights.reshape(b * t, k),
-            cast(w_gate), cast(w_up), cast(w_down), self.impl, self.tile,
-        ).reshape(b, t, d).astype(x.dtype)
+        tokens = (x.reshape(b * t, d).astype(self.dtype), idx.reshape(b * t, k), weights.reshape(b * t, k))
+        if (stacked is not None and not parallel and self.impl in ("auto", "loop")
+                and resolve_impl(self.impl, b * t * k, e) in ("tiled", "loop")
+                and jnp.dtype(self.dtype) == jnp.dtype(self.param_dtype)):
+            y = sorted_moe_ffn(*tokens, *stacked[:3], "loop", self.tile, layer=stacked[3])
+        else:
+            y = ffn(*tokens, cast(w_gate), cast(w_up), cast(w_down), self.impl, self.tile)
+        y = y.reshape(b, t, d).astype(x.dtype)
         if self.shared_dim:
             y = y + MLP(self.shared_dim, "swiglu", False, dtype=self.dtype, param_dtype=self.param_dtype,
                         name="shared")(x)

@@ -89,7 +89,7 @@ class Block(nn.Module):
     attn_mode: str = "mask"
 
     @nn.compact
-    def __call__(self, x, masks, angles, cache_kv, slots, windowed, extra=None):
+    def __call__(self, x, masks, angles, cache_kv, slots, windowed, extra=None, layer=None):
         cfg = self.cfg
         dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         if self.attn_mode == "fused":
@@ -121,16 +121,16 @@ class Block(nn.Module):
             h = nn.Dropout(rate)(h, deterministic=False)
         x = x + h
         h = make_norm(cfg.norm, cfg.norm_eps, "mlp_norm", pdtype)(x)
-        y, aux = self.feed_forward(h, extra, deterministic)
+        y, aux = self.feed_forward(h, extra, deterministic, layer)
         x = x + y
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
         return x, (new_kv, self.layer_output(x, aux))
 
-    def feed_forward(self, h, extra, deterministic: bool):
+    def feed_forward(self, h, extra, deterministic: bool, layer=None):
         """The feed-forward part on the normed residual ``h`` [B, T, D] -> (output [B, T, D], aux for
-        :meth:`layer_output`). ``extra``: the per-call inputs handed to every block (see :class:`Stack`); the plain
-        block uses none."""
-        del extra
+        :meth:`layer_output`). ``extra``: the per-call inputs handed to every block (see :class:`Stack`);
+        ``layer``: this block's index in its stack (int32 scalar, traced). The plain block uses neither."""
+        del extra, layer
         cfg = self.cfg
         dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         rate = getattr(cfg, "dropout", 0.0)
@@ -157,7 +157,9 @@ class Stack(nn.Module):
 
     Custom blocks (``block_cls``, subclasses of :class:`Block`) are constructed as
     ``block_cls(cfg, emit_hidden=..., attn_mode=..., name=...)`` and called as
-    ``block(x, masks, angles, cache_kv, slots, windowed, extra) -> (x, (new_cache_kv, layer_output))``; ``cfg``
+    ``block(x, masks, angles, cache_kv, slots, windowed, extra, layer) -> (x, (new_cache_kv, layer_output))``
+    (``layer``: the block's index in the stack, which the MoE block uses to read its experts out of the stacked
+    weights at inference); ``cfg``
     may be any frozen dataclass with the :class:`TransformerConfig` fields (e.g. a subclass adding MoE fields).
     """
 
@@ -219,13 +221,14 @@ class Stack(nn.Module):
             variable_axes={"params": 0, "intermediates": 0},
             split_rngs={"params": True, "dropout": True},
             in_axes=(
-                nn.broadcast, nn.broadcast, 0, nn.broadcast, 0 if windowed is not None else nn.broadcast, nn.broadcast
+                nn.broadcast, nn.broadcast, 0, nn.broadcast, 0 if windowed is not None else nn.broadcast, nn.broadcast,
+                0,
             ),
             length=cfg.num_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )
         x, (kv, layer_outputs) = scanned(cfg, emit_hidden=self.emit_hidden, attn_mode=attn_mode, name="layers")(
-            x, masks, angles, cache_kv, slots, windowed, extra
+            x, masks, angles, cache_kv, slots, windowed, extra, jnp.arange(cfg.num_layers, dtype=jnp.int32)
         )
         if cache is not None:
             new_cache = {**new_cache, "k": kv["k"], "v": kv["v"]}
