@@ -268,8 +268,8 @@ def test_llm_inference_reads_experts_out_of_the_stack():
     params = _init(model, 3)
     f = params["params"]["moe"]["layers"]["moe"]["wi_gate"].shape[-1]
     stacked_read = f"slice_sizes=(1, 1, {cfg.width}, {f})"
-    x = np.ones((2, 4), np.int32)
-    cache = init_cache(cfg, 2, 6)
+    x = np.ones((3, 4), np.int32)  # decode of 3 rows: one or two tokens keep the fused gather of their experts
+    cache = init_cache(cfg, 3, 6)
     pre = str(jax.make_jaxpr(lambda p, c: prefill(model, p, c, input_ids=x))(params, cache))
     dec = str(jax.make_jaxpr(lambda p, c: decode_step(model, p, c, input_ids=x[:, 0]))(params, cache))
     train = str(jax.make_jaxpr(lambda p: model.apply(p, x))(params))
