@@ -3,7 +3,8 @@
 plus the compiled FLOPs per token next to the analytic count from the active parameters. Random weights.
 
 Sizes: ``tiny`` (TINY_LLM_CONFIG: 64 wide, 2 layers, 8 experts top-2) and ``small`` (the LLM of
-``../shared/perf/small/config.json``: 512 wide, 6 layers, 16 experts top-2 + 1 shared, vocab 4096), batch 1 and 16.
+``../shared/perf/small/config.json``: 512 wide, 6 layers, 16 experts top-2 + 1 shared, vocab 4096), batch 1 and 16
+(small: 1, 8 after a 40-position prompt, the TTS loop's decode, and in the full run 16).
 Comparisons measured in the same run (interleaved repeats):
 
 * ``grouped vs dense``: the dropless sorted grouped-matmul MoE (``moe_impl="auto"``: the looped tile form on CPU,
@@ -248,7 +249,9 @@ def main(argv=None) -> int:
 
     budget, lo, hi = (0.8, 2, 8) if args.quick else (5.0, 3, 40)
     small = small_llm_config()
-    plan = [("tiny", TINY_LLM_CONFIG, 1, 64), ("tiny", TINY_LLM_CONFIG, 16, 64), ("small", small, 1, 200)]
+    # small at batch 8 after a 40-position prompt: the TTS loop's batch-8 decode step
+    plan = [("tiny", TINY_LLM_CONFIG, 1, 64), ("tiny", TINY_LLM_CONFIG, 16, 64), ("small", small, 1, 200),
+            ("small", small, 8, 40)]
     if not args.quick:
         plan += [("small", small, 16, 200)]
     impls = ("auto", "sliced", "dense") if args.quick else ("auto", "sliced", "dense", "tiled", "ragged")

@@ -41,11 +41,11 @@ def test_value_is_the_mean_of_the_runs_medians():
                 x = x[k]
             medians.append(x["median_ms"] if isinstance(x, dict) else x)
         assert len(medians) == len(RUNS) >= 2
-        assert reference.value(*keys) == pytest.approx(statistics.mean(medians), rel=1e-12), keys
+        assert reference.value(*keys, folder=reference.PERF) == pytest.approx(statistics.mean(medians), rel=1e-12), keys
     # the two runs differ, so the mean is not just one run's figure
     b1 = [r["vae_10s"]["b1"]["encode_then_decode"]["median_ms"] for r in raw]
     assert b1[0] != b1[1]
-    assert min(b1) < reference.value("vae_10s", "b1", "encode_then_decode") < max(b1)
+    assert min(b1) < reference.value("vae_10s", "b1", "encode_then_decode", folder=reference.PERF) < max(b1)
 
 
 @needs_runs
@@ -69,12 +69,44 @@ def test_value_averages_only_the_runs_that_have_the_key(tmp_path):
 def test_describe_names_the_reference_cpu():
     cpu = _raw(RUNS[0])["env"]["cpu_model"].split(":")[-1].strip()
     assert cpu  # e.g. "Intel(R) Xeon(R) Processor"
-    text = reference.describe()
+    text = reference.describe(reference.PERF)
     assert cpu in text and reference.cpu_model() in text
     assert f"{len(RUNS)} run(s)" in text
     # the warning appears exactly when this machine's CPU differs from the reference's
     assert ("ANOTHER CPU" in text) == (cpu != reference.cpu_model())
-    assert reference.same_cpu() == (cpu == reference.cpu_model())
+    assert reference.same_cpu(reference.PERF) == (cpu == reference.cpu_model())
+
+
+def _fake_runs(folder, cpu, ms):
+    folder.mkdir()
+    for i in (1, 2):
+        (folder / f"reference_run{i}.json").write_text(json.dumps(
+            {"env": {"cpu_model": cpu, "torch": "x", "threads": 2}, "tts_step_b1": {"whole_step": {"median_ms": ms}}}))
+    return folder
+
+
+def test_default_folder_is_the_runs_of_this_cpu(tmp_path):
+    other = _fake_runs(tmp_path / "other", "Some Other CPU 9000", 50.0)
+    mine = _fake_runs(tmp_path / "mine", reference.cpu_model(), 80.0)
+    assert reference.default_folder([other, mine]) == mine
+    assert reference.value("tts_step_b1", "whole_step", folder=reference.default_folder([other, mine])) == 80.0
+    assert reference.same_cpu(mine) is True and reference.same_cpu(other) is False
+    assert "ANOTHER CPU" not in reference.describe(mine) and "ANOTHER CPU" in reference.describe(other)
+    # no folder of this CPU: the shared runs (whatever their CPU), as before
+    assert reference.default_folder([other]) == reference.PERF
+
+
+def test_committed_runs_hold_what_the_benches_read():
+    # bench/reference_runs/*: raw runs of the reference on other machine types; every key a bench divides by
+    folders = sorted(p for p in reference.LOCAL.iterdir() if p.is_dir())
+    assert folders
+    for folder in folders:
+        assert (folder / "README.md").is_file()
+        assert len(reference.runs(folder)) >= 2 and reference.reference_cpu(folder)
+        for keys in (("tts_step_b1", "whole_step"), ("tts_step_b1", "flow_sample"), ("tts_step_b1", "llm"),
+                     ("tts_loop_50_b1", "latent_frames_per_s"), ("llm_prefill_200_b1",),
+                     ("vae_10s", "b1", "encode_then_decode"), ("vae_10s", "b8", "encode_then_decode")):
+            assert reference.value(*keys, folder=folder) > 0, (folder, keys)
 
 
 def test_peak_helpers_read_both_cost_analysis_forms():
