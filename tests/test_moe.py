@@ -148,6 +148,8 @@ def test_moe_loop_reads_its_layer_out_of_the_stacked_weights(tile):
     want = dense_moe_ffn(x, idx, w, *layer1)
     np.testing.assert_allclose(f(x, idx, w, jnp.int32(1)), want, rtol=1e-5, atol=1e-5)
     assert not np.allclose(f(x, idx, w, jnp.int32(0)), want, atol=1e-3)  # another layer gives another answer
+    with pytest.raises(ValueError, match="'loop' form only"):
+        sorted_moe_ffn(x, idx, w, *stacked, impl="tiled", layer=jnp.int32(1))
 
 
 def test_moe_module_stacked_read_equals_its_own_params():

@@ -228,7 +228,9 @@ def sorted_moe_ffn(x, idx, weights, w_gate, w_up, w_down, impl: str = "auto", ti
     e = w_gate.shape[0 if layer is None else 1]
     mine = (idx >= 0) & (idx < e)
     idx = jnp.where(mine, idx, e)  # sentinel: sorted last, in no group (and a zero one_hot on the dense path)
-    impl = "loop" if layer is not None else resolve_impl(impl, n * k, e)
+    impl = resolve_impl(impl, n * k, e)
+    if layer is not None and impl != "loop":
+        raise ValueError(f"layer-stacked expert weights are read by the 'loop' form only, not {impl!r}")
     if impl == "dense":
         return dense_moe_ffn(x, idx, weights, w_gate, w_up, w_down)
     order, token, group_sizes = sort_slots(idx, e)
@@ -473,8 +475,8 @@ class MoE(nn.Module):
     def __call__(self, x, audio_mask=None, image_mask=None, valid=None, stacked=None):
         """``stacked``: optional ``(wi_gate, wi_up, wo, layer)``, the whole stack's expert weights [L, E, ...] (the
         same arrays as this layer's params, unsliced) and this layer's index. On CPU with ``impl`` "auto" or "loop",
-        more than two tokens, no expert parallelism and ``dtype == param_dtype``, the experts are read from them in place
-        (:func:`grouped_ffn_loop`); otherwise they are ignored. For inference only: under a gradient, reading
+        more than two tokens, no expert parallelism and ``dtype == param_dtype``, the experts are read from them in
+        place (:func:`grouped_ffn_loop`); otherwise they are ignored. For inference only: under a gradient, reading
         the broadcast stack in a layer scan would accumulate a whole-stack gradient in every layer."""
         b, t, d = x.shape
         e, k, f = self.num_experts, self.top_k, self.expert_dim
